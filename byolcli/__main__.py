@@ -1,0 +1,3 @@
+from byolcli.cli import main
+
+main()

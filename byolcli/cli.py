@@ -1,0 +1,196 @@
+"""The `byol` command: parse flags, call one function per command, show the result.
+
+No ML here, and no torch import at module level: `byol --help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import sys
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from byolcli.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    help="Train a BYOL image encoder on a folder of unlabeled images, then embed and evaluate with it. "
+    "Every choice has a printed default derived from your data and hardware; every default has a flag.",
+)
+
+
+class _State:
+    debug = False
+    quiet = False
+
+
+state = _State()
+
+
+@app.callback()
+def _global(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or chatter; results and errors only."),
+) -> None:
+    state.debug = debug
+    state.quiet = quiet
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn bad input into one line on stderr and exit code 2 (a traceback with --debug)."""
+    try:
+        yield
+    except UserError as exc:
+        if state.debug:
+            raise
+        from byolcli.report import err
+
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def _reporter():
+    from byolcli.report import Reporter
+
+    return Reporter(quiet=state.quiet)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '30m', '2h', '1h30m' or plain seconds -> seconds."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
+    if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", text).strip():
+        raise UserError(f"--time {text!r}: not a duration (use e.g. 90s, 30m, 2h, 1h30m)")
+    seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if seconds <= 0:
+        raise UserError(f"--time {text!r}: must be longer than zero")
+    return seconds
+
+
+FOLDER = typer.Argument(..., help="Folder of images (searched recursively). Never written to.", show_default=False)
+
+
+@app.command()
+def scan(
+    folder: Path = FOLDER,
+    all_skipped: bool = typer.Option(False, "--all", help="List every skipped file, not only the first few."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Re-check every file instead of reusing the last scan."),
+) -> None:
+    """Find and check the images in FOLDER: what would be used, what is skipped and why.
+
+    Walks FOLDER recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff; heic, heif, avif with the
+    [i]heif[/i] extra), skips hidden files and OS litter, and decodes every image to catch broken ones.
+    Results are cached per folder outside it, so a rerun only re-checks files that changed.
+    """
+    with user_errors():
+        from byolcli.report import scan_report
+        from byolcli.scan import scan as run_scan
+
+        with _reporter().progress("checking images") as progress:
+            manifest = run_scan(folder, progress=progress, use_cache=not no_cache)
+        scan_report(manifest, show_all_skipped=all_skipped)
+
+
+@app.command()
+def train(
+    folder: Path = FOLDER,
+    out: Optional[Path] = typer.Option(None, help="Run folder for plan, checkpoints, metrics and the encoder. [default: ./byol-runs/<folder name>]", show_default=False),
+    time: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget, e.g. 30m or 2h; the plan picks the epochs to fit it.", show_default=False),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs (instead of --time).", show_default=False),
+    backbone: Optional[str] = typer.Option(None, help="resnet18, resnet34 or resnet50. [default: chosen for the hardware]", show_default=False),
+    image_size: Optional[int] = typer.Option(None, help="Training crop size in pixels. [default: chosen from the images and hardware]", show_default=False),
+    batch_size: Optional[int] = typer.Option(None, help="Images per step on the device. [default: the largest that fits, probed on GPUs]", show_default=False),
+    lr: Optional[float] = typer.Option(None, help="Base learning rate for batch 256 (scaled with the batch). [default: from the run length]", show_default=False),
+    device: Optional[str] = typer.Option(None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False),
+    workers: Optional[int] = typer.Option(None, help="Data-loading processes. [default: from the CPU cores]", show_default=False),
+    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False),
+    seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
+    restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
+) -> None:
+    """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
+
+    Scans FOLDER, plans for this machine (device, backbone, image size, batch, precision, epochs,
+    learning rate, EMA rate), prints the plan, then trains. Rerunning the same command after an
+    interruption (Ctrl-C, crash, kill -9) resumes from the last checkpoint. Only the encoder f_θ
+    is exported; projector, predictor and target network are discarded.
+    """
+    with user_errors():
+        from byolcli.train import TrainRequest, train_folder
+
+        request = TrainRequest(
+            folder=folder,
+            out=out,
+            time_budget=parse_duration(time) if time is not None else None,
+            epochs=epochs,
+            backbone=backbone,
+            image_size=image_size,
+            batch_size=batch_size,
+            lr=lr,
+            device=device,
+            workers=workers,
+            precision=precision,
+            seed=seed,
+            restart=restart,
+        )
+        train_folder(request, _reporter())
+
+
+@app.command()
+def embed(
+    folder: Path = FOLDER,
+    out: Path = typer.Option(..., help="Where to write the vectors (.npy); the file list goes beside it as <out>.paths.txt.", show_default=False),
+    model: Optional[Path] = typer.Option(None, help="An exported encoder.safetensors. [default: the most recent run's encoder]", show_default=False),
+    normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each row."),
+    dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: from the CPU cores]", show_default=False),
+    device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
+) -> None:
+    """Embed every image of FOLDER with an encoder: one row per image in OUT.
+
+    Row i of OUT belongs to line i of <out>.paths.txt (paths relative to FOLDER, UTF-8, one per
+    line); files that could not be used are listed with their reason in <out>.skipped.txt.
+    Image size and normalisation come from the encoder file.
+    """
+    with user_errors():
+        from byolcli.embed import embed_command
+
+        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter())
+
+
+@app.command()
+def evaluate(
+    labels: Path = typer.Option(..., help="CSV with a header: an image path column (path/file/filename/image) and a label column (label/class/category); optional split column.", show_default=False),
+    model: Optional[Path] = typer.Option(None, help="Encoder to evaluate. [default: the most recent run's encoder]", show_default=False),
+    root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False),
+    device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here.", show_default=False),
+) -> None:
+    """How good is the encoder on the images you labelled, compared with an untrained one?
+
+    Embeds the labelled images, then scores weighted kNN (k=20, T=0.07, cosine) on the CSV's split
+    column (train rows as memory, test rows as queries) or by 5-fold cross-validation when there is
+    none, for the encoder and for a random-init encoder of the same architecture, side by side.
+    """
+    with user_errors():
+        from byolcli.evaluate import evaluate_command
+
+        evaluate_command(labels, model, root, device, json_out, _reporter())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

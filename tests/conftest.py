@@ -1,0 +1,134 @@
+import os
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own scan cache, never the user's."""
+    monkeypatch.setenv("BYOL_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+
+
+def run_byol(*args, cwd=None, env_extra=None, timeout=600):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "byolcli", *map(str, args)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def noise_image(size=(40, 32), seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "L": 1}[mode]
+    pixels = rng.integers(0, 256, (size[1], size[0], channels), dtype=np.uint8)
+    return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode)
+
+
+def bomb_png(path: Path, width=20000, height=20000):
+    """A tiny PNG whose header claims more pixels than Pillow's safety limit."""
+    small = path.with_suffix(".tmp.png")
+    Image.new("L", (16, 16)).save(small)
+    data = bytearray(small.read_bytes())
+    small.unlink()
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    crc = zlib.crc32(bytes(data[ihdr : ihdr + 17])) & 0xFFFFFFFF
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", crc)
+    path.write_bytes(bytes(data))
+
+
+def good_images(folder: Path) -> dict[str, str]:
+    """One good image per mode and format; returns relative path -> expected format."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+
+    def save(rel, img, fmt, **kw):
+        target = folder / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        img.save(target, fmt, **kw)
+        expected[rel] = fmt
+
+    rgb = noise_image()
+    save("rgb.jpg", rgb, "JPEG")
+    save("UPPER.JPG", rgb, "JPEG")
+    save("nested/deeper/rgb.png", rgb, "PNG")
+    save("rgb.webp", rgb, "WEBP")
+    save("rgb.bmp", rgb, "BMP")
+    save("rgb.tiff", rgb, "TIFF")
+    save("rgb.tif", rgb, "TIFF")
+    save("gray_l.png", noise_image(mode="L"), "PNG")
+    la = Image.merge("LA", [noise_image(mode="L"), Image.new("L", (40, 32), 128)])
+    save("gray_alpha_la.png", la, "PNG")
+    palette = rgb.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    palette.info["transparency"] = 0
+    save("palette_transparent.png", palette, "PNG", transparency=0)
+    save("palette.gif", rgb.convert("P"), "GIF")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(200)
+    save("rgba.png", rgba, "PNG")
+    save("cmyk.jpg", rgb.convert("CMYK"), "JPEG")
+    save("deep_i16.png", Image.fromarray(np.full((32, 40), 40000, dtype=np.uint16)), "PNG")
+    save("bilevel_1bit.png", rgb.convert("1"), "PNG")
+    return expected
+
+
+def broken_files(folder: Path) -> dict[str, str]:
+    """One broken file of each kind; returns relative path -> expected reason key."""
+    from byolcli import scan as s
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.png").write_text("this is not a picture\n" * 20)
+    jpeg = folder / "whole.tmp"
+    noise_image((200, 150)).save(jpeg, "JPEG", quality=95)
+    data = jpeg.read_bytes()
+    jpeg.unlink()
+    (folder / "cut_short.jpg").write_bytes(data[: len(data) // 2])
+    bomb_png(folder / "bomb.png")
+    noise_image((10, 8)).save(folder / "tiny.png")
+    noise_image().save(folder / "locked.jpg")
+    return {
+        "empty.jpg": s.ZERO_BYTES,
+        "notes.png": s.NOT_AN_IMAGE,
+        "cut_short.jpg": s.UNDECODABLE,
+        "bomb.png": s.TOO_MANY_PIXELS,
+        "tiny.png": s.TOO_SMALL,
+        "locked.jpg": s.NO_PERMISSION,
+    }
+
+
+def litter(folder: Path) -> None:
+    """Files a scan must never pick up."""
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (folder / "__MACOSX").mkdir(exist_ok=True)
+    noise_image().save(folder / "__MACOSX" / "._rgb.jpg", "JPEG")
+    (folder / ".hidden").mkdir(exist_ok=True)
+    noise_image().save(folder / ".hidden" / "secret.jpg", "JPEG")
+    noise_image().save(folder / ".dotfile.jpg", "JPEG")
+    (folder / "readme.txt").write_text("not an image")
+
+
+def deny_read(monkeypatch, name: str) -> None:
+    """Make opening `name` fail as an unreadable file would (tests run as root in CI,
+    where chmod 000 does not stop reads)."""
+    from byolcli import scan as s
+
+    real_open = s.Image.open
+
+    def guarded(fp, *args, **kwargs):
+        if str(fp).endswith(name):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(s.Image, "open", guarded)
