@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from byolcli.errors import UserError
+from byolcli.errors import TrainingFailed, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -53,6 +53,13 @@ def user_errors() -> Iterator[None]:
 
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
+    except TrainingFailed as exc:
+        if state.debug:
+            raise
+        from byolcli.report import err
+
+        err.print(f"[bold red]training failed:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -63,17 +70,20 @@ def _reporter():
     return Reporter(quiet=state.quiet)
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, flag: str = "--time") -> float:
     """'90s', '30m', '2h', '1h30m' or plain seconds -> seconds."""
     text = text.strip().lower()
     if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
+        seconds = float(text)
+        if seconds <= 0:
+            raise UserError(f"{flag} {text!r}: must be longer than zero")
+        return seconds
     parts = re.findall(r"(\d+(?:\.\d+)?)\s*([hms])", text)
     if not parts or re.sub(r"(\d+(?:\.\d+)?)\s*([hms])", "", text).strip():
-        raise UserError(f"--time {text!r}: not a duration (use e.g. 90s, 30m, 2h, 1h30m)")
+        raise UserError(f"{flag} {text!r}: not a duration (use e.g. 90s, 30m, 2h, 1h30m)")
     seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
     if seconds <= 0:
-        raise UserError(f"--time {text!r}: must be longer than zero")
+        raise UserError(f"{flag} {text!r}: must be longer than zero")
     return seconds
 
 
@@ -116,6 +126,7 @@ def train(
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
+    checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C)."),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
 
@@ -141,6 +152,7 @@ def train(
             precision=precision,
             seed=seed,
             restart=restart,
+            checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"),
         )
         train_folder(request, _reporter())
 
@@ -148,7 +160,7 @@ def train(
 @app.command()
 def embed(
     folder: Path = FOLDER,
-    out: Path = typer.Option(..., help="Where to write the vectors (.npy); the file list goes beside it as <out>.paths.txt.", show_default=False),
+    out: Path = typer.Option(..., help="Where to write the vectors (.npy); beside it go <name>.paths.txt (row order), <name>.skipped.txt and <name>.meta.json.", show_default=False),
     model: Optional[Path] = typer.Option(None, help="An exported encoder.safetensors. [default: the most recent run's encoder]", show_default=False),
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each row."),
     dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
@@ -158,8 +170,9 @@ def embed(
 ) -> None:
     """Embed every image of FOLDER with an encoder: one row per image in OUT.
 
-    Row i of OUT belongs to line i of <out>.paths.txt (paths relative to FOLDER, UTF-8, one per
-    line); files that could not be used are listed with their reason in <out>.skipped.txt.
+    Row i of OUT belongs to line i of <name>.paths.txt (paths relative to FOLDER, UTF-8, one per
+    line); files that could not be used are listed with their reason in <name>.skipped.txt. A rerun
+    embeds only new or changed images; an interrupted run continues where it stopped.
     Image size and normalisation come from the encoder file.
     """
     with user_errors():
@@ -173,19 +186,26 @@ def evaluate(
     labels: Path = typer.Option(..., help="CSV with a header: an image path column (path/file/filename/image) and a label column (label/class/category); optional split column.", show_default=False),
     model: Optional[Path] = typer.Option(None, help="Encoder to evaluate. [default: the most recent run's encoder]", show_default=False),
     root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False),
+    embeddings: Optional[Path] = typer.Option(None, help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.", show_default=False),
+    baseline: Optional[Path] = typer.Option(None, help="Another encoder file to compare against, side by side.", show_default=False),
+    skip_missing: bool = typer.Option(False, "--skip-missing", help="Evaluate the rows whose files exist (and decode) instead of stopping at the first problem."),
     device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here.", show_default=False),
+    report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images per class, and the confusion matrix.", show_default=False),
 ) -> None:
     """How good is the encoder on the images you labelled, compared with an untrained one?
 
-    Embeds the labelled images, then scores weighted kNN (k=20, T=0.07, cosine) on the CSV's split
-    column (train rows as memory, test rows as queries) or by 5-fold cross-validation when there is
-    none, for the encoder and for a random-init encoder of the same architecture, side by side.
+    Embeds the labelled images, then scores weighted kNN (k=20, T=0.07, cosine similarity) and a
+    linear probe (logistic regression on standardised frozen features, its regularisation chosen
+    on training rows only) on the CSV's split column (train/val/test) or, without one, by stratified
+    5-fold cross-validation; for the encoder and a random-init encoder of the same architecture,
+    side by side.
     """
     with user_errors():
         from byolcli.evaluate import evaluate_command
 
-        evaluate_command(labels, model, root, device, json_out, _reporter())
+        evaluate_command(labels, model, root, device, json_out, _reporter(),
+                         embeddings=embeddings, baseline=baseline, skip_missing=skip_missing, report_dir=report)
 
 
 def main() -> None:

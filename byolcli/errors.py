@@ -1,4 +1,4 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The exceptions the CLI turns into one line of text instead of a traceback."""
 
 
 class UserError(Exception):
@@ -6,4 +6,11 @@ class UserError(Exception):
 
     The message must name the thing and the problem in one line; the CLI prints
     it without a traceback (unless --debug) and exits with code 2.
+    """
+
+
+class TrainingFailed(Exception):
+    """Training stopped for a reason the user must act on (e.g. the loss diverged).
+
+    The last good checkpoint is kept; the CLI prints the message and exits with code 1.
     """

@@ -109,3 +109,112 @@ def scan_report(manifest, show_all_skipped: bool = False) -> None:
         notes.append(f"{manifest.reused:,} results reused from the scan cache")
     if notes:
         out.print("; ".join(notes))
+
+
+def plan_report(plan, manifest, out, reporter: Reporter) -> None:
+    """The plan as the user sees it before training: every choice and why."""
+    if reporter.quiet:
+        return
+    from byolcli.plan import format_seconds
+
+    table = Table(title="training plan", title_justify="left", show_lines=False)
+    table.add_column("")
+    table.add_column("choice")
+    table.add_column("why", style="dim")
+    r = plan.reasons
+    table.add_row("images", f"{plan.images:,} used, {plan.skipped:,} skipped", str(manifest.root))
+    table.add_row("device", plan.device_name, plan.device)
+    table.add_row("backbone", plan.backbone, r.get("backbone", ""))
+    table.add_row("image size", f"{plan.image_size} px", r.get("image_size", ""))
+    batch = f"{plan.batch_size}" + (f" × {plan.accumulation} accumulated = {plan.effective_batch}" if plan.accumulation > 1 else "")
+    table.add_row("batch", batch, r.get("batch_size", ""))
+    table.add_row("precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", ""))
+    table.add_row("loader workers", str(plan.workers), r.get("workers", ""))
+    table.add_row("length", f"{plan.epochs:g} epochs = {plan.total_steps:,} steps", r.get("epochs", ""))
+    table.add_row("learning rate", f"{plan.lr:.4g} (LARS, warm-up {plan.warmup_steps:,} steps, cosine)", r.get("lr", ""))
+    table.add_row("EMA τ_base", f"{plan.tau_base:g} → 1", r.get("tau_base", ""))
+    epoch = plan.step_seconds * plan.steps_per_epoch
+    table.add_row("estimated time", f"{format_seconds(epoch)} per epoch, {format_seconds(plan.estimated_seconds)} in all",
+                  f"{plan.step_seconds:.2f} s per step, measured")
+    table.add_row("output", str(out), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors")
+    err.print(table)
+
+
+class _TrainColumns(ProgressColumn):
+    def render(self, task) -> Text:
+        f = task.fields
+        if "loss" not in f:
+            return Text("")
+        return Text(f"loss {f['loss']:.4f}  {f['images_per_s']:,.1f} img/s  data wait {f['data_wait']:.0%}")
+
+
+@contextlib.contextmanager
+def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
+    """Yield `show(record)` for each metrics record: a live bar on a terminal, a line otherwise."""
+    if reporter.quiet:
+        yield lambda record: None
+        return
+    if not err.is_terminal:
+        def line(record: dict) -> None:
+            err.print(
+                f"step {record['step']:,}/{plan.total_steps:,} epoch {record['epoch']:.2f} "
+                f"loss {record['loss']:.4f} {record['images_per_s']:.1f} img/s "
+                f"data wait {record['data_wait']:.0%}", highlight=False, soft_wrap=True,
+            )
+        yield line
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _TrainColumns(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err) as bar:
+        task = bar.add_task("training", total=plan.total_steps, completed=start_step)
+
+        def show(record: dict) -> None:
+            bar.update(task, completed=record["step"], total=plan.total_steps,
+                       description=f"epoch {record['epoch']:.1f}/{plan.epochs:g}",
+                       **{k: record[k] for k in ("loss", "images_per_s", "data_wait")})
+
+        yield show
+
+
+def evaluation_report(report: dict) -> None:
+    """Side-by-side table of every encoder's scores, with the gain over the random init, and per-class recall."""
+    results = report["results"]
+    names = list(results)
+    baseline = "random init" if "random init" in results else None
+    out.print(f"[bold]{report['images']:,} labelled images, {len(report['classes'])} classes[/]; {report['protocol']}",
+              highlight=False, soft_wrap=True)
+    table = Table()
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    if baseline and len(names) > 1:
+        table.add_column(f"Δ vs {baseline}", justify="right")
+    rows = [("kNN top-1", "knn", "top1"), ("kNN top-5", "knn", "top5"), ("kNN balanced acc.", "knn", "balanced"),
+            ("linear top-1", "linear", "top1"), ("linear top-5", "linear", "top5"),
+            ("linear balanced acc.", "linear", "balanced")]
+    for label, method, key in rows:
+        if key not in results[names[0]][method]:
+            continue
+        values = [results[n][method][key] for n in names]
+        cells = [f"{v:.1%}" for v in values]
+        if baseline and len(names) > 1:
+            gain = values[0] - results[baseline][method][key]
+            cells.append(f"[{'green' if gain > 0 else 'red'}]{gain * 100:+.1f} pts[/]")
+        table.add_row(label, *cells)
+    out.print(table)
+
+    per_class = Table(title=f"per-class recall ({names[0]})", title_justify="left")
+    per_class.add_column("class")
+    per_class.add_column("kNN", justify="right")
+    per_class.add_column("linear", justify="right")
+    first = results[names[0]]
+    for i, label in enumerate(report["classes"]):
+        per_class.add_row(label, f"{first['knn']['per_class_recall'][i]:.1%}", f"{first['linear']['per_class_recall'][i]:.1%}")
+    out.print(per_class)

@@ -54,6 +54,8 @@ class ImageEntry:
     format: str
     width: int
     height: int
+    size: int  # bytes
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -118,11 +120,11 @@ def scan(folder: str | Path, progress: Progress | None = None, use_cache: bool =
 
     images, bad = [], []
     for rel, _, _ in candidates:
-        _, _, fmt, width, height, reason = verdicts[rel]
+        size, mtime, fmt, width, height, reason = verdicts[rel]
         if reason:
             bad.append(Skipped(rel, reason))
         else:
-            images.append(ImageEntry(rel, fmt, width, height))
+            images.append(ImageEntry(rel, fmt, width, height, size, mtime))
     if cache_file is not None and to_check:
         _save_cache(cache_file, root, verdicts)
 

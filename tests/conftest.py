@@ -132,3 +132,22 @@ def deny_read(monkeypatch, name: str) -> None:
         return real_open(fp, *args, **kwargs)
 
     monkeypatch.setattr(s.Image, "open", guarded)
+
+
+def shapes_folder(folder: Path, count: int = 32, size: int = 32) -> Path:
+    """Small images with structure (a coloured rectangle and disc on a gradient)."""
+    from PIL import ImageDraw
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        ramp = np.linspace(0, 255, size, dtype=np.uint8)
+        base = np.stack([np.tile(ramp, (size, 1))] * 3, axis=-1)
+        img = Image.fromarray(np.roll(base, int(rng.integers(size)), axis=1))
+        draw = ImageDraw.Draw(img)
+        x, y = rng.integers(0, size // 2, 2)
+        draw.rectangle([x, y, x + size // 3, y + size // 4], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        cx, cy = rng.integers(size // 4, 3 * size // 4, 2)
+        draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+        img.save(folder / f"{i:03d}.png")
+    return folder

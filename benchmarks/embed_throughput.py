@@ -1,0 +1,107 @@
+"""Embedding images/s: byolcli's pipeline against the plain torchvision way, alternated.
+
+    python benchmarks/embed_throughput.py [FOLDER] [--model encoder.safetensors] [--rounds 3]
+
+Plain way: an ImageFolder-style Dataset that opens each file with PIL, converts
+to RGB, Resize(size) + CenterCrop(size) + ToTensor + Normalize, in a DataLoader
+with the same batch size and workers, through the same model under
+inference_mode. byolcli: `iter_embeddings`, which decodes JPEGs at reduced
+scale and resizes on uint8 tensors. Each trial runs in a fresh process (so peak
+memory is its own), the two alternate, and medians are reported. Without
+--model, a ResNet-18 encoder at 64 px (what `byol train` picks on a CPU for
+photos of this size) is exported first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing10"
+
+TRIAL = r"""
+import json, resource, sys, time, torch
+from pathlib import Path
+from byolcli.embed import iter_embeddings, default_workers
+from byolcli.encoder import load_encoder
+from byolcli.scan import scan
+
+way, folder, model_path = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+paths = scan(folder).absolute_paths()
+model = load_encoder(model_path)
+meta = model.byol_metadata
+device = torch.device("cpu")
+workers = default_workers(device)
+start = time.perf_counter()
+decode_seconds = 0.0
+if way == "byolcli":
+    rows = sum(len(batch) for _, batch, _ in iter_embeddings(paths, model, device, 256, workers))
+else:
+    from PIL import Image
+    from torchvision import transforms as T
+    transform = T.Compose([T.Resize(meta["image_size"]), T.CenterCrop(meta["image_size"]), T.ToTensor(),
+                           T.Normalize(meta["mean"], meta["std"])])
+    class Plain(torch.utils.data.Dataset):
+        def __len__(self): return len(paths)
+        def __getitem__(self, i): return transform(Image.open(paths[i]).convert("RGB"))
+    loader = torch.utils.data.DataLoader(Plain(), batch_size=256, num_workers=workers)
+    rows = 0
+    with torch.inference_mode():
+        for batch in loader:
+            rows += len(model(batch))
+elapsed = time.perf_counter() - start
+peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps({"rows": rows, "seconds": elapsed, "peak_mb": peak_kb / 1024, "workers": workers}))
+"""
+
+
+def export_default_model(folder: Path) -> Path:
+    import torch
+
+    from byolcli.data import MEAN, STD
+    from byolcli.encoder import save_encoder
+    from byolcli.model import make_backbone
+
+    torch.manual_seed(0)
+    path = folder / "encoder-64px.safetensors"
+    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=64, mean=MEAN, std=STD,
+                 train_images=0, epochs=0, steps=0)
+    return path
+
+
+def trial(way: str, folder: Path, model: Path) -> dict:
+    result = subprocess.run([sys.executable, "-c", TRIAL, way, str(folder), str(model)],
+                            capture_output=True, text=True, check=True)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = args.model or export_default_model(Path(tmp))
+        trial("byolcli", args.folder, model)  # warm-up: page cache, scan cache
+        results: dict[str, list[dict]] = {"plain torchvision": [], "byolcli": []}
+        for _ in range(args.rounds):
+            for way in ("plain", "byolcli"):
+                results["plain torchvision" if way == "plain" else way].append(trial(way, args.folder, model))
+    rates = {}
+    for name, runs in results.items():
+        per_second = [r["rows"] / r["seconds"] for r in runs]
+        rates[name] = statistics.median(per_second)
+        print(f"{name:>17}: median {rates[name]:7.1f} images/s, peak memory {max(r['peak_mb'] for r in runs):6.0f} MB "
+              f"(rounds: {', '.join(f'{v:.1f}' for v in per_second)}; {runs[0]['rows']:,} images, "
+              f"{runs[0]['workers']} workers)")
+    print(f"byolcli / plain = {rates['byolcli'] / rates['plain torchvision']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Training images/s end to end from a JPEG folder, next to the same step on pre-made tensors.
+
+    python benchmarks/train_throughput.py [FOLDER] [--rounds 3] [--steps 20]
+
+ResNet-18, 32 px, batch 64, one loader worker. Each round runs, alternately,
+(A) byolcli's Trainer reading FOLDER (decode + per-image augmentation in the
+loader) and (B) the same Trainer fed tensors made beforehand, so that the gap
+is the data pipeline's cost. Both in fp32 (the issue's setting) and in the
+precision the plan picks on this machine. Medians over the rounds, after one
+warm-up step sequence per measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from byolcli.plan import Plan, choose_precision, detect_hardware
+from byolcli.scan import scan
+from byolcli.train import Trainer
+
+DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "train"
+
+
+def make_plan(images: int, precision: str) -> Plan:
+    return Plan(
+        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=64, accumulation=1,
+        precision=precision, workers=1, channels_last=precision == "bf16", images=images, skipped=0,
+        steps_per_epoch=images // 64, total_steps=10**6, epochs=0, warmup_steps=100, base_lr=0.45,
+        lr=0.45 / 4, tau_base=0.99, weight_decay=1.5e-6, seed=0, step_seconds=0, time_budget=None,
+    )
+
+
+def images_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
+    trainer.run(trainer.step + warmup)
+    start = time.perf_counter()
+    trainer.run(trainer.step + steps)
+    return steps * 64 / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=20)
+    args = parser.parse_args()
+
+    paths = scan(args.folder).absolute_paths()
+    hw = detect_hardware("cpu")
+    precisions = ["fp32"] + ([choose_precision(hw)[0]] if choose_precision(hw)[0] != "fp32" else [])
+    print(f"{len(paths):,} images from {args.folder}; {hw.name}; torch threads {torch.get_num_threads()}")
+    for precision in precisions:
+        plan = make_plan(len(paths), precision)
+        from_files = Trainer(plan, paths)
+        from_tensors = Trainer(plan, paths)
+        batch = next(iter(from_tensors.loader))
+        from_tensors.loader = [batch] * plan.steps_per_epoch  # the same step, no decoding
+        results = {"JPEG folder": [], "pre-made tensors": []}
+        for _ in range(args.rounds):
+            results["JPEG folder"].append(images_per_second(from_files, args.steps))
+            results["pre-made tensors"].append(images_per_second(from_tensors, args.steps))
+        medians = {k: statistics.median(v) for k, v in results.items()}
+        for name, values in results.items():
+            print(f"{precision:>5} {name:>17}: median {medians[name]:6.1f} images/s  "
+                  f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        share = 1 - medians["JPEG folder"] / medians["pre-made tensors"]
+        print(f"{precision:>5} data pipeline costs {share:.0%} of the pre-made-tensor speed")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""Images → pairs of augmented views, with random parameters drawn per image.
+
+Each dataset item decodes one file (at reduced scale when the training size is
+small) and applies BYOL's two asymmetric augmentation pipelines to it. Since the
+transforms run per item, every image gets its own crop, flip, jitter, blur and
+solarize draw: nothing is shared across a batch.
+
+The random draws for an item are a pure function of (seed, epoch, index): a run
+resumed from a checkpoint sees exactly the views the uninterrupted run would
+have seen, whatever the number of loader processes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2
+
+from byolcli.images import open_rgb
+
+# ImageNet statistics: what torchvision backbones and most users expect.
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+# solo-learn's CIFAR recipe drops the blur at small sizes: a 3-pixel kernel
+# mostly erases the little detail a 32-px image has.
+BLUR_MIN_SIZE = 65
+
+
+def byol_view(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
+    """One of BYOL's views (Grill et al. 2020, Table 6), on a uint8 CHW tensor."""
+    steps = [
+        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
+        v2.RandomHorizontalFlip(p=0.5),
+        # ColorJitter applies its four adjustments in a random order, as in the paper.
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if size >= BLUR_MIN_SIZE and blur_p > 0:
+        kernel = max(3, int(size * 0.1) // 2 * 2 + 1)  # ≈10% of the side, odd
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    if solarize_p > 0:
+        steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(steps)
+
+
+def eval_transform(size: int, mean=MEAN, std=STD) -> v2.Compose:
+    """Resize the short side to `size`, centre-crop, normalise: embedding and evaluation."""
+    return v2.Compose([
+        v2.Resize(size, antialias=True),
+        v2.CenterCrop(size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(list(mean), list(std)),
+    ])
+
+
+class TwoViewDataset(Dataset):
+    """Item (epoch, i): two augmented views of image i, as float tensors (3, size, size)."""
+
+    def __init__(self, paths: list[Path], size: int, seed: int = 0) -> None:
+        self.paths = [str(p) for p in paths]
+        self.size = size
+        self.seed = seed
+        self.view1 = byol_view(size, blur_p=1.0, solarize_p=0.0)
+        self.view2 = byol_view(size, blur_p=0.1, solarize_p=0.2)
+        self.to_tensor = v2.PILToTensor()
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> torch.Tensor:
+        """Decode image `index`; a file that broke since the scan is replaced by its neighbour
+        rather than ending a long run."""
+        for offset in range(len(self.paths)):
+            path = self.paths[(index + offset) % len(self.paths)]
+            try:
+                return self.to_tensor(open_rgb(path, min_side=self.size))
+            except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped the same way
+                warnings.warn(f"{path}: skipped during training ({exc})", stacklevel=1)
+        raise RuntimeError("no image in the dataset could be decoded")
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key
+        image = self.load(index)
+        # torchvision's transforms draw from the global generator: seed a private
+        # copy of it for this item, leaving the caller's random state untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, epoch, index))
+            return self.view1(image), self.view2(image)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+
+
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Yields (epoch, index): a fresh permutation per epoch from (seed, epoch), startable mid-epoch.
+
+    Being a pure function of (seed, epoch), the order can be recomputed after a
+    restart, so a resumed run continues with exactly the images it had not yet
+    seen in that epoch.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_position(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.size, generator=generator)
+        return ((self.epoch, index) for index in order[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.size - self.start

@@ -1,0 +1,280 @@
+"""`byol embed`: one vector per image, rows in a fixed, documented order.
+
+Output, for `--out vecs.npy`:
+    vecs.npy          float32 (or float16) array, one row per image
+    vecs.paths.txt    row i's image path, relative to the folder, UTF-8, one per line
+    vecs.skipped.txt  files that could not be used: "path<TAB>reason" per line
+    vecs.meta.json    which encoder and settings made the rows, and each file's size and
+                      mtime, so that a rerun embeds only new or changed images
+
+The array is written through a memory map (memory stays flat at any folder size)
+into a partial file that is renamed into place at the end. An interrupted run
+leaves the partial file and its progress record; the same command continues it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from byolcli.data import eval_transform
+from byolcli.encoder import load_encoder, read_metadata
+from byolcli.errors import UserError
+from byolcli.files import RUNS_DIR, atomic_path, atomic_write_text, check_outside_input
+from byolcli.images import open_rgb
+from byolcli.scan import Skipped, scan
+
+DTYPES = {"float32": np.float32, "float16": np.float16}
+# How many rows between progress records of a partial run (and so the most work
+# an interruption can lose).
+SAVE_EVERY_ROWS = 4096
+
+
+@dataclass
+class Embeddings:
+    vectors: np.ndarray
+    paths: list[str]  # relative to `root`, in row order
+    skipped: list[Skipped]
+    root: Path
+
+
+class ImageDataset(Dataset):
+    """Item i: (image tensor, True) or, if the file broke since the scan, (zeros, False)."""
+
+    def __init__(self, paths: list[Path], size: int, mean, std) -> None:
+        self.paths = [str(p) for p in paths]
+        self.size = size
+        self.transform = eval_transform(size, mean, std)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        try:
+            image = open_rgb(self.paths[index], min_side=self.size)
+        except Exception:  # noqa: BLE001 - reported as a skipped file by the caller
+            return torch.zeros(3, self.size, self.size), False
+        return self.transform(pil_to_tensor(image)), True
+
+
+def latest_encoder(runs_dir: Path = RUNS_DIR) -> Path:
+    """The most recently written encoder under ./byol-runs/."""
+    found = sorted(runs_dir.glob("*/encoder.safetensors"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
+    if not found:
+        raise UserError(f"no encoder found in {runs_dir}/: train one with `byol train FOLDER`, or pass --model PATH")
+    return found[-1]
+
+
+def default_workers(device: torch.device) -> int:
+    cores = os.cpu_count() or 1
+    # On CPU the forward pass needs cores too; on a GPU the host only decodes.
+    return max(1, cores // 2) if device.type == "cpu" else max(1, min(cores - 1, 12))
+
+
+def pick_device(device: str | None) -> torch.device:
+    from byolcli.plan import detect_hardware
+
+    return torch.device(detect_hardware(device).device)
+
+
+def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.device, batch_size: int = 256,
+                    workers: int | None = None, normalize: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
+    meta = encoder.byol_metadata
+    dataset = ImageDataset(paths, meta["image_size"], meta["mean"], meta["std"])
+    workers = default_workers(device) if workers is None else workers
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None)
+    half = {"cuda": torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float16}
+    autocast_dtype = half.get(device.type)  # exact enough for retrieval on GPUs; fp32 elsewhere
+    channels_last = device.type == "cuda"
+    if channels_last:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    row = 0
+    with torch.inference_mode():
+        for images, ok in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                vectors = encoder(images)
+            vectors = vectors.float()
+            if normalize:
+                vectors = torch.nn.functional.normalize(vectors, dim=1)
+            yield row, vectors.cpu().numpy(), ok.numpy()
+            row += len(images)
+
+
+def embed_folder(folder: str | Path, model: str | Path | None = None, *, batch_size: int = 256,
+                 workers: int | None = None, device: str | None = None, normalize: bool = False,
+                 progress: Callable[[int, int], None] | None = None) -> Embeddings:
+    """Embed every usable image of `folder` in memory (the notebook API).
+
+    Returns an Embeddings with `vectors[i]` belonging to `paths[i]`.
+    """
+    manifest = scan(folder)
+    torch_device = pick_device(device)
+    encoder = load_encoder(model or latest_encoder(), torch_device)
+    paths = [image.path for image in manifest.images]
+    vectors = np.zeros((len(paths), encoder.byol_metadata["feature_dim"]), dtype=np.float32)
+    good = np.ones(len(paths), dtype=bool)
+    for start, batch, ok in iter_embeddings(manifest.absolute_paths(), encoder, torch_device, batch_size, workers, normalize):
+        vectors[start : start + len(batch)] = batch
+        good[start : start + len(batch)] = ok
+        if progress:
+            progress(start + len(batch), len(paths))
+    broken = [Skipped(p, "undecodable at embedding time") for p, g in zip(paths, good) if not g]
+    return Embeddings(vectors[good], [p for p, g in zip(paths, good) if g], manifest.skipped + broken, manifest.root)
+
+
+# --- the command ---------------------------------------------------------------------
+
+
+def sidecars(out: Path) -> dict[str, Path]:
+    stem = out.with_suffix("")
+    return {
+        "paths": stem.with_name(stem.name + ".paths.txt"),
+        "skipped": stem.with_name(stem.name + ".skipped.txt"),
+        "meta": stem.with_name(stem.name + ".meta.json"),
+        "partial": out.with_name(f".{out.name}.partial.npy"),
+        "progress": out.with_name(f".{out.name}.partial.json"),
+    }
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def embed_command(folder: Path, out: Path, model: Path | None, normalize: bool, dtype: str, batch_size: int,
+                  workers: int | None, device: str | None, reporter) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose float32 or float16")
+    if batch_size < 1:
+        raise UserError(f"--batch-size {batch_size}: must be at least 1")
+    if out.suffix != ".npy":
+        raise UserError(f"--out {out}: must end in .npy")
+    model_path = model if model is not None else latest_encoder()
+    metadata = read_metadata(model_path)
+    with reporter.progress("checking images") as progress:
+        manifest = scan(folder, progress=progress)
+    check_outside_input(out, manifest.root)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reporter.info(f"using encoder {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
+                  f"trained on {metadata['train_images']:,} images from {metadata.get('source') or '?'} "
+                  f"at {metadata.get('created', '?')}")
+
+    files = sidecars(out)
+    settings = {"encoder_sha256": file_digest(model_path), "normalize": normalize, "dtype": dtype,
+                "folder": str(manifest.root)}
+    images = manifest.images
+    keys = [[image.size, image.mtime_ns] for image in images]
+    rows = len(images)
+    dim = metadata["feature_dim"]
+
+    # Rows that an earlier output with the same encoder and settings already holds.
+    reusable = _reusable_rows(out, files, settings)
+    source_rows = np.array([reusable.get((image.path, image.size, image.mtime_ns), -1) for image in images])
+    todo = np.flatnonzero(source_rows < 0)
+
+    # A partial run of exactly this job continues where it stopped.
+    done = 0
+    progress_record = {"settings": settings, "paths_sha256": _paths_digest(images, keys), "done": 0}
+    if files["progress"].exists() and files["partial"].exists():
+        try:
+            previous = json.loads(files["progress"].read_text(encoding="utf-8"))
+            if {k: previous[k] for k in ("settings", "paths_sha256")} == {k: progress_record[k] for k in ("settings", "paths_sha256")}:
+                done = int(previous["done"])
+        except (ValueError, KeyError):
+            done = 0
+    if done:
+        array = np.load(files["partial"], mmap_mode="r+")
+        reporter.info(f"continuing an interrupted embed: {done:,} of {len(todo):,} images already done")
+    else:
+        array = np.lib.format.open_memmap(files["partial"], mode="w+", dtype=DTYPES[dtype], shape=(rows, dim))
+        if reusable:
+            old = np.load(out, mmap_mode="r")
+            for row in np.flatnonzero(source_rows >= 0):
+                array[row] = old[source_rows[row]]
+            reporter.info(f"{rows - len(todo):,} images unchanged since the last embed; embedding {len(todo):,}")
+
+    torch_device = pick_device(device)
+    encoder = load_encoder(model_path, torch_device)
+    absolute = manifest.absolute_paths()
+    good = np.ones(rows, dtype=bool)
+    remaining = todo[done:]
+    last_saved = done
+    with reporter.progress("embedding", unit="images") as progress:
+        progress(done, len(todo))
+        for start, batch, ok in iter_embeddings([absolute[i] for i in remaining], encoder, torch_device,
+                                                batch_size, workers, normalize):
+            target = remaining[start : start + len(batch)]
+            array[target] = batch.astype(DTYPES[dtype])
+            good[target] = ok
+            done_now = done + start + len(batch)
+            progress(done_now, len(todo))
+            if done_now - last_saved >= SAVE_EVERY_ROWS:
+                array.flush()
+                atomic_write_text(files["progress"], json.dumps({**progress_record, "done": done_now}))
+                last_saved = done_now
+    array.flush()
+
+    broken = [Skipped(images[i].path, "undecodable at embedding time") for i in np.flatnonzero(~good)]
+    keep = np.flatnonzero(good)
+    kept_paths = [images[i].path for i in keep]
+    with atomic_path(out) as tmp:
+        if len(keep) == rows:
+            del array
+            os.replace(files["partial"], tmp)
+        else:  # drop the rows of files that broke since the scan
+            final = np.lib.format.open_memmap(tmp, mode="w+", dtype=DTYPES[dtype], shape=(len(keep), dim))
+            for begin in range(0, len(keep), SAVE_EVERY_ROWS):
+                final[begin : begin + SAVE_EVERY_ROWS] = array[keep[begin : begin + SAVE_EVERY_ROWS]]
+            final.flush()
+            del final, array
+            files["partial"].unlink()
+    atomic_write_text(files["paths"], "".join(f"{p}\n" for p in kept_paths))
+    skipped = manifest.skipped + broken
+    atomic_write_text(files["skipped"], "".join(f"{s.path}\t{s.reason}\n" for s in skipped))
+    atomic_write_text(files["meta"], json.dumps({**settings, "encoder": str(model_path), "rows": len(keep),
+                                                 "files": [keys[i] for i in keep]}))
+    files["progress"].unlink(missing_ok=True)
+    reporter.info(f"wrote {len(keep):,} × {dim} {dtype} to {out}; row order in {files['paths']}"
+                  + (f"; {len(skipped):,} files skipped, listed in {files['skipped']}" if skipped else ""))
+
+
+
+def _paths_digest(images, keys) -> str:
+    digest = hashlib.sha256()
+    for image, key in zip(images, keys):
+        digest.update(f"{image.path}\0{key[0]}\0{key[1]}\n".encode())
+    return digest.hexdigest()
+
+
+def _reusable_rows(out: Path, files: dict[str, Path], settings: dict) -> dict[tuple, int]:
+    """(path, size, mtime) -> row of an existing output made with the same encoder and settings."""
+    if not (out.exists() and files["paths"].exists() and files["meta"].exists()):
+        return {}
+    try:
+        meta = json.loads(files["meta"].read_text(encoding="utf-8"))
+        if any(meta.get(k) != v for k, v in settings.items()):
+            return {}
+        paths = files["paths"].read_text(encoding="utf-8").splitlines()
+        if len(paths) != len(meta["files"]) or np.load(out, mmap_mode="r").shape[0] != len(paths):
+            return {}
+        return {(p, size, mtime): row for row, (p, (size, mtime)) in enumerate(zip(paths, meta["files"]))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}

@@ -1,0 +1,94 @@
+"""The exported encoder: f_θ's weights in safetensors, plus what is needed to use them.
+
+The tensors keep torchvision's names, so
+    m = torchvision.models.resnet18(); m.fc = torch.nn.Identity(); m.load_state_dict(load_file(path))
+works without byolcli. Loading never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from byolcli import __version__
+from byolcli.errors import UserError
+from byolcli.files import atomic_path
+from byolcli.model import BACKBONES, make_backbone
+
+FORMAT = "byolcli-encoder"
+FORMAT_VERSION = "1"
+
+
+def save_encoder(encoder: nn.Module, path: Path, *, architecture: str, image_size: int,
+                 mean: tuple, std: tuple, train_images: int, epochs: float, steps: int,
+                 source: str = "") -> None:
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": architecture,
+        "image_size": str(image_size),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+        "feature_dim": str(BACKBONES[architecture][1]),
+        "train_images": str(train_images),
+        "epochs": str(epochs),
+        "steps": str(steps),
+        "source": source,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "byolcli_version": __version__,
+        "torch_version": torch.__version__,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The encoder's metadata, decoded; UserError if `path` is not a byolcli encoder."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, Exception) as exc:  # noqa: BLE001 - any parse failure
+        raise UserError(f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]})") from None
+    if raw.get("format") != FORMAT:
+        raise UserError(f"{path}: not a byolcli encoder (no '{FORMAT}' metadata)")
+    if raw.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{path}: encoder format {raw.get('format_version')} is not supported by byolcli {__version__}")
+    if raw.get("architecture") not in BACKBONES:
+        raise UserError(f"{path}: unknown architecture {raw.get('architecture')!r}")
+    try:
+        return {
+            **raw,
+            "image_size": int(raw["image_size"]),
+            "mean": tuple(json.loads(raw["mean"])),
+            "std": tuple(json.loads(raw["std"])),
+            "feature_dim": int(raw["feature_dim"]),
+            "train_images": int(raw["train_images"]),
+        }
+    except (KeyError, ValueError) as exc:
+        raise UserError(f"{path}: damaged encoder metadata ({exc})") from None
+
+
+def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
+    """Rebuild the exported encoder as a ready nn.Module in eval mode.
+
+    The metadata travels along as `module.byol_metadata` (image size, normalisation, …).
+    """
+    metadata = read_metadata(path)
+    model = make_backbone(metadata["architecture"])
+    try:
+        model.load_state_dict(load_file(str(path)))
+    except (RuntimeError, SafetensorError) as exc:
+        first = str(exc).splitlines()[0][:160]
+        raise UserError(f"{path}: weights do not match a {metadata['architecture']} ({first})") from None
+    model.byol_metadata = metadata
+    return model.to(device).eval()

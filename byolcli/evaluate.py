@@ -1,0 +1,194 @@
+"""`byol evaluate`: how good are the embeddings on the user's labels, and did training help?
+
+The labelled images are embedded with the encoder and with a random-init
+encoder of the same architecture (the floor any training must clear), then
+scored with weighted kNN and a linear probe, either on the CSV's split column
+(train rows fit, test rows score) or by stratified k-fold cross-validation.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from byolcli.embed import iter_embeddings, latest_encoder, pick_device
+from byolcli.encoder import load_encoder, read_metadata
+from byolcli.errors import UserError
+from byolcli.files import atomic_write_text
+from byolcli.labels import LabelledImages, drop_missing, read_labels
+from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
+from byolcli.model import make_backbone
+
+MAX_FOLDS = 5
+RANDOM_INIT = "random init"
+
+
+@dataclass
+class Protocol:
+    """Which rows train and which score: one split, or k folds."""
+
+    name: str
+    folds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]  # (train, test, val) row indices
+
+
+def make_protocol(data: LabelledImages, y: torch.Tensor, csv_path: Path) -> Protocol:
+    counts = Counter(data.labels)
+    if len(counts) < 2:
+        raise UserError(f"{csv_path}: only one class ({next(iter(counts))!r}); evaluation needs at least two")
+    lonely = [label for label, n in counts.items() if n < 2]
+    if lonely:
+        line = data.rows[data.labels.index(lonely[0])]
+        raise UserError(f"{csv_path}: line {line}: class {lonely[0]!r} has only one image; every class needs two or more")
+    if data.splits is not None:
+        split = np.array(data.splits)
+        train, val, test = (torch.from_numpy(np.flatnonzero(split == s)) for s in ("train", "val", "test"))
+        if len(test) == 0 and len(val):
+            test, val = val, torch.empty(0, dtype=torch.long)
+        if len(train) == 0 or len(test) == 0:
+            raise UserError(f"{csv_path}: the split column needs both train and test (or val) rows")
+        name = f"split column: {len(train):,} train" + (f", {len(val):,} val" if len(val) else "") + f", {len(test):,} test"
+        return Protocol(name, [(train, test, val if len(val) else None)])
+    k = min(MAX_FOLDS, min(counts.values()))
+    fold = stratified_folds(y, k)
+    folds = [((fold != f).nonzero().flatten(), (fold == f).nonzero().flatten(), None) for f in range(k)]
+    return Protocol(f"{k}-fold stratified cross-validation over {len(y):,} images (no split column)", folds)
+
+
+def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Protocol) -> dict:
+    """kNN and linear-probe results, pooled over the protocol's test rows."""
+    features = features.float()
+    knn_votes, linear_logits, tested = [], [], []
+    decays = []
+    for train, test, val in protocol.folds:
+        knn_votes.append(knn_scores(features[train], y[train], features[test], classes))
+        logits, decay = linear_probe_scores(
+            features[train], y[train], features[test], classes,
+            *((features[val], y[val]) if val is not None else (None, None)),
+        )
+        linear_logits.append(logits)
+        decays.append(decay)
+        tested.append(test)
+    truth = y[torch.cat(tested)]
+    linear = summarize(torch.cat(linear_logits), truth, classes)
+    linear["weight_decay"] = decays
+    return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
+
+
+def embed_labelled(paths: list[Path], encoder, device, batch_size: int, workers: int | None) -> tuple[torch.Tensor, np.ndarray]:
+    dim = encoder.byol_metadata["feature_dim"]
+    features = np.zeros((len(paths), dim), dtype=np.float32)
+    good = np.ones(len(paths), dtype=bool)
+    for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):
+        features[start : start + len(batch)] = batch
+        good[start : start + len(batch)] = ok
+    return torch.from_numpy(features), good
+
+
+def random_encoder(metadata: dict, device) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = make_backbone(metadata["architecture"])
+    model.byol_metadata = metadata
+    return model.to(device).eval()
+
+
+def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict]:
+    """Rows of an earlier `byol embed` output for the CSV's images (via its paths and meta files)."""
+    from byolcli.embed import sidecars
+
+    files = sidecars(vectors_path)
+    for required in (vectors_path, files["paths"], files["meta"]):
+        if not required.is_file():
+            raise UserError(f"{required}: not found (--embeddings needs the .npy with the files `byol embed` writes beside it)")
+    try:
+        vectors = np.load(vectors_path, mmap_mode="r")
+        meta = json.loads(files["meta"].read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise UserError(f"{vectors_path}: not a byol embed output ({exc})") from None
+    root = Path(meta["folder"])
+    row_of = {str((root / p).resolve()): i for i, p in enumerate(files["paths"].read_text(encoding="utf-8").splitlines())}
+    rows = np.array([row_of.get(str(p.resolve()), -1) for p in data.paths])
+    good = rows >= 0
+    features = np.zeros((len(rows), vectors.shape[1]), dtype=np.float32)
+    features[good] = vectors[rows[good]]
+    return torch.from_numpy(features), good, meta
+
+
+def evaluate_command(labels: Path, model: Path | None, root: Path | None, device: str | None, json_out: Path | None,
+                     reporter, embeddings: Path | None = None, baseline: Path | None = None,
+                     skip_missing: bool = False, batch_size: int = 256, workers: int | None = None,
+                     report_dir: Path | None = None) -> dict:
+    data = drop_missing(read_labels(labels, root), labels, skip_missing)
+    classes = data.classes
+    torch_device = pick_device(device)
+
+    encoders: dict[str, torch.Tensor] = {}
+    good = np.ones(len(data.paths), dtype=bool)
+    if embeddings is not None:
+        features, ok, meta = load_embeddings(embeddings, data)
+        encoders["embeddings"] = features
+        good &= ok
+        metadata = read_metadata(meta["encoder"]) if Path(meta["encoder"]).is_file() else None
+        unmatched = "is not in the embeddings"
+    else:
+        model_path = model if model is not None else latest_encoder()
+        encoder = load_encoder(model_path, torch_device)
+        metadata = encoder.byol_metadata
+        reporter.info(f"evaluating {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
+                      f"on {len(data.paths):,} labelled images, {len(classes)} classes")
+        with reporter.progress("embedding (encoder)", unit="images"):
+            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers)
+        encoders["encoder"] = features
+        good &= ok
+        unmatched = "could not be decoded"
+    if baseline is not None:
+        other = load_encoder(baseline, torch_device)
+        with reporter.progress("embedding (baseline)", unit="images"):
+            features, ok = embed_labelled(data.paths, other, torch_device, batch_size, workers)
+        encoders["baseline"] = features
+        good &= ok
+    if metadata is not None:
+        with reporter.progress("embedding (random init)", unit="images"):
+            features, ok = embed_labelled(data.paths, random_encoder(metadata, torch_device), torch_device, batch_size, workers)
+        encoders[RANDOM_INIT] = features
+        good &= ok
+
+    if not good.all():
+        bad = [(data.rows[i], data.paths[i]) for i in np.flatnonzero(~good)]
+        if not skip_missing:
+            shown = ", ".join(f"line {line}: {path}" for line, path in bad[:5])
+            raise UserError(f"{labels}: {len(bad)} listed images {unmatched} ({shown}); pass --skip-missing to evaluate the rest")
+        reporter.warn(f"{len(bad)} listed images {unmatched}; evaluating the other {int(good.sum()):,}")
+        keep = np.flatnonzero(good)
+        data = LabelledImages([data.paths[i] for i in keep], [data.labels[i] for i in keep],
+                              [data.splits[i] for i in keep] if data.splits is not None else None,
+                              [data.rows[i] for i in keep], [])
+        encoders = {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
+        classes = data.classes
+
+    index = {label: i for i, label in enumerate(classes)}
+    y = torch.tensor([index[label] for label in data.labels], device=torch_device)
+    protocol = make_protocol(data, y, labels)
+    results = {name: score(f.to(torch_device), y, len(classes), protocol) for name, f in encoders.items()}
+    sources = {"embeddings": str(embeddings), "encoder": str(model_path) if embeddings is None else None,
+               "baseline": str(baseline), "random init": f"{metadata['architecture']}, seed 0" if metadata else None}
+    report = {"labels": str(labels), "protocol": protocol.name, "images": len(data.paths), "classes": classes,
+              "sources": {name: sources[name] for name in encoders}, "results": results}
+    from byolcli.report import evaluation_report
+
+    evaluation_report(report)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(report, indent=2))
+    if report_dir is not None:
+        from byolcli.gallery import write_gallery
+
+        name = next(iter(encoders))
+        train, test, _ = protocol.folds[0]
+        page = write_gallery(report_dir, f"{name} on {labels.name}", data.paths, data.labels, encoders[name],
+                             train, test, classes, results[name]["knn"]["confusion"])
+        reporter.info(f"neighbours and confusion matrix: {page}")
+    return report

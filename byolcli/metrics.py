@@ -1,0 +1,120 @@
+"""Scoring frozen features against labels: weighted kNN and a linear probe, in torch.
+
+Both run on whatever device the features are on, in chunks, so 100,000+
+labelled rows fit. Conventions follow the self-supervised literature: weighted
+kNN with k=20, T=0.07 on cosine similarity (Wu et al. 2018), and multinomial
+logistic regression on standardised frozen features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+K = 20
+TEMPERATURE = 0.07
+WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+CHUNK = 4096
+
+
+def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
+               k: int = K, temperature: float = TEMPERATURE) -> torch.Tensor:
+    """Class votes (n_test, classes): each of the k most similar training rows votes exp(sim / T)."""
+    train = F.normalize(train_x.float(), dim=1)
+    k = min(k, len(train))
+    votes = []
+    for start in range(0, len(test_x), CHUNK):
+        query = F.normalize(test_x[start : start + CHUNK].float(), dim=1)
+        similarity, index = (query @ train.T).topk(k, dim=1)
+        weights = (similarity / temperature).exp()
+        votes.append(torch.zeros(len(query), classes, device=query.device).scatter_add_(1, train_y[index], weights))
+    return torch.cat(votes)
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, iterations: int = 100):
+    """Multinomial logistic regression by full-batch L-BFGS; returns (W, b)."""
+    weight = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    return weight.detach(), bias.detach()
+
+
+def linear_probe_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
+                        val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None,
+                        seed: int = 0) -> tuple[torch.Tensor, float]:
+    """Logits for `test_x` and the weight decay chosen on validation rows.
+
+    The weight decay is chosen on `val_x` when given, else on a stratified 20%
+    of the training rows; either way the test rows never influence it. The
+    final model is then fitted on all training rows.
+    """
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    standard = lambda t: (t.float() - mean) / std  # noqa: E731
+    if val_x is None:
+        fit_index, val_index = stratified_holdout(train_y, 0.2, seed)
+        choose_x, choose_y = train_x[fit_index], train_y[fit_index]
+        val_x, val_y = train_x[val_index], train_y[val_index]
+    else:
+        choose_x, choose_y = train_x, train_y
+    best = WEIGHT_DECAYS[len(WEIGHT_DECAYS) // 2]
+    if len(val_x):
+        accuracy = {}
+        for decay in WEIGHT_DECAYS:
+            w, b = fit_logistic(standard(choose_x), choose_y, classes, decay)
+            accuracy[decay] = ((standard(val_x) @ w + b).argmax(1) == val_y).float().mean().item()
+        best = max(WEIGHT_DECAYS, key=lambda d: (accuracy[d], d))  # ties: the stronger regulariser
+    w, b = fit_logistic(standard(train_x), train_y, classes, best)
+    return standard(test_x) @ w + b, best
+
+
+def stratified_holdout(y: torch.Tensor, share: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split row indices so each class with ≥ 2 rows puts about `share` of them (≥ 1) aside."""
+    generator = torch.Generator().manual_seed(seed)
+    keep, aside = [], []
+    for label in y.unique():
+        rows = (y == label).nonzero().flatten().cpu()
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        n_aside = 0 if len(rows) < 2 else max(1, round(len(rows) * share))
+        aside.append(rows[:n_aside])
+        keep.append(rows[n_aside:])
+    return torch.cat(keep).to(y.device), torch.cat(aside).to(y.device)
+
+
+def stratified_folds(y: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor:
+    """Fold number per row: each class spread evenly over the folds."""
+    generator = torch.Generator().manual_seed(seed)
+    fold = torch.empty(len(y), dtype=torch.long)
+    offset = 0
+    for label in y.unique():
+        rows = (y == label).nonzero().flatten().cpu()
+        rows = rows[torch.randperm(len(rows), generator=generator)]
+        fold[rows] = (torch.arange(len(rows)) + offset) % folds
+        offset += len(rows)
+    return fold.to(y.device)
+
+
+def summarize(scores: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
+    """top-1, top-5 (when there are more than 5 classes), balanced accuracy, per-class recall."""
+    predicted = scores.argmax(1)
+    result = {"top1": (predicted == y).float().mean().item()}
+    if classes > 5:
+        top5 = scores.topk(5, dim=1).indices
+        result["top5"] = (top5 == y[:, None]).any(1).float().mean().item()
+    recall = []
+    for c in range(classes):
+        rows = y == c
+        recall.append((predicted[rows] == c).float().mean().item() if rows.any() else float("nan"))
+    present = [r for r in recall if r == r]
+    result["balanced"] = sum(present) / len(present)
+    result["per_class_recall"] = recall
+    result["confusion"] = torch.bincount(y * classes + predicted, minlength=classes * classes).reshape(classes, classes).tolist()
+    return result

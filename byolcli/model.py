@@ -1,0 +1,106 @@
+"""Backbones, the BYOL heads, and the BYOL module with its EMA target network.
+
+Online network: encoder f_θ → projector g_θ → predictor q_θ.
+Target network: f_ξ → g_ξ, an exponential moving average of the online weights,
+never trained by gradient. Only f_θ survives training (see encoder.py).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+# name -> (torchvision constructor, feature dimension after global pooling)
+BACKBONES = {
+    "resnet18": (torchvision.models.resnet18, 512),
+    "resnet34": (torchvision.models.resnet34, 512),
+    "resnet50": (torchvision.models.resnet50, 2048),
+}
+
+PROJECTION_HIDDEN = 4096
+PROJECTION_DIM = 256
+
+
+def make_backbone(name: str) -> nn.Module:
+    """A stock torchvision ResNet, randomly initialised, with `fc` replaced by Identity.
+
+    Keeping torchvision's module names means the exported weights load into
+    `torchvision.models.<name>()` (with `fc = Identity()`) as they are.
+    """
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    model = BACKBONES[name][0](weights=None)
+    model.fc = nn.Identity()
+    return model
+
+
+def mlp(in_dim: int, hidden: int = PROJECTION_HIDDEN, out_dim: int = PROJECTION_DIM) -> nn.Sequential:
+    """Linear → BN → ReLU → Linear: BYOL's projector and predictor."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, out_dim),
+    )
+
+
+def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """2 − 2·cos(p, z′) per sample: the MSE between L2-normalised vectors."""
+    return 2 - 2 * F.cosine_similarity(prediction, target.detach(), dim=-1)
+
+
+class BYOL(nn.Module):
+    def __init__(self, backbone: str) -> None:
+        super().__init__()
+        feature_dim = BACKBONES[backbone][1]
+        self.online_encoder = make_backbone(backbone)
+        self.online_projector = mlp(feature_dim)
+        self.predictor = mlp(PROJECTION_DIM)
+        self.target_encoder = copy.deepcopy(self.online_encoder)
+        self.target_projector = copy.deepcopy(self.online_projector)
+        for p in self.target_parameters():
+            p.requires_grad_(False)
+
+    def online_parameters(self) -> list[nn.Parameter]:
+        return [*self.online_encoder.parameters(), *self.online_projector.parameters()]
+
+    def target_parameters(self) -> list[nn.Parameter]:
+        return [*self.target_encoder.parameters(), *self.target_projector.parameters()]
+
+    def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Symmetrised BYOL loss (batch mean) and the online projections of view 1 (for monitoring).
+
+        Each view goes through the networks on its own, as in the paper, so that
+        batch-norm statistics are per view.
+        """
+        z1 = self.online_projector(self.online_encoder(view1))
+        z2 = self.online_projector(self.online_encoder(view2))
+        p1, p2 = self.predictor(z1), self.predictor(z2)
+        with torch.no_grad():
+            t1 = self.target_projector(self.target_encoder(view1))
+            t2 = self.target_projector(self.target_encoder(view2))
+        loss = regression_loss(p1, t2).mean() + regression_loss(p2, t1).mean()
+        return loss, z1.detach()
+
+    @torch.no_grad()
+    def update_target(self, tau: float) -> None:
+        """ξ ← τ·ξ + (1 − τ)·θ, in two fused multi-tensor kernels.
+
+        Batch-norm running statistics are copied: the target always runs in
+        training mode (batch statistics), so its buffers only matter for export.
+        """
+        target, online = self.target_parameters(), self.online_parameters()
+        torch._foreach_mul_(target, tau)
+        torch._foreach_add_(target, online, alpha=1 - tau)
+        for tb, ob in zip(self._target_buffers(), self._online_buffers()):
+            tb.copy_(ob)
+
+    def _online_buffers(self):
+        return [*self.online_encoder.buffers(), *self.online_projector.buffers()]
+
+    def _target_buffers(self):
+        return [*self.target_encoder.buffers(), *self.target_projector.buffers()]

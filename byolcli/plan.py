@@ -1,0 +1,425 @@
+"""Detect the hardware and choose every training setting, each with its reason.
+
+The Plan is what the user sees before training and what `plan.json` records.
+Its rules, and where they come from:
+
+- Image size: the images' own median short side, rounded down to a standard
+  size, capped by what the device can train in reasonable time (CPU 64, MPS
+  128, CUDA 224). Upsampling past the data's resolution adds cost, not detail.
+- Backbone: torchvision ResNet-18 unless a CUDA GPU with ≥ 16 GiB has ≥ 50k
+  images at ≥ 128 px to feed a ResNet-50. ResNet-18 keeps the strided stem on
+  every device: the CIFAR-style 3×3 stem costs ~5× more compute on CPU.
+- Batch: on CUDA/MPS, the largest power of two that survives real BYOL steps
+  (both views, target forward, optimizer and EMA step) with a memory margin,
+  halving on out-of-memory; capped at 512 and at 1/8 of the images so an epoch
+  has at least 8 steps. On CPU, 64: a CPU run is limited by time, not memory,
+  and in minutes-long runs more optimizer steps beat a bigger batch.
+- Accumulation: when memory forces a per-device batch under 128, gradients
+  are accumulated up to 256 (BYOL paper, §5: it holds up down to 256 and
+  degrades below), with the target updated once per optimizer step.
+- Precision: bf16 where the device computes it natively (Ampere+ GPUs; CPUs
+  with AVX512-BF16 or AMX), fp16 with loss scaling on older GPUs, fp32 on
+  other CPUs (emulated bf16 is ~20× slower) and on MPS.
+- Learning rate: base × batch/256 (paper), base 0.45 under 300 epochs, 0.3 up
+  to 1000, 0.2 beyond (DeepMind's presets: longer runs use a lower base).
+- τ_base: 0.97 under 100 epochs, 0.99 up to 1000, 0.996 beyond (DeepMind's
+  presets: 40 epochs → 0.97, 100–300 → 0.99, 1000 → 0.996), then lowered so
+  that the EMA's time constant 1/(1 − τ) is at most a tenth of the run's
+  optimizer steps: with few steps a slow target barely leaves its random init
+  (the paper's small-data and short-run observation: lower τ for short runs).
+- Warm-up: 10 epochs (paper) but at most 10% of the run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from byolcli.errors import UserError
+
+GiB = 1024**3
+SIZES = (32, 64, 96, 128, 160, 192, 224)
+MAX_SIZE = {"cpu": 64, "mps": 128, "cuda": 224}
+MAX_BATCH = 512
+CPU_BATCH = 64
+EFFECTIVE_BATCH = 256
+MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
+DEFAULT_EPOCHS = 100
+WEIGHT_DECAY = 1.5e-6
+# Rough training memory per image at 224 px for BYOL (two views with gradients,
+# target forward), fp32; it only tells the probe where to start searching.
+BYTES_PER_IMAGE_224 = {"resnet18": 60e6, "resnet34": 90e6, "resnet50": 200e6}
+
+
+class OutOfMemory(Exception):
+    """A probed step did not fit in the device's memory (or broke the margin)."""
+
+
+@dataclass(frozen=True)
+class Hardware:
+    kind: str  # "cuda", "mps" or "cpu"
+    name: str
+    total_memory: int  # bytes: device memory, or system RAM on CPU
+    free_memory: int
+    bf16: bool
+    cores: int
+    device: str  # the torch device string, e.g. "cuda:0"
+
+
+@dataclass
+class Plan:
+    device: str
+    device_name: str
+    backbone: str
+    image_size: int
+    batch_size: int
+    accumulation: int
+    precision: str
+    workers: int
+    channels_last: bool
+    images: int
+    skipped: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    warmup_steps: int
+    base_lr: float
+    lr: float
+    tau_base: float
+    weight_decay: float
+    seed: int
+    step_seconds: float  # measured per optimizer step (compute, or data if slower)
+    time_budget: float | None
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def effective_batch(self) -> int:
+        return self.batch_size * self.accumulation
+
+    @property
+    def estimated_seconds(self) -> float:
+        return self.step_seconds * self.total_steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Plan":
+        return cls(**data)
+
+
+@dataclass
+class Overrides:
+    """Every choice the user may pin; None means 'choose for me'."""
+
+    backbone: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    epochs: int | None = None
+    time_budget: float | None = None
+    lr: float | None = None
+    device: str | None = None
+    workers: int | None = None
+    precision: str | None = None
+    seed: int = 0
+
+
+# --- hardware ------------------------------------------------------------------
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def detect_hardware(device: str | None = None) -> Hardware:
+    import torch
+
+    cores = os.cpu_count() or 1
+    wanted = (device or "").lower()
+    if wanted.startswith("cuda") or (not wanted and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA GPU is available here")
+        index = int(wanted.split(":")[1]) if ":" in wanted else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+        free, total = torch.cuda.mem_get_info(index)
+        props = torch.cuda.get_device_properties(index)
+        return Hardware("cuda", props.name, total, free, torch.cuda.is_bf16_supported(), cores, f"cuda:{index}")
+    if wanted == "mps" or (not wanted and torch.backends.mps.is_available()):
+        if not torch.backends.mps.is_available():
+            raise UserError(f"--device {device}: Apple MPS is not available here")
+        total = int(torch.mps.recommended_max_memory())
+        free = total - int(torch.mps.driver_allocated_memory())
+        return Hardware("mps", "Apple GPU (MPS)", total, free, False, cores, "mps")
+    if wanted not in ("", "cpu"):
+        raise UserError(f"--device {device}: unknown device (use cuda, cuda:N, mps or cpu)")
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu")
+
+
+# --- the rules -------------------------------------------------------------------
+
+
+def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
+    median = int(statistics.median(short_sides))
+    fitting = [s for s in SIZES if s <= max(median, SIZES[0])]
+    size = min(fitting[-1], MAX_SIZE[hw.kind])
+    why = f"images' median short side is {median} px"
+    if size < fitting[-1]:
+        why += f"; {size} px is the most a {hw.kind.upper()} trains in reasonable time"
+    return size, why
+
+
+def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cuda" and hw.total_memory >= 16 * GiB and images >= 50_000 and size >= 128:
+        return "resnet50", f"{images:,} images at {size} px on a {hw.total_memory / GiB:.0f} GiB GPU feed a ResNet-50"
+    if hw.kind == "cpu":
+        return "resnet18", "fastest ResNet on CPU (strided stem)"
+    return "resnet18", "ResNet-18 learns fastest from small or low-resolution sets"
+
+
+def choose_precision(hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cuda":
+        return ("bf16", "GPU computes bf16 natively") if hw.bf16 else ("fp16", "GPU lacks bf16; fp16 with loss scaling")
+    if hw.kind == "cpu" and hw.bf16:
+        return "bf16", "CPU has AVX512-BF16/AMX"
+    if hw.kind == "cpu":
+        return "fp32", "CPU lacks native bf16 (emulated bf16 is ~20x slower)"
+    return "fp32", "autocast on MPS is not reliable enough for training yet"
+
+
+def choose_workers(hw: Hardware) -> tuple[int, str]:
+    if hw.kind == "cpu":
+        # The training step needs the cores too; one decoding process keeps a
+        # small CPU busy without starving the step.
+        workers = 1 if hw.cores <= 4 else hw.cores // 4
+        return workers, f"{hw.cores} cores shared between decoding and training"
+    workers = max(1, min(hw.cores - 1, 12))
+    return workers, f"{hw.cores} cores, one left for the training process"
+
+
+def base_lr_for(epochs: float) -> float:
+    return 0.45 if epochs < 300 else 0.3 if epochs <= 1000 else 0.2
+
+
+def tau_for(epochs: float, total_steps: int) -> tuple[float, str]:
+    tau = 0.97 if epochs < 100 else 0.99 if epochs <= 1000 else 0.996
+    why = f"{epochs:.3g} epochs"
+    ceiling = 1 - 10 / max(total_steps, 1)
+    if tau > ceiling:
+        tau = max(0.9, round(ceiling, 4))
+        why += f"; only {total_steps} steps, so the target must move faster"
+    return tau, why
+
+
+def fit_batch(start: int, cap: int, probe: Callable[[int], float], floor: int = 2) -> tuple[int, float]:
+    """The largest power-of-two batch ≤ `cap` whose probed step fits, searched from `start`:
+    halving while it does not fit, else doubling until it would not. Returns (batch, seconds)."""
+    batch = start
+    while True:
+        try:
+            seconds = probe(batch)
+            break
+        except OutOfMemory:
+            batch //= 2
+            if batch < floor:
+                raise UserError(f"not even a batch of {floor} images fits in the device's memory; "
+                                "try a smaller --image-size or --backbone") from None
+    if batch < start:
+        return batch, seconds
+    while batch * 2 <= cap:
+        try:
+            seconds, batch = probe(batch * 2), batch * 2
+        except OutOfMemory:
+            break
+    return batch, seconds
+
+
+def power_of_two_at_most(n: float) -> int:
+    return 2 ** int(math.floor(math.log2(max(n, 1))))
+
+
+def make_plan(
+    short_sides: list[int],
+    skipped: int,
+    hw: Hardware,
+    over: Overrides,
+    probe: Callable[[str, int, int, str, bool], float],
+    data_cost: Callable[[int], float] = lambda size: 0.0,
+) -> Plan:
+    """Choose everything. `probe(backbone, size, batch, precision, channels_last)` times
+    one training step (seconds) or raises OutOfMemory; `data_cost(size)` is the measured
+    decode + augment time of one image at that size in one process."""
+    images = len(short_sides)
+    reasons: dict[str, str] = {}
+
+    def pick(name, override, chosen):
+        value, why = chosen() if override is None else (override, "set by flag")
+        reasons[name] = why
+        return value
+
+    image_size = pick("image_size", over.image_size, lambda: choose_image_size(short_sides, hw))
+    backbone = pick("backbone", over.backbone, lambda: choose_backbone(images, image_size, hw))
+    precision = pick("precision", over.precision, lambda: choose_precision(hw))
+    workers = pick("workers", over.workers, lambda: choose_workers(hw))
+    if precision == "bf16" and hw.kind == "cpu" and not hw.bf16 and over.precision:
+        reasons["precision"] += " (warning: this CPU emulates bf16, expect a large slowdown)"
+    # NHWC feeds tensor cores on CUDA and AMX's bf16 kernels on CPU (measured 1.5x at
+    # 64 px here); for fp32 on CPU it measured no faster.
+    channels_last = hw.kind == "cuda" or precision == "bf16"
+
+    cap = max(1, min(MAX_BATCH, power_of_two_at_most(images / 8)))
+    if over.batch_size is not None:
+        batch = over.batch_size
+        step_seconds = probe(backbone, image_size, batch, precision, channels_last)
+        reasons["batch_size"] = "set by flag"
+    elif hw.kind == "cpu":
+        batch = min(CPU_BATCH, cap)
+        step_seconds = probe(backbone, image_size, batch, precision, channels_last)
+        reasons["batch_size"] = "CPU runs are time-bound: more optimizer steps beat a larger batch"
+    else:
+        per_image = BYTES_PER_IMAGE_224[backbone] * (image_size / 224) ** 2 * (0.6 if precision != "fp32" else 1)
+        start = min(cap, power_of_two_at_most(hw.free_memory * MEMORY_MARGIN / per_image))
+        batch, step_seconds = fit_batch(start, cap, lambda b: probe(backbone, image_size, b, precision, channels_last))
+        reasons["batch_size"] = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
+    if batch > images:
+        raise UserError(f"--batch-size {batch} is larger than the {images} images found")
+
+    accumulation = 1
+    if hw.kind != "cpu" and batch < 128 and over.batch_size is None and batch < cap:
+        accumulation = max(1, min(EFFECTIVE_BATCH // batch, images // batch // 8 or 1))
+        reasons["accumulation"] = f"memory allows {batch} per step; accumulate to {batch * accumulation} (BYOL degrades below 256)"
+    else:
+        reasons["accumulation"] = "not needed"
+
+    data_seconds = data_cost(image_size) * batch / max(workers, 1)
+    micro_step = max(step_seconds, data_seconds)
+    seconds_per_step = micro_step * accumulation
+    steps_per_epoch = max(1, images // (batch * accumulation))
+
+    if over.epochs is not None:
+        total_steps = over.epochs * steps_per_epoch
+        reasons["epochs"] = "set by flag"
+    elif over.time_budget is not None:
+        total_steps = max(1, int(over.time_budget / seconds_per_step))
+        reasons["epochs"] = f"what fits in the {format_seconds(over.time_budget)} budget at the measured step time"
+    else:
+        total_steps = DEFAULT_EPOCHS * steps_per_epoch
+        reasons["epochs"] = f"default {DEFAULT_EPOCHS} epochs (set --time or --epochs)"
+    epochs = total_steps / steps_per_epoch
+
+    base_lr = over.lr if over.lr is not None else base_lr_for(epochs)
+    reasons["lr"] = "set by flag" if over.lr is not None else f"base {base_lr} for a {epochs:.3g}-epoch run, × batch/256"
+    tau_base, reasons["tau_base"] = tau_for(epochs, total_steps)
+    warmup = max(1, min(10 * steps_per_epoch, total_steps // 10))
+
+    return Plan(
+        device=hw.device, device_name=hw.name, backbone=backbone, image_size=image_size,
+        batch_size=batch, accumulation=accumulation, precision=precision, workers=workers,
+        channels_last=channels_last, images=images, skipped=skipped,
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=round(epochs, 3),
+        warmup_steps=warmup, base_lr=base_lr, lr=base_lr * batch * accumulation / 256,
+        tau_base=tau_base, weight_decay=WEIGHT_DECAY, seed=over.seed,
+        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons,
+    )
+
+
+def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_seconds: float) -> None:
+    """Re-plan the run's length from the step time measured in real training.
+
+    The probe times the model alone; real steps also pay for data loading and
+    share the CPU with it, so the first estimate can be off by 20% or more.
+    """
+    total = steps_done + max(0, int(seconds_left / step_seconds))
+    plan.total_steps = max(total, steps_done + 1)
+    plan.epochs = round(plan.total_steps / plan.steps_per_epoch, 3)
+    plan.warmup_steps = max(1, min(10 * plan.steps_per_epoch, plan.total_steps // 10))
+    plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps)
+    plan.step_seconds = step_seconds
+    plan.reasons["epochs"] = (f"what fits in the {format_seconds(plan.time_budget)} budget at "
+                              f"{step_seconds:.2f} s per step, measured in the first training steps")
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 90:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m"
+
+
+# --- measuring on the real device ------------------------------------------------
+
+
+def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: str,
+               channels_last: bool, steps: int = 2) -> float:
+    """Seconds per real BYOL training step at these settings, after one warm-up step.
+
+    Raises OutOfMemory if the step does not fit, or if its peak memory breaks the
+    safety margin (so fragmentation later in the run cannot push it over).
+    """
+    import torch
+
+    from byolcli.model import BYOL
+    from byolcli.optim import LARS, lars_groups
+
+    device = torch.device(hw.device)
+    model = optimizer = None
+    try:
+        model = BYOL(backbone).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+                 for _ in range(2)]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        timings = []
+        for _ in range(steps + 1):
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss, _ = model(views[0], views[1])
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            model.update_target(0.99)
+            synchronize(device)
+            timings.append(time.perf_counter() - start)
+        if device.type == "cuda" and torch.cuda.max_memory_allocated(device) > MEMORY_MARGIN * hw.total_memory:
+            raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of GPU memory")
+        return statistics.median(timings[1:])
+    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; MPS raises a plain one
+        if "out of memory" in str(exc).lower():
+            raise OutOfMemory(str(exc).splitlines()[0]) from None
+        raise
+    finally:
+        del model, optimizer
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        elif device.type == "mps":
+            torch.mps.empty_cache()
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()

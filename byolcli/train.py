@@ -1,0 +1,405 @@
+"""`byol train`: scan → plan → BYOL training loop → encoder.safetensors.
+
+The loop does what the paper does (Grill et al. 2020, Algorithm 1): per step,
+two augmented views, the symmetrised loss, a LARS step on the online network
+and predictor, then one EMA step of the target network. With gradient
+accumulation, the optimizer and the target step once per accumulated batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from byolcli.data import MEAN, STD, EpochSampler, TwoViewDataset
+from byolcli.encoder import save_encoder
+from byolcli.errors import TrainingFailed, UserError
+from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir
+from byolcli.model import BYOL
+from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
+from byolcli.plan import Overrides, Plan, detect_hardware, make_plan, probe_step, refit_to_budget
+from byolcli.scan import scan
+
+CHECKPOINT = "checkpoint.pt"
+ENCODER = "encoder.safetensors"
+PLAN = "plan.json"
+METRICS = "metrics.jsonl"
+IMAGES = "images.txt"
+
+# With a time budget, the loop is timed over these steps (after a warm-up that
+# absorbs loader start-up) and the run's length re-planned from the measurement.
+CALIBRATION = (3, 23)
+
+# Normalised projections of a healthy network spread over many directions; a
+# collapsed one maps every image to (nearly) the same point.
+COLLAPSE_STD = 0.05  # per-dimension std × √d; ≈1 for spread-out vectors, → 0 at collapse
+COLLAPSE_RANK = 1.5  # effective rank of a batch's projections
+
+
+@dataclass
+class TrainRequest:
+    folder: Path
+    out: Path | None = None
+    time_budget: float | None = None
+    epochs: int | None = None
+    backbone: str | None = None
+    image_size: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    device: str | None = None
+    workers: int | None = None
+    precision: str | None = None
+    seed: int = 0
+    restart: bool = False
+    checkpoint_every: float = 300.0  # seconds between checkpoints
+    log_every: float = 10.0  # seconds between metrics lines
+
+
+@dataclass
+class Trainer:
+    """The model, optimizer and data for one Plan; its state is the checkpoint."""
+
+    plan: Plan
+    paths: list[Path]
+    step: int = 0
+    stop_requested: bool = False
+    warned_collapse: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        plan = self.plan
+        torch.manual_seed(plan.seed)
+        random.seed(plan.seed)
+        self.device = torch.device(plan.device)
+        self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
+        self.model = BYOL(plan.backbone).to(self.device, memory_format=self.memory_format)
+        self.optimizer = LARS(
+            lars_groups(self.model.online_encoder, self.model.online_projector, self.model.predictor),
+            lr=plan.lr, weight_decay=plan.weight_decay,
+        )
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.precision == "fp16")
+        self.sampler = EpochSampler(len(self.paths), plan.seed)
+        workers = plan.workers
+        self.loader = DataLoader(
+            TwoViewDataset(self.paths, plan.image_size, plan.seed),
+            batch_size=plan.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+            generator=torch.Generator().manual_seed(plan.seed),
+        )
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+    # --- state ---------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "step": self.step,
+            "plan": self.plan.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(_as_python_rng_state(state["rng"]["python"]))
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def save(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+
+    # --- the loop ------------------------------------------------------------
+
+    def run(self, until: int, on_log=None, on_checkpoint=None, log_every: float = 10.0,
+            checkpoint_every: float = 300.0) -> None:
+        """Train up to optimizer step `until`. `on_log(record)` gets a metrics dict;
+        `on_checkpoint(step)` is called whenever it is time to save."""
+        plan, model = self.plan, self.model
+        model.train()
+        accumulation = plan.accumulation
+        images_per_step = plan.batch_size * accumulation
+        loss_sum = torch.zeros((), device=self.device)
+        window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        last_log = last_checkpoint = time.perf_counter()
+        while self.step < until and not self.stop_requested:
+            epoch, offset = divmod(self.step, plan.steps_per_epoch)
+            self.sampler.set_position(epoch, offset * images_per_step)
+            batches = iter(self.loader)
+            for _ in range(plan.steps_per_epoch - offset):
+                lr = learning_rate(self.step, plan.total_steps, plan.warmup_steps, plan.lr)
+                tau = ema_rate(self.step, plan.total_steps, plan.tau_base)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                for _ in range(accumulation):
+                    waited = time.perf_counter()
+                    view1, view2 = next(batches)
+                    view1 = view1.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                    view2 = view2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                    window["wait"] += time.perf_counter() - waited
+                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                        enabled=self.autocast_dtype is not None):
+                        loss, projections = model(view1, view2)
+                    self.scaler.scale(loss / accumulation).backward()
+                    loss_sum += loss.detach()  # stays on the device: no sync per step
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                self.optimizer.zero_grad(set_to_none=True)
+                model.update_target(tau)
+                self.step += 1
+                window["steps"] += 1
+
+                now = time.perf_counter()
+                finished = self.step >= until
+                if now - last_log >= log_every or finished or self.stop_requested:
+                    record = self._log_record(loss_sum, window, projections, lr, tau, epoch, now)
+                    loss_sum.zero_()
+                    window = {"steps": 0, "wait": 0.0, "start": now}
+                    last_log = now
+                    if on_log:
+                        on_log(record)
+                if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stop_requested):
+                    on_checkpoint(self.step)
+                    last_checkpoint = now
+                if finished or self.stop_requested:
+                    break
+
+    def _log_record(self, loss_sum, window, projections, lr, tau, epoch, now) -> dict:
+        steps = window["steps"]
+        loss = loss_sum.item() / (steps * self.plan.accumulation)
+        if not math.isfinite(loss):
+            raise TrainingFailed(
+                f"the loss became {loss} at step {self.step} (learning rate {lr:.3g}); training stopped and "
+                "the last good checkpoint is kept. Rerun with a lower --lr, or --precision fp32"
+            )
+        elapsed = max(now - window["start"], 1e-9)
+        spread, rank = projection_health(projections)
+        return {
+            "step": self.step,
+            "epoch": round(self.step / self.plan.steps_per_epoch, 3),
+            "loss": round(loss, 5),
+            "lr": round(lr, 6),
+            "tau": round(tau, 6),
+            "images_per_s": round(steps * self.plan.effective_batch / elapsed, 2),
+            "data_wait": round(min(1.0, window["wait"] / elapsed), 4),
+            "projection_std": round(spread, 4),
+            "effective_rank": round(rank, 2),
+            "collapsed": spread < COLLAPSE_STD or rank < COLLAPSE_RANK,
+            "time": datetime.now().isoformat(timespec="seconds"),
+        }
+
+
+def projection_health(projections: torch.Tensor) -> tuple[float, float]:
+    """(per-dimension std of L2-normalised projections × √d, effective rank) of one batch.
+
+    Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised
+    singular values; 1 when every image maps to one direction.
+    """
+    z = F.normalize(projections.float(), dim=1)
+    spread = z.std(dim=0).mean().item() * math.sqrt(z.shape[1])
+    singular = torch.linalg.svdvals(z - z.mean(dim=0))
+    p = singular / singular.sum().clamp_min(1e-12)
+    rank = math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
+    return spread, rank
+
+
+def _as_python_rng_state(state):
+    # torch.load returns lists where random.getstate() had tuples.
+    version, internal, gauss = state
+    return version, tuple(internal), gauss
+
+
+# --- the command -----------------------------------------------------------------
+
+
+def train_folder(request: TrainRequest, reporter) -> Path:
+    """Run `byol train`. Returns the path of the exported encoder."""
+    folder = request.folder
+    overrides = Overrides(
+        backbone=request.backbone, image_size=request.image_size, batch_size=request.batch_size,
+        epochs=request.epochs, time_budget=request.time_budget, lr=request.lr, device=request.device,
+        workers=request.workers, precision=request.precision, seed=request.seed,
+    )
+    _validate(overrides)  # before anything is scanned, moved or written
+    with reporter.progress("checking images") as progress:
+        manifest = scan(folder, progress=progress)
+    out = Path(request.out) if request.out else default_run_dir(folder)
+    check_outside_input(out, manifest.root)
+    checkpoint_path, encoder_path = out / CHECKPOINT, out / ENCODER
+
+    if request.restart and out.exists():
+        aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+        shutil.move(str(out), str(aside))
+        reporter.info(f"previous run moved to {aside}")
+
+    state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    if state is not None:
+        plan = Plan.from_dict(state["plan"])
+        if state["step"] >= plan.total_steps and encoder_path.exists():
+            raise UserError(f"{out} already holds a finished run ({encoder_path}); "
+                            "use --restart to train again or --out for a new run folder")
+        _warn_ignored_flags(request, reporter)
+        detect_hardware(plan.device)  # fails clearly if that device is gone
+        paths = [manifest.root / line for line in (out / IMAGES).read_text(encoding="utf-8").splitlines()]
+        reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
+    else:
+        hw = detect_hardware(request.device)
+        reporter.info(f"planning for {hw.name}: timing a few real training steps …")
+        short_sides = [min(image.width, image.height) for image in manifest.images]
+        plan = make_plan(
+            short_sides, len(manifest.skipped), hw, overrides,
+            probe=lambda *args: probe_step(hw, *args),
+            data_cost=lambda size: _time_decoding(manifest.absolute_paths(), size),
+        )
+        paths = manifest.absolute_paths()
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
+        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+        (out / METRICS).unlink(missing_ok=True)
+
+    from byolcli.report import plan_report, training_progress
+
+    plan_report(plan, manifest, out, reporter)
+    trainer = Trainer(plan, paths)
+    if state is not None:
+        trainer.load_state_dict(state)
+        _truncate_metrics(out / METRICS, trainer.step)
+
+    if trainer.step < plan.total_steps:
+        metrics = (out / METRICS).open("a", encoding="utf-8")
+        previous = signal.signal(signal.SIGINT, _stop_handler(trainer, reporter))
+        try:
+            with training_progress(plan, trainer.step, reporter) as show:
+                def on_log(record: dict) -> None:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                    show(record)
+                    if record["collapsed"] and not trainer.warned_collapse:
+                        trainer.warned_collapse = True
+                        reporter.warn(
+                            f"the representation looks collapsed at step {record['step']} (projection spread "
+                            f"{record['projection_std']}, effective rank {record['effective_rank']}): every image "
+                            "maps to nearly the same vector. The learning rate may be too high (--lr)."
+                        )
+
+                def train_until(step: int) -> None:
+                    trainer.run(step, on_log=on_log, on_checkpoint=lambda _: trainer.save(checkpoint_path),
+                                log_every=request.log_every, checkpoint_every=request.checkpoint_every)
+
+                warm, timed = CALIBRATION
+                if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * timed:
+                    started = time.perf_counter()
+                    train_until(warm)
+                    timing = time.perf_counter()
+                    train_until(timed)
+                    if not trainer.stop_requested:
+                        now = time.perf_counter()
+                        refit_to_budget(plan, trainer.step, plan.time_budget - (now - started), (now - timing) / (timed - warm))
+                        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+                        reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
+                                      f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
+                train_until(plan.total_steps)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            metrics.close()
+        if trainer.stop_requested:
+            reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
+                          "Run the same command again to resume.")
+            raise SystemExit(130)
+
+    save_encoder(
+        trainer.model.online_encoder, encoder_path, architecture=plan.backbone, image_size=plan.image_size,
+        mean=MEAN, std=STD, train_images=plan.images, epochs=plan.epochs, steps=trainer.step,
+        source=str(manifest.root),
+    )
+    reporter.info(f"encoder written to {encoder_path}")
+    return encoder_path
+
+
+def _stop_handler(trainer: Trainer, reporter):
+    def handler(signum, frame):
+        if trainer.stop_requested:  # second Ctrl-C: stop now, the last checkpoint stays
+            raise KeyboardInterrupt
+        trainer.stop_requested = True
+        reporter.warn("stopping after this step to save a checkpoint (Ctrl-C again to quit at once)")
+
+    return handler
+
+
+def _load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
+        raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:120]}); "
+                        "use --restart to start over") from None
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines logged after the checkpoint we resume from."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _warn_ignored_flags(request: TrainRequest, reporter) -> None:
+    names = ("time_budget", "epochs", "backbone", "image_size", "batch_size", "lr", "device", "workers", "precision")
+    given = [name for name in names if getattr(request, name) is not None]
+    if given:
+        reporter.warn(f"resuming with the saved plan; ignoring {', '.join(given)} (use --restart to apply them)")
+
+
+def _validate(over: Overrides) -> None:
+    from byolcli.model import BACKBONES
+
+    if over.backbone is not None and over.backbone not in BACKBONES:
+        raise UserError(f"--backbone {over.backbone}: choose one of {', '.join(BACKBONES)}")
+    if over.precision is not None and over.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision {over.precision}: choose fp32, bf16 or fp16")
+    for name in ("image_size", "batch_size", "epochs"):
+        value = getattr(over, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if over.image_size is not None and over.image_size < 16:
+        raise UserError(f"--image-size {over.image_size}: must be at least 16")
+    if over.workers is not None and over.workers < 0:
+        raise UserError(f"--workers {over.workers}: must be 0 or more")
+    if over.lr is not None and not over.lr > 0:
+        raise UserError(f"--lr {over.lr}: must be positive")
+    if over.epochs is not None and over.time_budget is not None:
+        raise UserError("--epochs and --time both set: give one")
+
+
+def _time_decoding(paths: list[Path], size: int, samples: int = 16) -> float:
+    """Seconds to decode and augment one image at `size` in one process, from a small sample."""
+    dataset = TwoViewDataset(paths[:: max(1, len(paths) // samples)][:samples], size)
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[0, index]
+    return (time.perf_counter() - start) / len(dataset)

@@ -1,0 +1,267 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from byolcli.data import TwoViewDataset
+from byolcli.encoder import load_encoder, save_encoder
+from byolcli.errors import TrainingFailed
+from byolcli.model import BYOL
+from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, Plan, make_plan
+from byolcli.train import Trainer
+from conftest import noise_image, run_byol, shapes_folder
+
+
+def tiny_plan(images: int, **changes) -> Plan:
+    values = dict(
+        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=8, accumulation=1,
+        precision="fp32", workers=0, channels_last=False, images=images, skipped=0,
+        steps_per_epoch=images // 8, total_steps=40, epochs=40 / (images // 8), warmup_steps=4,
+        base_lr=0.45, lr=0.45 * 8 / 256, tau_base=0.97, weight_decay=1.5e-6, seed=0,
+        step_seconds=0.1, time_budget=None,
+    )
+    values.update(changes)
+    return Plan(**values)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    folder = shapes_folder(tmp_path_factory.mktemp("shapes") / "photos", count=32)
+    return sorted(folder.iterdir())
+
+
+def test_loss_is_finite_and_falls(shapes):
+    trainer = Trainer(tiny_plan(len(shapes), total_steps=40, lr=0.05), shapes)
+    losses = []
+    trainer.run(40, on_log=lambda r: losses.append(r["loss"]), log_every=0)
+    assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+
+
+def test_export_holds_only_the_backbone_and_loads_into_stock_torchvision(shapes, tmp_path):
+    trainer = Trainer(tiny_plan(len(shapes)), shapes)
+    trainer.run(2)
+    path = tmp_path / "encoder.safetensors"
+    save_encoder(trainer.model.online_encoder, path, architecture="resnet18", image_size=32,
+                 mean=(0.5,) * 3, std=(0.25,) * 3, train_images=32, epochs=0.5, steps=2)
+    stock = torchvision.models.resnet18()
+    stock.fc = torch.nn.Identity()
+    tensors = load_file(path)
+    assert set(tensors) == set(stock.state_dict())
+    stock.load_state_dict(tensors)  # strict: the exact keys and shapes, nothing else
+    stock.eval()
+    loaded = load_encoder(path)
+    assert not loaded.training and loaded.byol_metadata["image_size"] == 32
+    trainer.model.online_encoder.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = trainer.model.online_encoder(x)
+        assert torch.allclose(stock(x), expected, atol=1e-5)
+        assert torch.allclose(loaded(x), expected, atol=1e-5)
+
+
+def test_target_follows_the_ema_formula():
+    model = BYOL("resnet18")
+    with torch.no_grad():
+        for p in model.online_parameters():
+            p.add_(torch.randn_like(p))
+    before = [p.clone() for p in model.target_parameters()]
+    online = [p.clone() for p in model.online_parameters()]
+    model.update_target(0.9)
+    for old, new, theta in zip(before, model.target_parameters(), online):
+        assert torch.allclose(new, 0.9 * old + 0.1 * theta, atol=1e-6)
+
+
+def test_target_differs_from_online_after_training(shapes):
+    trainer = Trainer(tiny_plan(len(shapes)), shapes)
+    trainer.run(3)
+    gaps = [(t - o).abs().max().item() for t, o in
+            zip(trainer.model.target_parameters(), trainer.model.online_parameters())]
+    assert max(gaps) > 0
+
+
+def test_augmentation_parameters_are_drawn_per_image(tmp_path):
+    noise_image((48, 48), seed=3).save(tmp_path / "same.png")
+    dataset = TwoViewDataset([tmp_path / "same.png"] * 8, size=32)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8, sampler=[(0, i) for i in range(8)])
+    view1, view2 = next(iter(loader))
+    for views in (view1, view2):
+        flat = views.flatten(1)
+        distinct = {tuple(row[:64].tolist()) for row in flat}
+        assert len(distinct) == 8  # the same picture, eight different crops and colours
+    assert not torch.equal(view1, view2)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_resume_restores_the_exact_state_and_continues_identically(shapes, tmp_path, workers):
+    plan = tiny_plan(len(shapes), total_steps=8, steps_per_epoch=3, workers=workers)
+    first = Trainer(plan, shapes)
+    first.run(4)  # stops mid-epoch
+    first.save(tmp_path / "checkpoint.pt")
+    saved = {k: v.clone() for k, v in first.model.state_dict().items()}
+    momenta = lambda t: [s["momentum"].clone() for s in t.optimizer.state.values()]  # noqa: E731
+    saved_momenta = momenta(first)
+    first.run(7)
+    uninterrupted = [p.detach().clone() for p in first.model.parameters()]
+
+    resumed = Trainer(plan, shapes)
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=True))
+    assert resumed.step == 4
+    assert all(torch.equal(saved[k], v) for k, v in resumed.model.state_dict().items())
+    assert all(torch.equal(a, b) for a, b in zip(saved_momenta, momenta(resumed)))
+    resumed.run(7)
+    for a, b in zip(uninterrupted, resumed.model.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
+    trainer = Trainer(tiny_plan(len(shapes)), shapes)
+    path = tmp_path / "checkpoint.pt"
+    trainer.run(2, on_checkpoint=lambda step: trainer.save(path), checkpoint_every=0, log_every=0)
+    with torch.no_grad():
+        next(trainer.model.online_encoder.parameters()).fill_(float("nan"))
+    with pytest.raises(TrainingFailed, match="last good checkpoint is kept"):
+        trainer.run(5, on_checkpoint=lambda step: trainer.save(path), checkpoint_every=0, log_every=0)
+    kept = torch.load(path, weights_only=True)
+    assert kept["step"] == 2
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
+
+
+# --- the plan ---------------------------------------------------------------------
+
+
+def gpu(memory_gib, bf16=True, cores=16, kind="cuda"):
+    device = "cuda:0" if kind == "cuda" else kind
+    return Hardware(kind, f"fake {kind}", memory_gib * GiB, memory_gib * GiB, bf16, cores, device)
+
+
+def fits_below(limit, calls):
+    def probe(backbone, size, batch, precision, channels_last):
+        calls.append(batch)
+        if batch > limit:
+            raise OutOfMemory(f"batch {batch}")
+        return 0.5
+    return probe
+
+
+def test_fake_out_of_memory_makes_the_planner_back_off():
+    calls = []
+    plan = make_plan([256] * 100_000, 0, gpu(80), Overrides(backbone="resnet18"), fits_below(96, calls))
+    assert calls == [512, 256, 128, 64]  # seeded at the cap by the memory estimate, then halved
+    assert plan.batch_size == 64
+    assert plan.effective_batch == 256  # accumulated back up to the paper's minimum
+    assert plan.lr == pytest.approx(plan.base_lr)  # base × 256/256
+
+
+def test_probe_searches_upward_when_the_estimate_is_cautious():
+    calls = []
+    plan = make_plan([256] * 200_000, 0, gpu(80), Overrides(), fits_below(10**6, calls))
+    assert calls == sorted(calls) and calls[-1] == 512 and plan.batch_size == 512
+
+
+def test_plans_for_different_machines_are_sensible():
+    big = make_plan([480] * 200_000, 0, gpu(80), Overrides(), fits_below(10**6, []))
+    assert (big.backbone, big.image_size, big.precision, big.batch_size) == ("resnet50", 224, "bf16", 512)
+    assert big.channels_last and big.accumulation == 1 and 1 <= big.workers <= 15
+
+    old = make_plan([32] * 5_000, 3, gpu(8, bf16=False), Overrides(), fits_below(10**6, []))
+    assert (old.backbone, old.image_size, old.precision, old.skipped) == ("resnet18", 32, "fp16", 3)
+    assert old.batch_size <= 5_000 // 8
+
+    mps = make_plan([600] * 10_000, 0, gpu(16, bf16=False, cores=8, kind="mps"), Overrides(), fits_below(10**6, []))
+    assert mps.image_size == 128 and mps.precision == "fp32"
+
+    laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    small = make_plan([32] * 5_000, 0, laptop, Overrides(time_budget=300), fits_below(10**6, []))
+    assert (small.image_size, small.batch_size, small.precision, small.workers) == (32, 64, "fp32", 1)
+    assert small.total_steps == 600  # 300 s / 0.5 s per step
+    assert 1 / (1 - small.tau_base) <= small.total_steps / 10  # the target can move in a short run
+    assert small.lr == pytest.approx(small.base_lr * 64 / 256)
+    photos = make_plan([400] * 3_000, 0, laptop, Overrides(), fits_below(10**6, []))
+    assert photos.image_size == 64 and photos.epochs == 100
+
+
+def test_flags_override_the_plan():
+    calls = []
+    plan = make_plan([256] * 10_000, 0, gpu(24), Overrides(backbone="resnet34", image_size=96, batch_size=48,
+                     epochs=7, lr=0.3, precision="fp32", workers=3), fits_below(10**6, calls))
+    assert (plan.backbone, plan.image_size, plan.batch_size, plan.precision, plan.workers) == ("resnet34", 96, 48, "fp32", 3)
+    assert plan.total_steps == 7 * plan.steps_per_epoch and plan.lr == pytest.approx(0.3 * 48 / 256)
+    assert calls == [48] and plan.reasons["batch_size"] == "set by flag"
+
+
+# --- the command ------------------------------------------------------------------
+
+TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
+
+
+def test_byol_train_writes_plan_metrics_and_encoder_and_refuses_to_overwrite(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    result = run_byol("train", folder, "--epochs", "2", *TRAIN_ARGS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "byol-runs" / "photos"
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["total_steps"] == 4 and plan["images"] == 16
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["step"] == 4 and {"loss", "images_per_s", "data_wait", "effective_rank"} <= set(lines[-1])
+    assert load_encoder(run / "encoder.safetensors").byol_metadata["train_images"] == 16
+    assert sorted(p.name for p in folder.iterdir()) == [f"{i:03d}.png" for i in range(16)]  # input untouched
+
+    again = run_byol("train", folder, "--epochs", "2", *TRAIN_ARGS, cwd=tmp_path)
+    assert again.returncode == 2 and "already holds a finished run" in again.stderr
+
+
+def test_bad_train_flags_are_one_line_errors(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    for args, message in ((("--backbone", "vgg"), "--backbone vgg"), (("--time", "soon"), "--time 'soon'"),
+                          (("--out", folder / "runs"), "inside the input folder")):
+        result = run_byol("train", folder, *args, cwd=tmp_path)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def _start_training(folder, cwd, epochs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", str(epochs), *TRAIN_ARGS,
+         "--checkpoint-every", "0.01"],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _wait_for_checkpoint(process, checkpoint, timeout=120):
+    deadline = __import__("time").monotonic() + timeout
+    while not checkpoint.exists():
+        assert process.poll() is None, process.communicate()
+        assert __import__("time").monotonic() < deadline, "no checkpoint appeared"
+        os.sched_yield()
+
+
+@pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
+def test_interrupted_run_resumes_with_the_same_command(tmp_path, how):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    run = tmp_path / "byol-runs" / "photos"
+    process = _start_training(folder, tmp_path, epochs=20)
+    _wait_for_checkpoint(process, run / "checkpoint.pt")
+    process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
+    process.communicate(timeout=120)
+    if how == "ctrl-c":
+        assert process.returncode == 130
+    interrupted_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < interrupted_at < 40
+    assert not (run / "encoder.safetensors").exists()
+
+    result = run_byol("train", folder, "--epochs", "20", *TRAIN_ARGS, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"resuming the run in byol-runs/photos from step {interrupted_at}" in result.stderr
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 40
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 40
+    assert load_encoder(run / "encoder.safetensors").byol_metadata["steps"] == "40"
