@@ -20,26 +20,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from embed_throughput import export_random_encoder
 from scan_throughput import build  # same generated folder layout as the scan benchmark
 
 WRAPPER = ("import resource, subprocess, sys, json, time; t = time.perf_counter(); "
            "code = subprocess.run(sys.argv[1:]).returncode; "
            "print(json.dumps({'code': code, 'seconds': time.perf_counter() - t, "
            "'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
-
-
-def export_model(folder: Path) -> Path:
-    import torch
-
-    from byolcli.data import MEAN, STD
-    from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
-
-    torch.manual_seed(0)
-    path = folder / "encoder-32px.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=32, mean=MEAN, std=STD,
-                 train_images=0, epochs=0, steps=0)
-    return path
 
 
 def embed(folder: Path, model: Path, out: Path) -> dict:
@@ -56,7 +43,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="byol-embed-mem-"))
     os.environ["BYOL_CACHE_DIR"] = str(work / "cache")
     try:
-        model = export_model(work)
+        model = export_random_encoder(work, 32)
         for count in (args.small, args.large):
             folder = work / f"images-{count}"
             build(folder, count)

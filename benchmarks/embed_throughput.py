@@ -5,8 +5,11 @@
 Plain way: an ImageFolder-style Dataset that opens each file with PIL, converts
 to RGB, Resize(size) + CenterCrop(size) + ToTensor + Normalize, in a DataLoader
 with the same batch size and workers, through the same model under
-inference_mode. byolcli: `iter_embeddings`, which decodes JPEGs at reduced
-scale and resizes on uint8 tensors. Each trial runs in a fresh process (so peak
+inference_mode, fp32. byolcli: `iter_embeddings` with its default precision
+(bf16 where the hardware computes it natively) and with fp32, which decodes JPEGs at reduced
+scale, resizes and crops in PIL, normalises per batch and keeps loader
+processes and compute threads within the cores; and its input pipeline alone, whose
+time over the full run is the share spent decoding. Each trial runs in a fresh process (so peak
 memory is its own), the two alternate, and medians are reported. Without
 --model, a ResNet-18 encoder at 64 px (what `byol train` picks on a CPU for
 photos of this size) is exported first.
@@ -35,12 +38,17 @@ way, folder, model_path = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 paths = scan(folder).absolute_paths()
 model = load_encoder(model_path)
 meta = model.byol_metadata
-device = torch.device("cpu")
+from byolcli.embed import ImageDataset, pick_device
+device = pick_device(None)
+model = model.to(device)
 workers = default_workers(device)
 start = time.perf_counter()
-decode_seconds = 0.0
-if way == "byolcli":
-    rows = sum(len(batch) for _, batch, _ in iter_embeddings(paths, model, device, 256, workers))
+if way in ("byolcli", "byolcli-fp32"):
+    precision = "fp32" if way == "byolcli-fp32" else None  # None: the default, bf16 where native
+    rows = sum(len(batch) for _, batch, _ in iter_embeddings(paths, model, device, 256, workers, precision=precision))
+elif way == "decode":  # byolcli's input pipeline alone: the floor under any embedding speed
+    loader = torch.utils.data.DataLoader(ImageDataset(paths, meta["image_size"]), batch_size=256, num_workers=workers)
+    rows = sum(len(images) for images, _ in loader)
 else:
     from PIL import Image
     from torchvision import transforms as T
@@ -53,14 +61,16 @@ else:
     rows = 0
     with torch.inference_mode():
         for batch in loader:
-            rows += len(model(batch))
+            rows += len(model(batch.to(device)))
 elapsed = time.perf_counter() - start
 peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print(json.dumps({"rows": rows, "seconds": elapsed, "peak_mb": peak_kb / 1024, "workers": workers}))
+print(json.dumps({"rows": rows, "seconds": elapsed, "peak_mb": peak_kb / 1024, "workers": workers,
+                  "device": str(device)}))
 """
 
 
-def export_default_model(folder: Path) -> Path:
+def export_random_encoder(folder: Path, image_size: int) -> Path:
+    """A random-init ResNet-18 exported as a byolcli encoder: the same compute as a trained one."""
     import torch
 
     from byolcli.data import MEAN, STD
@@ -68,9 +78,9 @@ def export_default_model(folder: Path) -> Path:
     from byolcli.model import make_backbone
 
     torch.manual_seed(0)
-    path = folder / "encoder-64px.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=64, mean=MEAN, std=STD,
-                 train_images=0, epochs=0, steps=0)
+    path = folder / f"encoder-{image_size}px.safetensors"
+    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=image_size, mean=MEAN,
+                 std=STD, train_images=0, epochs=0, steps=0)
     return path
 
 
@@ -87,12 +97,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or export_default_model(Path(tmp))
+        model = args.model or export_random_encoder(Path(tmp), 64)
         trial("byolcli", args.folder, model)  # warm-up: page cache, scan cache
-        results: dict[str, list[dict]] = {"plain torchvision": [], "byolcli": []}
+        names = {"plain": "plain torchvision", "byolcli": "byolcli", "byolcli-fp32": "byolcli fp32",
+                 "decode": "byolcli decode only"}
+        results: dict[str, list[dict]] = {name: [] for name in names.values()}
         for _ in range(args.rounds):
-            for way in ("plain", "byolcli"):
-                results["plain torchvision" if way == "plain" else way].append(trial(way, args.folder, model))
+            for way, name in names.items():
+                results[name].append(trial(way, args.folder, model))
     rates = {}
     for name, runs in results.items():
         per_second = [r["rows"] / r["seconds"] for r in runs]
@@ -100,7 +112,10 @@ def main() -> None:
         print(f"{name:>17}: median {rates[name]:7.1f} images/s, peak memory {max(r['peak_mb'] for r in runs):6.0f} MB "
               f"(rounds: {', '.join(f'{v:.1f}' for v in per_second)}; {runs[0]['rows']:,} images, "
               f"{runs[0]['workers']} workers)")
-    print(f"byolcli / plain = {rates['byolcli'] / rates['plain torchvision']:.2f}x")
+    print(f"device {results['byolcli'][0]['device']}; byolcli / plain = "
+          f"{rates['byolcli'] / rates['plain torchvision']:.2f}x (fp32: "
+          f"{rates['byolcli fp32'] / rates['plain torchvision']:.2f}x); decoding alone takes "
+          f"{rates['byolcli'] / rates['byolcli decode only']:.0%} of byolcli's embedding time")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python benchmarks/train_throughput.py [FOLDER] [--rounds 3] [--steps 20]
 
-ResNet-18, 32 px, batch 64, one loader worker. Each round runs, alternately,
+ResNet-18, 32 px, batch 64, with the loader workers `byol train` picks on this
+machine (none on 2 cores: decoding runs in the training process). Each round runs, alternately,
 (A) byolcli's Trainer reading FOLDER (decode + per-image augmentation in the
 loader) and (B) the same Trainer fed tensors made beforehand, so that the gap
 is the data pipeline's cost. Both in fp32 (the issue's setting) and in the
@@ -19,17 +20,17 @@ from pathlib import Path
 
 import torch
 
-from byolcli.plan import Plan, choose_precision, detect_hardware
+from byolcli.plan import Plan, choose_precision, choose_workers, detect_hardware
 from byolcli.scan import scan
 from byolcli.train import Trainer
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "train"
 
 
-def make_plan(images: int, precision: str) -> Plan:
+def make_plan(images: int, precision: str, workers: int) -> Plan:
     return Plan(
         device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=64, accumulation=1,
-        precision=precision, workers=1, channels_last=precision == "bf16", images=images, skipped=0,
+        precision=precision, workers=workers, channels_last=precision == "bf16", images=images, skipped=0,
         steps_per_epoch=images // 64, total_steps=10**6, epochs=0, warmup_steps=100, base_lr=0.45,
         lr=0.45 / 4, tau_base=0.99, weight_decay=1.5e-6, seed=0, step_seconds=0, time_budget=None,
     )
@@ -52,9 +53,10 @@ def main() -> None:
     paths = scan(args.folder).absolute_paths()
     hw = detect_hardware("cpu")
     precisions = ["fp32"] + ([choose_precision(hw)[0]] if choose_precision(hw)[0] != "fp32" else [])
-    print(f"{len(paths):,} images from {args.folder}; {hw.name}; torch threads {torch.get_num_threads()}")
+    workers = choose_workers(hw)[0]
+    print(f"{len(paths):,} images from {args.folder}; {hw.name}; {workers} loader workers")
     for precision in precisions:
-        plan = make_plan(len(paths), precision)
+        plan = make_plan(len(paths), precision, workers)
         from_files = Trainer(plan, paths)
         from_tensors = Trainer(plan, paths)
         batch = next(iter(from_tensors.loader))

@@ -124,6 +124,7 @@ def train(
     device: Optional[str] = typer.Option(None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False),
     workers: Optional[int] = typer.Option(None, help="Data-loading processes. [default: from the CPU cores]", show_default=False),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False),
+    augment_on: Optional[str] = typer.Option(None, help="Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image parameters). [default: device on CUDA at >= 96 px]", show_default=False),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
     checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C)."),
@@ -136,24 +137,16 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
+        from byolcli.plan import Overrides
         from byolcli.train import TrainRequest, train_folder
 
-        request = TrainRequest(
-            folder=folder,
-            out=out,
-            time_budget=parse_duration(time) if time is not None else None,
-            epochs=epochs,
-            backbone=backbone,
-            image_size=image_size,
-            batch_size=batch_size,
-            lr=lr,
-            device=device,
-            workers=workers,
-            precision=precision,
-            seed=seed,
-            restart=restart,
-            checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"),
+        choices = Overrides(
+            backbone=backbone, image_size=image_size, batch_size=batch_size, epochs=epochs,
+            time_budget=parse_duration(time) if time is not None else None, lr=lr, device=device,
+            workers=workers, precision=precision, augment_on=augment_on, seed=seed,
         )
+        request = TrainRequest(folder=folder, choices=choices, out=out, restart=restart,
+                               checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"))
         train_folder(request, _reporter())
 
 
@@ -167,6 +160,7 @@ def embed(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: from the CPU cores]", show_default=False),
     device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
+    precision: Optional[str] = typer.Option(None, help="fp32 (exact), bf16 or fp16. [default: bf16 where the hardware computes it natively, else fp32]", show_default=False),
 ) -> None:
     """Embed every image of FOLDER with an encoder: one row per image in OUT.
 
@@ -178,7 +172,7 @@ def embed(
     with user_errors():
         from byolcli.embed import embed_command
 
-        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter())
+        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter(), precision)
 
 
 @app.command()

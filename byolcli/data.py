@@ -48,16 +48,6 @@ def byol_view(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
     return v2.Compose(steps)
 
 
-def eval_transform(size: int, mean=MEAN, std=STD) -> v2.Compose:
-    """Resize the short side to `size`, centre-crop, normalise: embedding and evaluation."""
-    return v2.Compose([
-        v2.Resize(size, antialias=True),
-        v2.CenterCrop(size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(mean), list(std)),
-    ])
-
-
 class TwoViewDataset(Dataset):
     """Item (epoch, i): two augmented views of image i, as float tensors (3, size, size)."""
 
@@ -72,13 +62,13 @@ class TwoViewDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int) -> torch.Tensor:
-        """Decode image `index`; a file that broke since the scan is replaced by its neighbour
-        rather than ending a long run."""
+    def load(self, index: int, min_side: int | None = None) -> torch.Tensor:
+        """Decode image `index` as uint8 CHW; a file that broke since the scan is replaced by its
+        neighbour rather than ending a long run."""
         for offset in range(len(self.paths)):
             path = self.paths[(index + offset) % len(self.paths)]
             try:
-                return self.to_tensor(open_rgb(path, min_side=self.size))
+                return self.to_tensor(open_rgb(path, min_side=min_side or self.size))
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped the same way
                 warnings.warn(f"{path}: skipped during training ({exc})", stacklevel=1)
         raise RuntimeError("no image in the dataset could be decoded")
@@ -95,6 +85,28 @@ class TwoViewDataset(Dataset):
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
+
+
+class CanvasDataset(Dataset):
+    """Item (epoch, i): image i decoded onto a square uint8 canvas, plus its original (height, width).
+
+    For augmentation on the training device (augment.py): the loader only
+    decodes; crops are cut from the canvas in the original's proportions. The
+    canvas is 1.5x the training size so that small crops keep some detail.
+    """
+
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.decoder = TwoViewDataset(paths, size)  # for its decode-with-fallback
+        self.canvas = size * 3 // 2
+
+    def __len__(self) -> int:
+        return len(self.decoder)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.decoder.load(key[1], min_side=self.canvas)
+        height, width = image.shape[-2:]
+        canvas = v2.functional.resize(image, [self.canvas, self.canvas], antialias=True)
+        return canvas, torch.tensor([height, width])
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

@@ -17,9 +17,15 @@ Its rules, and where they come from:
 - Accumulation: when memory forces a per-device batch under 128, gradients
   are accumulated up to 256 (BYOL paper, §5: it holds up down to 256 and
   degrades below), with the target updated once per optimizer step.
-- Precision: bf16 where the device computes it natively (Ampere+ GPUs; CPUs
-  with AVX512-BF16 or AMX), fp16 with loss scaling on older GPUs, fp32 on
-  other CPUs (emulated bf16 is ~20× slower) and on MPS.
+- Precision: bf16 on GPUs that compute it natively (Ampere+), fp16 with loss
+  scaling on older ones, fp32 on MPS and on CPUs without AVX512-BF16/AMX
+  (emulated bf16 is ~20× slower). On CPUs with them, both are timed and bf16
+  kept only if it is 15% faster (a few timed steps are noisy): on this
+  project's 2-core Xeon bf16 won at 64 px, not at 32 px.
+- Loader workers on CPU: none up to 2 cores (decoding in the training process
+  measured 105 images/s against 70 with one loader process fighting the two
+  training threads), else a quarter of the cores; the training process then
+  uses the cores the workers leave.
 - Learning rate: base × batch/256 (paper), base 0.45 under 300 epochs, 0.3 up
   to 1000, 0.2 beyond (DeepMind's presets: longer runs use a lower base).
 - τ_base: 0.97 under 100 epochs, 0.99 up to 1000, 0.996 beyond (DeepMind's
@@ -28,6 +34,9 @@ Its rules, and where they come from:
   optimizer steps: with few steps a slow target barely leaves its random init
   (the paper's small-data and short-run observation: lower τ for short runs).
 - Warm-up: 10 epochs (paper) but at most 10% of the run.
+- Augmentation: on the GPU (batched, parameters per image) for CUDA at ≥ 96 px,
+  where CPU workers cannot make two views per image as fast as the GPU trains;
+  in loader processes otherwise.
 """
 
 from __future__ import annotations
@@ -47,6 +56,9 @@ SIZES = (32, 64, 96, 128, 160, 192, 224)
 MAX_SIZE = {"cpu": 64, "mps": 128, "cuda": 224}
 MAX_BATCH = 512
 CPU_BATCH = 64
+MIN_IMAGES = 16  # batch norm needs a batch; BYOL needs more than a handful of images to mean anything
+MIN_BATCH = 8
+BF16_MARGIN = 1.15
 EFFECTIVE_BATCH = 256
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
 DEFAULT_EPOCHS = 100
@@ -96,6 +108,7 @@ class Plan:
     step_seconds: float  # measured per optimizer step (compute, or data if slower)
     time_budget: float | None
     reasons: dict[str, str] = field(default_factory=dict)
+    augment_on: str = "cpu"  # "cpu": loader processes; "device": batched on the training device
 
     @property
     def effective_batch(self) -> int:
@@ -126,6 +139,7 @@ class Overrides:
     device: str | None = None
     workers: int | None = None
     precision: str | None = None
+    augment_on: str | None = None
     seed: int = 0
 
 
@@ -188,6 +202,7 @@ def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
 
 
 def choose_precision(hw: Hardware) -> tuple[str, str]:
+    """The precision for a device; on a bf16-capable CPU make_plan times both instead."""
     if hw.kind == "cuda":
         return ("bf16", "GPU computes bf16 natively") if hw.bf16 else ("fp16", "GPU lacks bf16; fp16 with loss scaling")
     if hw.kind == "cpu" and hw.bf16:
@@ -199,12 +214,19 @@ def choose_precision(hw: Hardware) -> tuple[str, str]:
 
 def choose_workers(hw: Hardware) -> tuple[int, str]:
     if hw.kind == "cpu":
-        # The training step needs the cores too; one decoding process keeps a
-        # small CPU busy without starving the step.
-        workers = 1 if hw.cores <= 4 else hw.cores // 4
-        return workers, f"{hw.cores} cores shared between decoding and training"
+        if hw.cores <= 2:
+            return 0, "with 2 cores, a loader process only competes with the training threads"
+        return hw.cores // 4, f"{hw.cores} cores: a quarter decode, the rest train"
     workers = max(1, min(hw.cores - 1, 12))
     return workers, f"{hw.cores} cores, one left for the training process"
+
+
+def choose_augment_on(size: int, hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cuda" and size >= 96:
+        return "device", f"at {size} px CPU workers cannot make two views as fast as a GPU trains"
+    if hw.kind == "cpu":
+        return "cpu", "paper-faithful torchvision transforms; --augment-on device batches them (~15% faster here)"
+    return "cpu", "loader processes keep up at this size"
 
 
 def base_lr_for(epochs: float) -> float:
@@ -254,12 +276,14 @@ def make_plan(
     hw: Hardware,
     over: Overrides,
     probe: Callable[[str, int, int, str, bool], float],
-    data_cost: Callable[[int], float] = lambda size: 0.0,
+    data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
 ) -> Plan:
     """Choose everything. `probe(backbone, size, batch, precision, channels_last)` times
-    one training step (seconds) or raises OutOfMemory; `data_cost(size)` is the measured
-    decode + augment time of one image at that size in one process."""
+    one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
+    measured loader time of one image at that size in one process."""
     images = len(short_sides)
+    if images < MIN_IMAGES:
+        raise UserError(f"only {images} usable images; training needs at least {MIN_IMAGES}")
     reasons: dict[str, str] = {}
 
     def pick(name, override, chosen):
@@ -271,13 +295,23 @@ def make_plan(
     backbone = pick("backbone", over.backbone, lambda: choose_backbone(images, image_size, hw))
     precision = pick("precision", over.precision, lambda: choose_precision(hw))
     workers = pick("workers", over.workers, lambda: choose_workers(hw))
+    if hw.kind == "cpu" and hw.bf16 and over.precision is None:
+        batch = min(CPU_BATCH, max(MIN_BATCH, power_of_two_at_most(images / 8)))
+        timed = {p: probe(backbone, image_size, batch, p, p == "bf16") for p in ("fp32", "bf16")}
+        # A few timed steps on a busy machine are noisy: fp32, the safer numerics,
+        # keeps the job unless bf16 is clearly faster.
+        precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
+        reasons["precision"] = (f"timed on this CPU: fp32 {batch / timed['fp32']:.0f}, "
+                                f"bf16 {batch / timed['bf16']:.0f} images/s (bf16 must win by 15%)")
+    augment_on = pick("augment_on", over.augment_on, lambda: choose_augment_on(image_size, hw))
     if precision == "bf16" and hw.kind == "cpu" and not hw.bf16 and over.precision:
         reasons["precision"] += " (warning: this CPU emulates bf16, expect a large slowdown)"
     # NHWC feeds tensor cores on CUDA and AMX's bf16 kernels on CPU (measured 1.5x at
     # 64 px here); for fp32 on CPU it measured no faster.
     channels_last = hw.kind == "cuda" or precision == "bf16"
 
-    cap = max(1, min(MAX_BATCH, power_of_two_at_most(images / 8)))
+    # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
+    cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8)))
     if over.batch_size is not None:
         batch = over.batch_size
         step_seconds = probe(backbone, image_size, batch, precision, channels_last)
@@ -301,8 +335,9 @@ def make_plan(
     else:
         reasons["accumulation"] = "not needed"
 
-    data_seconds = data_cost(image_size) * batch / max(workers, 1)
-    micro_step = max(step_seconds, data_seconds)
+    data_seconds = data_cost(image_size, augment_on) * batch / max(workers, 1)
+    # Loader processes overlap with the step; without them decoding runs in between.
+    micro_step = max(step_seconds, data_seconds) if workers else step_seconds + data_seconds
     seconds_per_step = micro_step * accumulation
     steps_per_epoch = max(1, images // (batch * accumulation))
 
@@ -329,7 +364,7 @@ def make_plan(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=round(epochs, 3),
         warmup_steps=warmup, base_lr=base_lr, lr=base_lr * batch * accumulation / 256,
         tau_base=tau_base, weight_decay=WEIGHT_DECAY, seed=over.seed,
-        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons,
+        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on,
     )
 
 

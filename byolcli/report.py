@@ -130,6 +130,8 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     table.add_row("batch", batch, r.get("batch_size", ""))
     table.add_row("precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", ""))
     table.add_row("loader workers", str(plan.workers), r.get("workers", ""))
+    where = "batched on the training device" if plan.augment_on == "device" else "per image on the CPU (torchvision)"
+    table.add_row("augmentation", where + ", parameters drawn per image", r.get("augment_on", ""))
     table.add_row("length", f"{plan.epochs:g} epochs = {plan.total_steps:,} steps", r.get("epochs", ""))
     table.add_row("learning rate", f"{plan.lr:.4g} (LARS, warm-up {plan.warmup_steps:,} steps, cosine)", r.get("lr", ""))
     table.add_row("EMA τ_base", f"{plan.tau_base:g} → 1", r.get("tau_base", ""))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import shutil
 import signal
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from byolcli.data import MEAN, STD, EpochSampler, TwoViewDataset
+from byolcli.augment import byol_views
+from byolcli.data import MEAN, STD, CanvasDataset, EpochSampler, TwoViewDataset
 from byolcli.encoder import save_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir
@@ -37,9 +39,9 @@ PLAN = "plan.json"
 METRICS = "metrics.jsonl"
 IMAGES = "images.txt"
 
-# With a time budget, the loop is timed over these steps (after a warm-up that
-# absorbs loader start-up) and the run's length re-planned from the measurement.
-CALIBRATION = (3, 23)
+# With a time budget, the loop is timed over these steps (the first ones run slow
+# while the loader and the kernels warm up) and the run's length re-planned.
+CALIBRATION = (10, 40)
 
 # Normalised projections of a healthy network spread over many directions; a
 # collapsed one maps every image to (nearly) the same point.
@@ -50,17 +52,8 @@ COLLAPSE_RANK = 1.5  # effective rank of a batch's projections
 @dataclass
 class TrainRequest:
     folder: Path
+    choices: Overrides = field(default_factory=Overrides)  # what the user pinned by flag
     out: Path | None = None
-    time_budget: float | None = None
-    epochs: int | None = None
-    backbone: str | None = None
-    image_size: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    device: str | None = None
-    workers: int | None = None
-    precision: str | None = None
-    seed: int = 0
     restart: bool = False
     checkpoint_every: float = 300.0  # seconds between checkpoints
     log_every: float = 10.0  # seconds between metrics lines
@@ -81,6 +74,10 @@ class Trainer:
         torch.manual_seed(plan.seed)
         random.seed(plan.seed)
         self.device = torch.device(plan.device)
+        if self.device.type == "cpu":
+            # Loader processes and training threads must not outnumber the
+            # cores: OpenMP threads that get preempted stall each other.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) - plan.workers))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.model = BYOL(plan.backbone).to(self.device, memory_format=self.memory_format)
         self.optimizer = LARS(
@@ -91,8 +88,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.precision == "fp16")
         self.sampler = EpochSampler(len(self.paths), plan.seed)
         workers = plan.workers
+        self.augment_on_device = plan.augment_on == "device"
+        dataset = CanvasDataset(self.paths, plan.image_size) if self.augment_on_device else \
+            TwoViewDataset(self.paths, plan.image_size, plan.seed)
         self.loader = DataLoader(
-            TwoViewDataset(self.paths, plan.image_size, plan.seed),
+            dataset,
             batch_size=plan.batch_size,
             sampler=self.sampler,
             num_workers=workers,
@@ -158,9 +158,7 @@ class Trainer:
                     group["lr"] = lr
                 for _ in range(accumulation):
                     waited = time.perf_counter()
-                    view1, view2 = next(batches)
-                    view1 = view1.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                    view2 = view2.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                    view1, view2 = self._views(next(batches))
                     window["wait"] += time.perf_counter() - waited
                     with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                         enabled=self.autocast_dtype is not None):
@@ -188,6 +186,13 @@ class Trainer:
                     last_checkpoint = now
                 if finished or self.stop_requested:
                     break
+
+    def _views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        first, second = (t.to(self.device, non_blocking=True) for t in batch)
+        if self.augment_on_device:  # first: uint8 canvases, second: original sizes
+            first, second = byol_views(first, second, self.plan.image_size)
+        return (first.contiguous(memory_format=self.memory_format),
+                second.contiguous(memory_format=self.memory_format))
 
     def _log_record(self, loss_sum, window, projections, lr, tau, epoch, now) -> dict:
         steps = window["steps"]
@@ -238,100 +243,35 @@ def _as_python_rng_state(state):
 
 
 def train_folder(request: TrainRequest, reporter) -> Path:
-    """Run `byol train`. Returns the path of the exported encoder."""
-    folder = request.folder
-    overrides = Overrides(
-        backbone=request.backbone, image_size=request.image_size, batch_size=request.batch_size,
-        epochs=request.epochs, time_budget=request.time_budget, lr=request.lr, device=request.device,
-        workers=request.workers, precision=request.precision, seed=request.seed,
-    )
+    """Run `byol train`: a new run, or the continuation of an interrupted one. Returns the encoder's path."""
+    overrides = request.choices
     _validate(overrides)  # before anything is scanned, moved or written
     with reporter.progress("checking images") as progress:
-        manifest = scan(folder, progress=progress)
-    out = Path(request.out) if request.out else default_run_dir(folder)
+        manifest = scan(request.folder, progress=progress)
+    out = Path(request.out) if request.out else default_run_dir(request.folder)
     check_outside_input(out, manifest.root)
-    checkpoint_path, encoder_path = out / CHECKPOINT, out / ENCODER
-
     if request.restart and out.exists():
         aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
         shutil.move(str(out), str(aside))
         reporter.info(f"previous run moved to {aside}")
 
-    state = _load_checkpoint(checkpoint_path) if checkpoint_path.exists() else None
+    state = _load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     if state is not None:
-        plan = Plan.from_dict(state["plan"])
-        if state["step"] >= plan.total_steps and encoder_path.exists():
-            raise UserError(f"{out} already holds a finished run ({encoder_path}); "
-                            "use --restart to train again or --out for a new run folder")
-        _warn_ignored_flags(request, reporter)
-        detect_hardware(plan.device)  # fails clearly if that device is gone
-        paths = [manifest.root / line for line in (out / IMAGES).read_text(encoding="utf-8").splitlines()]
-        reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
+        plan, paths = _resume(state, manifest.root, out, overrides, reporter)
     else:
-        hw = detect_hardware(request.device)
-        reporter.info(f"planning for {hw.name}: timing a few real training steps …")
-        short_sides = [min(image.width, image.height) for image in manifest.images]
-        plan = make_plan(
-            short_sides, len(manifest.skipped), hw, overrides,
-            probe=lambda *args: probe_step(hw, *args),
-            data_cost=lambda size: _time_decoding(manifest.absolute_paths(), size),
-        )
-        paths = manifest.absolute_paths()
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
-        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
-        (out / METRICS).unlink(missing_ok=True)
+        plan, paths = _plan_new_run(manifest, out, overrides, reporter)
 
-    from byolcli.report import plan_report, training_progress
+    from byolcli.report import plan_report
 
     plan_report(plan, manifest, out, reporter)
     trainer = Trainer(plan, paths)
     if state is not None:
         trainer.load_state_dict(state)
         _truncate_metrics(out / METRICS, trainer.step)
-
     if trainer.step < plan.total_steps:
-        metrics = (out / METRICS).open("a", encoding="utf-8")
-        previous = signal.signal(signal.SIGINT, _stop_handler(trainer, reporter))
-        try:
-            with training_progress(plan, trainer.step, reporter) as show:
-                def on_log(record: dict) -> None:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                    show(record)
-                    if record["collapsed"] and not trainer.warned_collapse:
-                        trainer.warned_collapse = True
-                        reporter.warn(
-                            f"the representation looks collapsed at step {record['step']} (projection spread "
-                            f"{record['projection_std']}, effective rank {record['effective_rank']}): every image "
-                            "maps to nearly the same vector. The learning rate may be too high (--lr)."
-                        )
+        _train(trainer, out, request, reporter)
 
-                def train_until(step: int) -> None:
-                    trainer.run(step, on_log=on_log, on_checkpoint=lambda _: trainer.save(checkpoint_path),
-                                log_every=request.log_every, checkpoint_every=request.checkpoint_every)
-
-                warm, timed = CALIBRATION
-                if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * timed:
-                    started = time.perf_counter()
-                    train_until(warm)
-                    timing = time.perf_counter()
-                    train_until(timed)
-                    if not trainer.stop_requested:
-                        now = time.perf_counter()
-                        refit_to_budget(plan, trainer.step, plan.time_budget - (now - started), (now - timing) / (timed - warm))
-                        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
-                        reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
-                                      f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
-                train_until(plan.total_steps)
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            metrics.close()
-        if trainer.stop_requested:
-            reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
-                          "Run the same command again to resume.")
-            raise SystemExit(130)
-
+    encoder_path = out / ENCODER
     save_encoder(
         trainer.model.online_encoder, encoder_path, architecture=plan.backbone, image_size=plan.image_size,
         mean=MEAN, std=STD, train_images=plan.images, epochs=plan.epochs, steps=trainer.step,
@@ -339,6 +279,81 @@ def train_folder(request: TrainRequest, reporter) -> Path:
     )
     reporter.info(f"encoder written to {encoder_path}")
     return encoder_path
+
+
+def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter) -> tuple[Plan, list[Path]]:
+    hw = detect_hardware(overrides.device)
+    reporter.info(f"planning for {hw.name}: timing a few real training steps …")
+    plan = make_plan(
+        [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,
+        probe=lambda *args: probe_step(hw, *args),
+        data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
+    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+    (out / METRICS).unlink(missing_ok=True)
+    return plan, manifest.absolute_paths()
+
+
+def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter) -> tuple[Plan, list[Path]]:
+    plan = Plan.from_dict(state["plan"])
+    if state["step"] >= plan.total_steps and (out / ENCODER).exists():
+        raise UserError(f"{out} already holds a finished run ({out / ENCODER}); "
+                        "use --restart to train again or --out for a new run folder")
+    _warn_changed_flags(overrides, plan, reporter)
+    detect_hardware(plan.device)  # fails clearly if that device is gone
+    # The image list the run started with: the sampler's order depends on it.
+    paths = [root / line for line in (out / IMAGES).read_text(encoding="utf-8").splitlines()]
+    reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
+    return plan, paths
+
+
+def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None:
+    """The loop with progress, metrics, checkpoints, Ctrl-C handling and the budget re-plan."""
+    from byolcli.report import training_progress
+
+    plan = trainer.plan
+    metrics = (out / METRICS).open("a", encoding="utf-8")
+    previous = signal.signal(signal.SIGINT, _stop_handler(trainer, reporter))
+    try:
+        with training_progress(plan, trainer.step, reporter) as show:
+            def on_log(record: dict) -> None:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                show(record)
+                if record["collapsed"] and not trainer.warned_collapse:
+                    trainer.warned_collapse = True
+                    reporter.warn(
+                        f"the representation looks collapsed at step {record['step']} (projection spread "
+                        f"{record['projection_std']}, effective rank {record['effective_rank']}): every image "
+                        "maps to nearly the same vector. The learning rate may be too high (--lr)."
+                    )
+
+            def train_until(step: int) -> None:
+                trainer.run(step, on_log=on_log, on_checkpoint=lambda _: trainer.save(out / CHECKPOINT),
+                            log_every=request.log_every, checkpoint_every=request.checkpoint_every)
+
+            warm, timed = CALIBRATION
+            if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * timed:
+                started = time.perf_counter()
+                train_until(warm)
+                timing = time.perf_counter()
+                train_until(timed)
+                if not trainer.stop_requested:
+                    now = time.perf_counter()
+                    refit_to_budget(plan, trainer.step, plan.time_budget - (now - started), (now - timing) / (timed - warm))
+                    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+                    reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
+                                  f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
+            train_until(plan.total_steps)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        metrics.close()
+    if trainer.stop_requested:
+        reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
+                      "Run the same command again to resume.")
+        raise KeyboardInterrupt
 
 
 def _stop_handler(trainer: Trainer, reporter):
@@ -368,11 +383,23 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _warn_ignored_flags(request: TrainRequest, reporter) -> None:
-    names = ("time_budget", "epochs", "backbone", "image_size", "batch_size", "lr", "device", "workers", "precision")
-    given = [name for name in names if getattr(request, name) is not None]
-    if given:
-        reporter.warn(f"resuming with the saved plan; ignoring {', '.join(given)} (use --restart to apply them)")
+# Override name -> the Plan field it sets.
+PLANNED_AS = {"time_budget": "time_budget", "backbone": "backbone", "image_size": "image_size",
+              "batch_size": "batch_size", "lr": "base_lr", "workers": "workers", "precision": "precision",
+              "augment_on": "augment_on", "seed": "seed"}
+
+
+def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
+    """Rerunning the same command resumes silently; flags that would change the plan are named."""
+    changed = [f"--{name.replace('_', '-')}" for name, field_name in PLANNED_AS.items()
+               if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)]
+    if over.epochs is not None and (plan.time_budget is not None or over.epochs != round(plan.epochs)):
+        changed.append("--epochs")
+    if over.device is not None and not plan.device.startswith(over.device):
+        changed.append("--device")
+    if changed:
+        reporter.warn(f"resuming with the saved plan; {', '.join(changed)} differ from it and are ignored "
+                      "(--restart to start a new run with them)")
 
 
 def _validate(over: Overrides) -> None:
@@ -388,6 +415,8 @@ def _validate(over: Overrides) -> None:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
     if over.image_size is not None and over.image_size < 16:
         raise UserError(f"--image-size {over.image_size}: must be at least 16")
+    if over.augment_on is not None and over.augment_on not in ("cpu", "device"):
+        raise UserError(f"--augment-on {over.augment_on}: choose cpu or device")
     if over.workers is not None and over.workers < 0:
         raise UserError(f"--workers {over.workers}: must be 0 or more")
     if over.lr is not None and not over.lr > 0:
@@ -396,9 +425,10 @@ def _validate(over: Overrides) -> None:
         raise UserError("--epochs and --time both set: give one")
 
 
-def _time_decoding(paths: list[Path], size: int, samples: int = 16) -> float:
-    """Seconds to decode and augment one image at `size` in one process, from a small sample."""
-    dataset = TwoViewDataset(paths[:: max(1, len(paths) // samples)][:samples], size)
+def _time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:
+    """Seconds a loader process spends on one image at `size`, from a small sample."""
+    sample = paths[:: max(1, len(paths) // samples)][:samples]
+    dataset = CanvasDataset(sample, size) if augment_on == "device" else TwoViewDataset(sample, size)
     start = time.perf_counter()
     for index in range(len(dataset)):
         dataset[0, index]

@@ -6,9 +6,8 @@ import pytest
 import torch
 
 from byolcli import embed as e
-from byolcli.data import MEAN, STD, eval_transform
+from byolcli.data import MEAN, STD
 from byolcli.encoder import load_encoder, save_encoder
-from byolcli.images import open_rgb
 from byolcli.model import make_backbone
 from byolcli.report import Reporter
 from conftest import noise_image, run_byol, shapes_folder
@@ -30,8 +29,8 @@ def folder(tmp_path):
     return photos
 
 
-def embed(folder, out, model, batch_size=5, workers=0, normalize=False, dtype="float32"):
-    e.embed_command(folder, out, model, normalize, dtype, batch_size, workers, "cpu", Reporter(quiet=True))
+def embed(folder, out, model, batch_size=5, workers=0, normalize=False, dtype="float32", precision="fp32"):
+    e.embed_command(folder, out, model, normalize, dtype, batch_size, workers, "cpu", Reporter(quiet=True), precision)
     files = e.sidecars(out)
     return np.load(out), files["paths"].read_text().splitlines()
 
@@ -40,19 +39,40 @@ def test_each_row_is_the_embedding_of_its_file_alone(folder, encoder_file, tmp_p
     vectors, paths = embed(folder, tmp_path / "vecs.npy", encoder_file)
     assert paths == sorted(p.name for p in folder.iterdir()) and vectors.shape == (13, 512)
     model = load_encoder(encoder_file)
-    transform = eval_transform(32)
     for row in (0, 7, 12):
-        image = transform(torch.from_numpy(np.array(open_rgb(folder / paths[row]))).permute(2, 0, 1))
+        image = e.normalize_batch(e.load_for_embedding(folder / paths[row], 32)[None], MEAN, STD)
         with torch.no_grad():
-            alone = model(image[None])[0].numpy()
+            alone = model(image)[0].numpy()
         np.testing.assert_allclose(vectors[row], alone, atol=1e-4)
 
 
+def test_images_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
+    from PIL import Image
+
+    picture = Image.new("RGB", (300, 100), (255, 0, 0))
+    picture.paste((0, 0, 255), (100, 0, 200, 100))  # blue middle third
+    picture.save(tmp_path / "wide.png")
+    pixels = e.load_for_embedding(tmp_path / "wide.png", 32)
+    assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
+    assert pixels[2].float().mean() > 250 and pixels[0].float().mean() < 5  # only the blue centre is kept
+
+
 def test_output_does_not_depend_on_batch_size_or_workers(folder, encoder_file, tmp_path):
+    threads = torch.get_num_threads()
     a, paths_a = embed(folder, tmp_path / "a.npy", encoder_file, batch_size=3, workers=0)
-    b, paths_b = embed(folder, tmp_path / "b.npy", encoder_file, batch_size=13, workers=2)
+    b, paths_b = embed(folder, tmp_path / "b.npy", encoder_file, batch_size=13, workers=1)
+    assert torch.get_num_threads() == threads  # the caller's thread setting is restored
     assert paths_a == paths_b
     np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_reduced_precision_rows_point_where_exact_rows_do(folder, encoder_file, tmp_path):
+    exact, _ = embed(folder, tmp_path / "exact.npy", encoder_file)
+    fast, _ = embed(folder, tmp_path / "fast.npy", encoder_file, precision="bf16")
+    assert not np.array_equal(exact, fast)
+    cosine = (exact * fast).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(fast, axis=1)
+    assert cosine.min() > 0.999
+    assert json.loads((tmp_path / "fast.meta.json").read_text())["precision"] == "bfloat16"
 
 
 def test_normalize_and_float16(folder, encoder_file, tmp_path):
@@ -118,7 +138,7 @@ def test_rerun_embeds_only_new_or_changed_images(folder, encoder_file, tmp_path,
 
 
 def test_python_api_returns_vectors_and_paths(folder, encoder_file):
-    result = e.embed_folder(folder, encoder_file, batch_size=4, workers=0, device="cpu")
+    result = e.embed_folder(folder, encoder_file, batch_size=4, workers=0, device="cpu", precision="fp32")
     assert result.vectors.shape == (13, 512) and result.paths[0] == "000.png"
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from byolcli.data import TwoViewDataset
 from byolcli.encoder import load_encoder, save_encoder
-from byolcli.errors import TrainingFailed
+from byolcli.errors import TrainingFailed, UserError
 from byolcli.model import BYOL
 from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, Plan, make_plan
 from byolcli.train import Trainer
@@ -44,6 +44,16 @@ def test_loss_is_finite_and_falls(shapes):
     assert len(losses) == 40 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
+
+
+def test_augmentation_on_the_device_trains_through_the_same_loop(shapes):
+    trainer = Trainer(tiny_plan(len(shapes), augment_on="device"), shapes)
+    canvases, sizes = next(iter(trainer.loader))
+    assert canvases.dtype == torch.uint8 and canvases.shape[1:] == (3, 48, 48)
+    assert sizes.tolist()[0] == [32, 32]
+    losses = []
+    trainer.run(3, on_log=lambda r: losses.append(r["loss"]), log_every=0)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
 
 
 def test_export_holds_only_the_backbone_and_loads_into_stock_torchvision(shapes, tmp_path):
@@ -171,9 +181,11 @@ def test_plans_for_different_machines_are_sensible():
     big = make_plan([480] * 200_000, 0, gpu(80), Overrides(), fits_below(10**6, []))
     assert (big.backbone, big.image_size, big.precision, big.batch_size) == ("resnet50", 224, "bf16", 512)
     assert big.channels_last and big.accumulation == 1 and 1 <= big.workers <= 15
+    assert big.augment_on == "device"  # 224 px: two views per image outrun CPU workers
 
     old = make_plan([32] * 5_000, 3, gpu(8, bf16=False), Overrides(), fits_below(10**6, []))
     assert (old.backbone, old.image_size, old.precision, old.skipped) == ("resnet18", 32, "fp16", 3)
+    assert old.augment_on == "cpu"
     assert old.batch_size <= 5_000 // 8
 
     mps = make_plan([600] * 10_000, 0, gpu(16, bf16=False, cores=8, kind="mps"), Overrides(), fits_below(10**6, []))
@@ -181,12 +193,34 @@ def test_plans_for_different_machines_are_sensible():
 
     laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
     small = make_plan([32] * 5_000, 0, laptop, Overrides(time_budget=300), fits_below(10**6, []))
-    assert (small.image_size, small.batch_size, small.precision, small.workers) == (32, 64, "fp32", 1)
+    assert (small.image_size, small.batch_size, small.precision, small.workers) == (32, 64, "fp32", 0)
+    assert small.augment_on == "cpu"
     assert small.total_steps == 600  # 300 s / 0.5 s per step
     assert 1 / (1 - small.tau_base) <= small.total_steps / 10  # the target can move in a short run
     assert small.lr == pytest.approx(small.base_lr * 64 / 256)
     photos = make_plan([400] * 3_000, 0, laptop, Overrides(), fits_below(10**6, []))
     assert photos.image_size == 64 and photos.epochs == 100
+    server = Hardware("cpu", "CPU", 64 * GiB, 64 * GiB, False, 16, "cpu")
+    assert make_plan([32] * 5_000, 0, server, Overrides(), fits_below(10**6, [])).workers == 4
+
+
+def test_bf16_capable_cpus_get_the_precision_that_measured_faster():
+    amx = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, True, 2, "cpu")
+    seconds = {"fp32": 0.4, "bf16": 0.5}
+    plan = make_plan([32] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl: seconds[precision])
+    assert plan.precision == "fp32" and not plan.channels_last and "fp32 160, bf16 128" in plan.reasons["precision"]
+    seconds = {"fp32": 0.6, "bf16": 0.3}
+    plan = make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl: seconds[precision])
+    assert plan.precision == "bf16" and plan.channels_last
+    seconds = {"fp32": 0.5, "bf16": 0.46}  # within timing noise: keep fp32
+    assert make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, p, cl: seconds[p]).precision == "fp32"
+
+
+def test_too_few_images_is_a_clear_error_and_small_sets_get_a_usable_batch():
+    laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    with pytest.raises(UserError, match="only 5 usable images; training needs at least 16"):
+        make_plan([64] * 5, 0, laptop, Overrides(), fits_below(10**6, []))
+    assert make_plan([64] * 20, 0, laptop, Overrides(), fits_below(10**6, [])).batch_size == 8
 
 
 def test_flags_override_the_plan():
@@ -258,9 +292,14 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, how):
     assert 0 < interrupted_at < 40
     assert not (run / "encoder.safetensors").exists()
 
-    result = run_byol("train", folder, "--epochs", "20", *TRAIN_ARGS, cwd=tmp_path)
+    changed = ("--lr", "0.9") if how == "ctrl-c" else ()  # the same command, or one flag changed
+    result = run_byol("train", folder, "--epochs", "20", *TRAIN_ARGS, *changed, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"resuming the run in byol-runs/photos from step {interrupted_at}" in result.stderr
+    if changed:
+        assert "--lr differ from it and are ignored" in result.stderr
+    else:
+        assert "ignored" not in result.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 40
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and steps[-1] == 40

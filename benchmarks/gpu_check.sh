@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The one prepared device check (issues #3 and #4), for a lent CUDA machine. Installs nothing:
+# the device image has torch, torchvision, typer, rich, pillow, safetensors and numpy; byolcli
+# runs from the checkout. Prints: the plan byol picks on this GPU, training images/s and
+# data-wait % at that plan, that no out-of-memory occurred, and embedding images/s against
+# the plain torchvision way with the share of time spent decoding. About 6 minutes.
+#
+#   bash benchmarks/gpu_check.sh [IMAGE_FOLDER]     (default: 20,000 generated 533x400 JPEGs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" BYOL_CACHE_DIR=/tmp/byol-cache
+PY=${PYTHON:-python3}
+DATA=${1:-/tmp/gpu-check-images}
+[ -d "$DATA" ] || $PY benchmarks/make_images.py "$DATA" --count 20000
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+
+echo "== byol train: automatic plan, 3-minute budget"
+rm -rf /tmp/gpu-run
+set +e
+$PY -m byolcli train "$DATA" --time 3m --out /tmp/gpu-run 2>&1 | tee /tmp/gpu-train.log
+status=${PIPESTATUS[0]}
+set -e
+grep -qi "out of memory" /tmp/gpu-train.log && echo "OUT OF MEMORY seen" || echo "no out-of-memory (exit code $status)"
+$PY - <<'PY'
+import json, statistics
+plan = json.load(open("/tmp/gpu-run/plan.json"))
+rows = [json.loads(line) for line in open("/tmp/gpu-run/metrics.jsonl")][2:]  # skip start-up
+print(f"plan: {plan['backbone']} {plan['image_size']}px batch {plan['batch_size']}x{plan['accumulation']} "
+      f"{plan['precision']} workers {plan['workers']} steps {plan['total_steps']}")
+print(f"training: median {statistics.median(r['images_per_s'] for r in rows):.0f} images/s, "
+      f"median data wait {statistics.median(r['data_wait'] for r in rows):.0%}")
+PY
+
+echo "== embedding: byolcli vs plain torchvision, same model, size and workers"
+$PY benchmarks/embed_throughput.py "$DATA" --model /tmp/gpu-run/encoder.safetensors --rounds 2

@@ -1,0 +1,75 @@
+import math
+
+import torch
+from torchvision.transforms.v2 import functional as TF
+
+from byolcli import augment as A
+
+
+def test_crop_boxes_follow_random_resized_crop():
+    torch.manual_seed(0)
+    sizes = torch.tensor([[400, 533]] * 500 + [[32, 32]] * 500)
+    boxes = A.crop_boxes(sizes)
+    x0, y0, w, h = boxes.unbind(1)
+    height, width = sizes[:, 0].float(), sizes[:, 1].float()
+    assert (x0 >= 0).all() and (y0 >= 0).all() and (x0 + w <= width).all() and (y0 + h <= height).all()
+    share = w * h / (width * height)
+    assert share.min() > 0.06 and share.max() <= 1.0
+    aspect = w / h
+    assert aspect.min() > 0.7 and aspect.max() < 1.4  # 3/4 .. 4/3, up to rounding on 32-px images
+    assert len(set(map(tuple, boxes.tolist()))) > 900  # drawn per image
+
+
+def test_full_box_without_flip_is_the_identity_and_flip_mirrors():
+    torch.manual_seed(0)
+    canvas = torch.rand(2, 3, 24, 24)
+    sizes = torch.tensor([[300, 200], [50, 80]])
+    full = torch.tensor([[0.0, 0.0, 200.0, 300.0], [0.0, 0.0, 80.0, 50.0]])
+    same = A.crop_resize(canvas, sizes, full, torch.tensor([False, False]), 24)
+    assert torch.allclose(same, canvas, atol=1e-5)
+    mirrored = A.crop_resize(canvas, sizes, full, torch.tensor([True, False]), 24)
+    assert torch.allclose(mirrored[0], canvas[0].flip(-1), atol=1e-5) and torch.allclose(mirrored[1], canvas[1], atol=1e-5)
+
+
+def test_a_box_selects_that_region_of_the_original():
+    canvas = torch.zeros(1, 3, 64, 64)
+    canvas[..., :, 32:] = 1.0  # right half white, on a canvas standing for a 100 x 200 (h x w) image
+    sizes = torch.tensor([[100, 200]])
+    right = A.crop_resize(canvas, sizes, torch.tensor([[120.0, 10.0, 60.0, 60.0]]), torch.tensor([False]), 16)
+    left = A.crop_resize(canvas, sizes, torch.tensor([[10.0, 10.0, 60.0, 60.0]]), torch.tensor([False]), 16)
+    assert right.mean() > 0.99 and left.mean() < 0.01
+
+
+def test_hsv_round_trip_and_hue_matches_torchvision():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    assert torch.allclose(A.hsv_to_rgb(A.rgb_to_hsv(x)), x, atol=1e-5)
+    torch.manual_seed(1)
+    jittered = A.color_jitter(x, torch.ones(4, dtype=torch.bool), brightness=0, contrast=0, saturation=0, hue=0.1)
+    torch.manual_seed(1)
+    shifts = torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(-0.1, 0.1)
+    for i in range(4):
+        assert torch.allclose(jittered[i], TF.adjust_hue(x[i], shifts[3][i].item()), atol=1e-4)
+
+
+def test_jitter_and_blur_leave_unselected_images_alone():
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 96, 96)
+    apply = torch.tensor([True, False, True, False])
+    jittered = A.color_jitter(x, apply)
+    blurred = A.gaussian_blur(x, apply)
+    for out in (jittered, blurred):
+        assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
+        assert not torch.allclose(out[0], x[0])
+    assert blurred[0].std() < x[0].std()  # blurring smooths noise
+
+
+def test_views_are_drawn_per_image_and_normalised():
+    torch.manual_seed(0)
+    canvas = (torch.rand(1, 3, 48, 48) * 255).to(torch.uint8).expand(8, -1, -1, -1)
+    sizes = torch.tensor([[300, 400]] * 8)
+    view1, view2 = A.byol_views(canvas, sizes, 96)
+    assert view1.shape == view2.shape == (8, 3, 96, 96)
+    assert len({tuple(v.flatten()[:50].tolist()) for v in view1}) == 8
+    assert not torch.allclose(view1, view2)
+    assert math.isfinite(view1.sum().item()) and -3 < view1.mean().item() < 3
