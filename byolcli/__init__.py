@@ -5,8 +5,8 @@ Importing the package is cheap (no torch); the Python API is loaded on first use
 
 __version__ = "0.1.0"
 
+# (`scan` is not here: byolcli.scan is also the module's name; use byolcli.scan.scan.)
 _LAZY = {
-    "scan": "byolcli.scan",
     "load_encoder": "byolcli.encoder",
     "save_encoder": "byolcli.encoder",
     "embed_folder": "byolcli.embed",

@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -56,7 +58,8 @@ def test_cache_is_never_written_inside_the_input_folder(tmp_path, monkeypatch):
 
 def test_symlink_loops_and_links_are_walked_once(tmp_path):
     folder = tmp_path / "photos"
-    noise_image().save(folder / "a" / "x.jpg") if (folder / "a").mkdir(parents=True) is None else None
+    (folder / "a").mkdir(parents=True)
+    noise_image().save(folder / "a" / "x.jpg")
     os.symlink("..", folder / "a" / "loop")
     os.symlink(folder / "a", folder / "alias")
     manifest = s.scan(folder)
@@ -154,9 +157,6 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 def test_help_does_not_import_torch():
-    import subprocess
-    import sys
-
     code = "import sys, byolcli, byolcli.cli; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.stdout.strip() == "False"
