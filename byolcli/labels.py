@@ -59,8 +59,8 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
     path_col = _find(header, PATH_COLUMNS)
     label_col = _find(header, LABEL_COLUMNS)
     if path_col is None or label_col is None:
-        missing = "an image path column (" + "/".join(PATH_COLUMNS[:4]) + ")" if path_col is None else \
-                  "a label column (" + "/".join(LABEL_COLUMNS[:3]) + ")"
+        missing = f"image path column ({'/'.join(PATH_COLUMNS[:4])})" if path_col is None else \
+                  f"label column ({'/'.join(LABEL_COLUMNS[:3])})"
         raise UserError(f"{csv_path}: line 1: the header has no {missing}; it reads: {','.join(table[0])[:120]}")
     split_col = _find(header, ("split", "subset", "set", "fold_name"))
     base = root if root is not None else csv_path.parent

@@ -102,7 +102,8 @@ def test_cross_validation_tests_every_row_once_and_never_trains_on_it():
 
 @pytest.mark.parametrize("content, message", [
     ("", "empty file"),
-    ("name,colour\nx.png,red\n", "line 1: the header has no an image path column"),
+    ("name,colour\nx.png,red\n", "line 1: the header has no image path column"),
+    ("path,colour\nx.png,red\n", "line 1: the header has no label column"),
     ("path,label\nc.png,a\nd.png,a\n", "only one class"),
     ("path,label\nc.png,a\nd.png,a\ne.png,b\n", "line 4: class 'b' has only one image"),
     ("path,label\nc.png,a\nd.png,\n", "line 3: empty label"),
