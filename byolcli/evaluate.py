@@ -79,13 +79,16 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
 
 
-def embed_labelled(paths: list[Path], encoder, device, batch_size: int, workers: int | None) -> tuple[torch.Tensor, np.ndarray]:
+def embed_labelled(paths: list[Path], encoder, device, batch_size: int, workers: int | None,
+                   progress=None) -> tuple[torch.Tensor, np.ndarray]:
     dim = encoder.byol_metadata["feature_dim"]
     features = np.zeros((len(paths), dim), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
     for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):
         features[start : start + len(batch)] = batch
         good[start : start + len(batch)] = ok
+        if progress:
+            progress(start + len(batch), len(paths))
     return torch.from_numpy(features), good
 
 
@@ -140,20 +143,21 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
         metadata = encoder.byol_metadata
         reporter.info(f"evaluating {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
                       f"on {len(data.paths):,} labelled images, {len(classes)} classes")
-        with reporter.progress("embedding (encoder)", unit="images"):
-            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers)
+        with reporter.progress("embedding (encoder)", unit="images") as progress:
+            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
         encoders["encoder"] = features
         good &= ok
         unmatched = "could not be decoded"
     if baseline is not None:
         other = load_encoder(baseline, torch_device)
-        with reporter.progress("embedding (baseline)", unit="images"):
-            features, ok = embed_labelled(data.paths, other, torch_device, batch_size, workers)
+        with reporter.progress("embedding (baseline)", unit="images") as progress:
+            features, ok = embed_labelled(data.paths, other, torch_device, batch_size, workers, progress)
         encoders["baseline"] = features
         good &= ok
     if metadata is not None:
-        with reporter.progress("embedding (random init)", unit="images"):
-            features, ok = embed_labelled(data.paths, random_encoder(metadata, torch_device), torch_device, batch_size, workers)
+        with reporter.progress("embedding (random init)", unit="images") as progress:
+            features, ok = embed_labelled(data.paths, random_encoder(metadata, torch_device), torch_device,
+                                          batch_size, workers, progress)
         encoders[RANDOM_INIT] = features
         good &= ok
 
