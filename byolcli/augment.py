@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from byolcli.data import BLUR_MIN_SIZE, MEAN, STD
+from byolcli.data import BLUR_MIN_SIZE, normalize_images
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
 
@@ -111,11 +111,12 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=0.4, contrast=
         hsv = torch.stack([(hsv[:, 0] + f[:, 0]) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
         return hsv_to_rgb(hsv)
 
+    # Every op runs on the whole batch and is kept where chosen: cheap elementwise
+    # work, and no `.any()` that would make the host wait for the GPU.
     for slot in range(4):
         for op in range(4):
             chosen = (apply & (order[:, slot] == op))[:, None, None, None]
-            if chosen.any():
-                x = torch.where(chosen, adjust(op, x), x)
+            x = torch.where(chosen, adjust(op, x), x)
     return x
 
 
@@ -140,8 +141,6 @@ def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int) -> tuple[tor
     View 1: blur p=1.0, no solarize; view 2: blur p=0.1, solarize p=0.2 (Grill et al. 2020, Table 6).
     """
     images = canvas.float() / 255
-    mean = torch.tensor(MEAN, device=canvas.device)[None, :, None, None]
-    std = torch.tensor(STD, device=canvas.device)[None, :, None, None]
     views = []
     for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
         n = len(images)
@@ -153,5 +152,5 @@ def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int) -> tuple[tor
             x = gaussian_blur(x, coin(blur_p))
         if solarize_p > 0:
             x = torch.where(coin(solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
-        views.append((x - mean) / std)
+        views.append(normalize_images(x))
     return views[0], views[1]

@@ -30,6 +30,15 @@ STD = (0.229, 0.224, 0.225)
 BLUR_MIN_SIZE = 65
 
 
+def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+    """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
 def byol_view(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
     """One of BYOL's views (Grill et al. 2020, Table 6), on a uint8 CHW tensor."""
     steps = [

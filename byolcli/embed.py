@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from byolcli.data import normalize_images
 from byolcli.encoder import load_encoder, read_metadata
 from byolcli.errors import UserError
 from byolcli.files import RUNS_DIR, atomic_path, atomic_write_text, check_outside_input
@@ -59,13 +60,6 @@ def load_for_embedding(path: str | Path, size: int) -> torch.Tensor:
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     pixels = np.asarray(resized.crop((left, top, left + size, top + size)))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
-
-
-def normalize_batch(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (n, 3, h, w) -> normalised float, once per batch rather than per image."""
-    mean = torch.tensor(mean, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).view(1, 3, 1, 1)
-    return (images.float() / 255 - mean) / std
 
 
 class ImageDataset(Dataset):
@@ -135,7 +129,7 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
     row = 0
     with torch.inference_mode():
         for images, ok in loader:
-            images = normalize_batch(images.to(device, non_blocking=True), meta["mean"], meta["std"])
+            images = normalize_images(images.to(device, non_blocking=True), meta["mean"], meta["std"])
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
