@@ -3,7 +3,9 @@
 # the device image has torch, torchvision, typer, rich, pillow, safetensors and numpy; byolcli
 # runs from the checkout. Prints: the plan byol picks on this GPU, training images/s and
 # data-wait % at that plan, that no out-of-memory occurred, and embedding images/s against
-# the plain torchvision way with the share of time spent decoding. About 6 minutes.
+# the plain torchvision way with the share of time spent decoding; on a machine with several
+# GPUs, data-parallel scaling (images/s on all GPUs over one, issue #6). About 6 minutes
+# (9 with several GPUs).
 #
 #   bash benchmarks/gpu_check.sh [IMAGE_FOLDER]     (default: 20,000 generated 533x400 JPEGs)
 set -euo pipefail
@@ -34,3 +36,20 @@ PY
 
 echo "== embedding: byolcli vs plain torchvision, same model, size and workers"
 $PY benchmarks/embed_throughput.py "$DATA" --model /tmp/gpu-run/encoder.safetensors --rounds 2
+
+GPUS=$(nvidia-smi -L | wc -l)
+if [ "$GPUS" -gt 1 ]; then
+  echo "== scaling: byol train --gpus 1 vs --gpus $GPUS (ResNet-18, 64 px, 256 images per GPU)"
+  for n in 1 "$GPUS"; do
+    rm -rf "/tmp/gpu-scale-$n"
+    $PY -m byolcli -q train "$DATA" --gpus "$n" --time 90s --image-size 64 --batch-size 256 --out "/tmp/gpu-scale-$n"
+  done
+  $PY - "$GPUS" <<'PY'
+import json, statistics, sys
+n = int(sys.argv[1])
+speed = {k: statistics.median(json.loads(line)["images_per_s"] for line in list(open(f"/tmp/gpu-scale-{k}/metrics.jsonl"))[2:])
+         for k in (1, n)}
+print(f"scaling: 1 GPU {speed[1]:.0f} images/s, {n} GPUs {speed[n]:.0f} images/s = {speed[n] / speed[1]:.2f}x "
+      f"({speed[n] / speed[1] / n:.0%} of linear)")
+PY
+fi

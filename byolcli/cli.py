@@ -6,6 +6,7 @@ No ML here, and no torch import at module level: `byol --help` must stay fast.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from byolcli.errors import TrainingFailed, UserError
+from byolcli.errors import PeerFailed, TrainingFailed, UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -44,21 +45,29 @@ def _global(
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
     """Turn bad input into one line on stderr and exit code 2 (a traceback with --debug)."""
+    # In a distributed run, say which process speaks (rank 0 speaks for the run).
+    who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
     try:
         yield
     except UserError as exc:
         if state.debug:
             raise
+        from rich.markup import escape
+
         from byolcli.report import err
 
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]error:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     except TrainingFailed as exc:
         if state.debug:
             raise
+        from rich.markup import escape
+
         from byolcli.report import err
 
-        err.print(f"[bold red]training failed:[/] {exc}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]training failed:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except PeerFailed:  # rank 0 has printed why
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
@@ -128,6 +137,7 @@ def train(
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
     checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C)."),
+    gpus: Optional[str] = typer.Option(None, help="Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several machines, launch with torchrun (see README).", show_default=False),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
 
@@ -137,6 +147,12 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
+        if gpus is not None:
+            from byolcli.distributed import gpu_processes, launch_local
+
+            processes = gpu_processes(gpus, device)
+            if processes > 1:  # each process runs this same command, without --gpus
+                raise typer.Exit(launch_local(processes, _without_option(sys.argv[1:], "--gpus")))
         from byolcli.plan import Overrides
         from byolcli.train import TrainRequest, train_folder
 
@@ -148,6 +164,19 @@ def train(
         request = TrainRequest(folder=folder, choices=choices, out=out, restart=restart,
                                checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"))
         train_folder(request, _reporter())
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """argv minus `name VALUE` or `name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            kept.append(arg)
+    return kept
 
 
 @app.command()

@@ -123,12 +123,17 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     Being a pure function of (seed, epoch), the order can be recomputed after a
     restart, so a resumed run continues with exactly the images it had not yet
-    seen in that epoch.
+    seen in that epoch. With several processes, rank r takes every `world`-th
+    image from position r: each global batch of the one-process order is split
+    between the ranks without overlap, so `start` stays a position in that one
+    order and a run can resume on a different number of processes.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world: int = 1) -> None:
         self.size = size
         self.seed = seed
+        self.rank = rank
+        self.world = world
         self.epoch = 0
         self.start = 0
 
@@ -138,7 +143,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
-        return ((self.epoch, index) for index in order[self.start :].tolist())
+        return ((self.epoch, index) for index in order[self.start + self.rank :: self.world].tolist())
 
     def __len__(self) -> int:
-        return self.size - self.start
+        return len(range(self.start + self.rank, self.size, self.world))

@@ -14,3 +14,8 @@ class TrainingFailed(Exception):
 
     The last good checkpoint is kept; the CLI prints the message and exits with code 1.
     """
+
+
+class PeerFailed(Exception):
+    """In a distributed run, rank 0 stopped with an error during setup and has said why;
+    the other ranks exit quietly with code 1."""

@@ -34,6 +34,12 @@ Its rules, and where they come from:
   optimizer steps: with few steps a slow target barely leaves its random init
   (the paper's small-data and short-run observation: lower τ for short runs).
 - Warm-up: 10 epochs (paper) but at most 10% of the run.
+- Several processes (torchrun or --gpus): the batch above is per device; the
+  global batch is batch × accumulation × processes, and the learning rate and
+  epoch length follow the global batch. Batch norm is synchronised across
+  processes when the per-device batch is under 128: BYOL's reference computes
+  statistics over the whole batch, and a few dozen images per device give
+  noisy statistics.
 - Augmentation: on the GPU (batched, parameters per image) for CUDA at ≥ 96 px,
   where CPU workers cannot make two views per image as fast as the GPU trains;
   in loader processes otherwise.
@@ -60,6 +66,7 @@ MIN_IMAGES = 16  # batch norm needs a batch; BYOL needs more than a handful of i
 MIN_BATCH = 8
 BF16_MARGIN = 1.15
 EFFECTIVE_BATCH = 256
+SYNC_BATCHNORM_BELOW = 128  # per-device batch
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
 DEFAULT_EPOCHS = 100
 WEIGHT_DECAY = 1.5e-6
@@ -109,10 +116,13 @@ class Plan:
     time_budget: float | None
     reasons: dict[str, str] = field(default_factory=dict)
     augment_on: str = "cpu"  # "cpu": loader processes; "device": batched on the training device
+    world_size: int = 1  # processes training together, one per device
+    sync_batchnorm: bool = False
 
     @property
     def effective_batch(self) -> int:
-        return self.batch_size * self.accumulation
+        """Images per optimizer step, over all processes."""
+        return self.batch_size * self.accumulation * self.world_size
 
     @property
     def estimated_seconds(self) -> float:
@@ -266,6 +276,33 @@ def fit_batch(start: int, cap: int, probe: Callable[[int], float], floor: int = 
     return batch, seconds
 
 
+def choose_sync_batchnorm(batch: int, world_size: int) -> tuple[bool, str]:
+    if world_size == 1:
+        return False, "one process"
+    if batch < SYNC_BATCHNORM_BELOW:
+        return True, f"{batch} images per device give noisy statistics; computed over all {world_size} processes"
+    return False, f"{batch} images per device are enough for batch statistics"
+
+
+def fit_to_world(plan: Plan, world_size: int) -> str | None:
+    """Adapt a saved plan to a different number of processes, keeping its global batch (so its
+    learning rate, epoch length and step count stay valid). Returns what changed, if anything."""
+    if plan.world_size == world_size:
+        return None
+    global_batch, before = plan.effective_batch, plan.world_size
+    per_device, remainder = divmod(global_batch, world_size)
+    if remainder:
+        raise UserError(f"this run's global batch of {global_batch} cannot be split evenly over {world_size} "
+                        f"processes; resume it on a number of processes that divides {global_batch}")
+    # The largest micro-batch that divides the share and is no larger than the one known to fit.
+    plan.batch_size = max(b for b in range(1, min(plan.batch_size, per_device) + 1) if per_device % b == 0)
+    plan.accumulation = per_device // plan.batch_size
+    plan.world_size = world_size
+    plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, world_size)
+    return (f"the run started on {before} process(es) and continues on {world_size}: {plan.batch_size} per device"
+            f" × {plan.accumulation} accumulated × {world_size} = the same global batch of {global_batch}")
+
+
 def power_of_two_at_most(n: float) -> int:
     return 2 ** int(math.floor(math.log2(max(n, 1))))
 
@@ -277,10 +314,12 @@ def make_plan(
     over: Overrides,
     probe: Callable[[str, int, int, str, bool], float],
     data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
+    world_size: int = 1,
 ) -> Plan:
     """Choose everything. `probe(backbone, size, batch, precision, channels_last)` times
     one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
-    measured loader time of one image at that size in one process."""
+    measured loader time of one image at that size in one process. With `world_size`
+    processes, `hw` is one process's share of the machine and the batch is per device."""
     images = len(short_sides)
     if images < MIN_IMAGES:
         raise UserError(f"only {images} usable images; training needs at least {MIN_IMAGES}")
@@ -311,7 +350,7 @@ def make_plan(
     channels_last = hw.kind == "cuda" or precision == "bf16"
 
     # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
-    cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8)))
+    cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8 / world_size)))
     if over.batch_size is not None:
         batch = over.batch_size
         step_seconds = probe(backbone, image_size, batch, precision, channels_last)
@@ -325,13 +364,16 @@ def make_plan(
         start = min(cap, power_of_two_at_most(hw.free_memory * MEMORY_MARGIN / per_image))
         batch, step_seconds = fit_batch(start, cap, lambda b: probe(backbone, image_size, b, precision, channels_last))
         reasons["batch_size"] = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
-    if batch > images:
-        raise UserError(f"--batch-size {batch} is larger than the {images} images found")
+    if batch * world_size > images:
+        raise UserError(f"a batch of {batch} per process × {world_size} processes is more than the {images} images found"
+                        if world_size > 1 else f"--batch-size {batch} is larger than the {images} images found")
 
     accumulation = 1
-    if hw.kind != "cpu" and batch < 128 and over.batch_size is None and batch < cap:
-        accumulation = max(1, min(EFFECTIVE_BATCH // batch, images // batch // 8 or 1))
-        reasons["accumulation"] = f"memory allows {batch} per step; accumulate to {batch * accumulation} (BYOL degrades below 256)"
+    devices_batch = batch * world_size
+    if hw.kind != "cpu" and devices_batch < 128 and over.batch_size is None and batch < cap:
+        accumulation = max(1, min(EFFECTIVE_BATCH // devices_batch, images // devices_batch // 8 or 1))
+        reasons["accumulation"] = (f"memory allows {devices_batch} per step; accumulate to "
+                                   f"{devices_batch * accumulation} (BYOL degrades below 256)")
     else:
         reasons["accumulation"] = "not needed"
 
@@ -339,7 +381,8 @@ def make_plan(
     # Loader processes overlap with the step; without them decoding runs in between.
     micro_step = max(step_seconds, data_seconds) if workers else step_seconds + data_seconds
     seconds_per_step = micro_step * accumulation
-    steps_per_epoch = max(1, images // (batch * accumulation))
+    global_batch = batch * accumulation * world_size
+    steps_per_epoch = max(1, images // global_batch)
 
     if over.epochs is not None:
         total_steps = over.epochs * steps_per_epoch
@@ -353,7 +396,8 @@ def make_plan(
     epochs = total_steps / steps_per_epoch
 
     base_lr = over.lr if over.lr is not None else base_lr_for(epochs)
-    reasons["lr"] = "set by flag" if over.lr is not None else f"base {base_lr} for a {epochs:.3g}-epoch run, × batch/256"
+    reasons["lr"] = "set by flag" if over.lr is not None else f"base {base_lr} for a {epochs:.3g}-epoch run, × global batch/256"
+    sync_batchnorm, reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)
     tau_base, reasons["tau_base"] = tau_for(epochs, total_steps)
     warmup = max(1, min(10 * steps_per_epoch, total_steps // 10))
 
@@ -362,9 +406,10 @@ def make_plan(
         batch_size=batch, accumulation=accumulation, precision=precision, workers=workers,
         channels_last=channels_last, images=images, skipped=skipped,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=round(epochs, 3),
-        warmup_steps=warmup, base_lr=base_lr, lr=base_lr * batch * accumulation / 256,
+        warmup_steps=warmup, base_lr=base_lr, lr=base_lr * global_batch / 256,
         tau_base=tau_base, weight_decay=WEIGHT_DECAY, seed=over.seed,
         step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on,
+        world_size=world_size, sync_batchnorm=sync_batchnorm,
     )
 
 

@@ -10,6 +10,7 @@ import contextlib
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -42,15 +43,17 @@ class RateColumn(ProgressColumn):
 
 
 class Reporter:
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, warnings: bool = True) -> None:
         self.quiet = quiet
+        self.warnings = warnings  # off for the other ranks of a distributed run: rank 0 speaks for all
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            err.print(message, soft_wrap=True)
+            err.print(message, soft_wrap=True, markup=False)
 
     def warn(self, message: str) -> None:
-        err.print(f"[yellow]warning:[/] {message}", soft_wrap=True)
+        if self.warnings:
+            err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     @contextlib.contextmanager
     def progress(self, description: str, unit: str = "files") -> Iterator:
@@ -79,7 +82,7 @@ class Reporter:
 
 def scan_report(manifest, show_all_skipped: bool = False) -> None:
     """Summary of a Manifest: images per format, skipped files per reason, examples."""
-    out.print(f"[bold]{len(manifest.images):,} images[/] in {manifest.root}", highlight=False, soft_wrap=True)
+    out.print(f"[bold]{len(manifest.images):,} images[/] in {escape(str(manifest.root))}", highlight=False, soft_wrap=True)
     formats = Table()
     formats.add_column("format")
     formats.add_column("images", justify="right")
@@ -122,12 +125,19 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     table.add_column("choice")
     table.add_column("why", style="dim")
     r = plan.reasons
-    table.add_row("images", f"{plan.images:,} used, {plan.skipped:,} skipped", str(manifest.root))
+    table.add_row("images", f"{plan.images:,} used, {plan.skipped:,} skipped", Text(str(manifest.root)))
     table.add_row("device", plan.device_name, plan.device)
     table.add_row("backbone", plan.backbone, r.get("backbone", ""))
     table.add_row("image size", f"{plan.image_size} px", r.get("image_size", ""))
-    batch = f"{plan.batch_size}" + (f" × {plan.accumulation} accumulated = {plan.effective_batch}" if plan.accumulation > 1 else "")
+    batch = f"{plan.batch_size}"
+    if plan.world_size > 1:
+        batch += f" per device × {plan.accumulation} accumulated × {plan.world_size} processes = {plan.effective_batch}"
+    elif plan.accumulation > 1:
+        batch += f" × {plan.accumulation} accumulated = {plan.effective_batch}"
     table.add_row("batch", batch, r.get("batch_size", ""))
+    if plan.world_size > 1:
+        table.add_row("batch norm", "synchronised across processes" if plan.sync_batchnorm else "per process",
+                      r.get("sync_batchnorm", ""))
     table.add_row("precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", ""))
     table.add_row("loader workers", str(plan.workers), r.get("workers", ""))
     where = "batched on the training device" if plan.augment_on == "device" else "per image on the CPU (torchvision)"
@@ -138,7 +148,7 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     epoch = plan.step_seconds * plan.steps_per_epoch
     table.add_row("estimated time", f"{format_seconds(epoch)} per epoch, {format_seconds(plan.estimated_seconds)} in all",
                   f"{plan.step_seconds:.2f} s per step, measured")
-    table.add_row("output", str(out), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors")
+    table.add_row("output", Text(str(out)), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors")
     err.print(table)
 
 
@@ -218,5 +228,5 @@ def evaluation_report(report: dict) -> None:
     per_class.add_column("linear", justify="right")
     first = results[names[0]]
     for i, label in enumerate(report["classes"]):
-        per_class.add_row(label, f"{first['knn']['per_class_recall'][i]:.1%}", f"{first['linear']['per_class_recall'][i]:.1%}")
+        per_class.add_row(Text(str(label)), f"{first['knn']['per_class_recall'][i]:.1%}", f"{first['linear']['per_class_recall'][i]:.1%}")
     out.print(per_class)

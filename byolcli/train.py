@@ -4,6 +4,10 @@ The loop does what the paper does (Grill et al. 2020, Algorithm 1): per step,
 two augmented views, the symmetrised loss, a LARS step on the online network
 and predictor, then one EMA step of the target network. With gradient
 accumulation, the optimizer and the target step once per accumulated batch.
+
+With several processes (distributed.py) each trains on its shard of every
+global batch under DistributedDataParallel: gradients are averaged, so the
+online weights, and with them the EMA target, stay identical on every rank.
 """
 
 from __future__ import annotations
@@ -15,22 +19,26 @@ import random
 import shutil
 import signal
 import time
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from byolcli import distributed
 from byolcli.augment import byol_views
+from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
 from byolcli.data import MEAN, STD, CanvasDataset, EpochSampler, TwoViewDataset
 from byolcli.encoder import save_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir
 from byolcli.model import BYOL
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
-from byolcli.plan import Overrides, Plan, detect_hardware, make_plan, probe_step, refit_to_budget
+from byolcli.plan import Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget
 from byolcli.scan import scan
 
 CHECKPOINT = "checkpoint.pt"
@@ -65,28 +73,40 @@ class Trainer:
 
     plan: Plan
     paths: list[Path]
+    world: World = field(default_factory=World)
     step: int = 0
-    stop_requested: bool = False
+    stop_requested: bool = False  # Ctrl-C seen by this process
+    stopping: bool = False  # ... and agreed on by every process: stop after this step
     warned_collapse: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
-        plan = self.plan
-        torch.manual_seed(plan.seed)
+        plan, world = self.plan, self.world
+        torch.manual_seed(plan.seed)  # the same initial weights on every rank
         random.seed(plan.seed)
-        self.device = torch.device(plan.device)
+        self.device = torch.device(per_rank_device(plan.device, world))
         if self.device.type == "cpu":
             # Loader processes and training threads must not outnumber the
             # cores: OpenMP threads that get preempted stall each other.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) - plan.workers))
+            cores = max(1, (os.cpu_count() or 1) // world.local_size)
+            torch.set_num_threads(max(1, cores - plan.workers))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
-        self.model = BYOL(plan.backbone).to(self.device, memory_format=self.memory_format)
+        self.model = BYOL(plan.backbone)
+        if plan.sync_batchnorm and world.size > 1:
+            synchronise_batchnorm(self.model, self.device.type)
+        self.model.to(self.device, memory_format=self.memory_format)
+        # What the loop calls: the model itself, or DDP around it, which averages the
+        # online gradients across ranks (the target has none: it is never trained).
+        self.forward = self.model
+        if world.size > 1:
+            self.forward = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.optimizer = LARS(
             lars_groups(self.model.online_encoder, self.model.online_projector, self.model.predictor),
             lr=plan.lr, weight_decay=plan.weight_decay,
         )
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.precision == "fp16")
-        self.sampler = EpochSampler(len(self.paths), plan.seed)
+        self.sampler = EpochSampler(len(self.paths), plan.seed, world.rank, world.size)
         workers = plan.workers
         self.augment_on_device = plan.augment_on == "device"
         dataset = CanvasDataset(self.paths, plan.image_size) if self.augment_on_device else \
@@ -139,31 +159,41 @@ class Trainer:
     def run(self, until: int, on_log=None, on_checkpoint=None, log_every: float = 10.0,
             checkpoint_every: float = 300.0) -> None:
         """Train up to optimizer step `until`. `on_log(record)` gets a metrics dict;
-        `on_checkpoint(step)` is called whenever it is time to save."""
+        `on_checkpoint(step)` is called whenever it is time to save.
+
+        Every `log_every` seconds the ranks meet to agree on the loss and on
+        whether to stop. One process meets by the clock; several meet every
+        N steps (N from the planned step time), since each rank's clock differs
+        and all must join the same collective.
+        """
         plan, model = self.plan, self.model
         model.train()
         accumulation = plan.accumulation
-        images_per_step = plan.batch_size * accumulation
+        distributed_run = self.world.size > 1
+        sync_every = max(1, int(log_every / max(plan.step_seconds, 1e-6)))
         loss_sum = torch.zeros((), device=self.device)
         window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
         last_log = last_checkpoint = time.perf_counter()
-        while self.step < until and not self.stop_requested:
+        while self.step < until and not self.stopping:
             epoch, offset = divmod(self.step, plan.steps_per_epoch)
-            self.sampler.set_position(epoch, offset * images_per_step)
+            self.sampler.set_position(epoch, offset * plan.effective_batch)
             batches = iter(self.loader)
             for _ in range(plan.steps_per_epoch - offset):
                 lr = learning_rate(self.step, plan.total_steps, plan.warmup_steps, plan.lr)
                 tau = ema_rate(self.step, plan.total_steps, plan.tau_base)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(accumulation):
+                for micro in range(accumulation):
                     waited = time.perf_counter()
                     view1, view2 = self._views(next(batches))
                     window["wait"] += time.perf_counter() - waited
-                    with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                        enabled=self.autocast_dtype is not None):
-                        loss, projections = model(view1, view2)
-                    self.scaler.scale(loss / accumulation).backward()
+                    # Gradients are averaged across ranks once per optimizer step, not per micro-batch.
+                    last = micro == accumulation - 1
+                    with self.forward.no_sync() if distributed_run and not last else nullcontext():
+                        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                            enabled=self.autocast_dtype is not None):
+                            loss, projections = self.forward(view1, view2)
+                        self.scaler.scale(loss / accumulation).backward()
                     loss_sum += loss.detach()  # stays on the device: no sync per step
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
@@ -174,17 +204,19 @@ class Trainer:
 
                 now = time.perf_counter()
                 finished = self.step >= until
-                if now - last_log >= log_every or finished or self.stop_requested:
-                    record = self._log_record(loss_sum, window, projections, lr, tau, epoch, now)
+                meet = finished or (self.step % sync_every == 0 if distributed_run else
+                                    now - last_log >= log_every or self.stop_requested)
+                if meet:
+                    loss = self._agree(loss_sum, window["steps"], lr)
+                    if on_log:
+                        on_log(self._log_record(loss, window, projections, lr, tau, now))
                     loss_sum.zero_()
                     window = {"steps": 0, "wait": 0.0, "start": now}
                     last_log = now
-                    if on_log:
-                        on_log(record)
-                if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stop_requested):
+                if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stopping):
                     on_checkpoint(self.step)
                     last_checkpoint = now
-                if finished or self.stop_requested:
+                if finished or self.stopping:
                     break
 
     def _views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -194,14 +226,22 @@ class Trainer:
         return (first.contiguous(memory_format=self.memory_format),
                 second.contiguous(memory_format=self.memory_format))
 
-    def _log_record(self, loss_sum, window, projections, lr, tau, epoch, now) -> dict:
-        steps = window["steps"]
-        loss = loss_sum.item() / (steps * self.plan.accumulation)
+    def _agree(self, loss_sum: torch.Tensor, steps: int, lr: float) -> float:
+        """The mean loss over all ranks since the last meeting; sets `stopping` if any rank saw Ctrl-C."""
+        shared = torch.stack([loss_sum, loss_sum.new_tensor(float(self.stop_requested))])
+        distributed.sum_across(self.world, shared)
+        total, stops = shared.tolist()
+        self.stopping = stops > 0
+        loss = total / (steps * self.plan.accumulation * self.world.size)
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss} at step {self.step} (learning rate {lr:.3g}); training stopped and "
                 "the last good checkpoint is kept. Rerun with a lower --lr, or --precision fp32"
             )
+        return loss
+
+    def _log_record(self, loss, window, projections, lr, tau, now) -> dict:
+        steps = window["steps"]
         elapsed = max(now - window["start"], 1e-9)
         spread, rank = projection_health(projections)
         return {
@@ -243,51 +283,79 @@ def _as_python_rng_state(state):
 
 
 def train_folder(request: TrainRequest, reporter) -> Path:
-    """Run `byol train`: a new run, or the continuation of an interrupted one. Returns the encoder's path."""
+    """Run `byol train`: a new run, or the continuation of an interrupted one. Returns the encoder's path.
+
+    Under torchrun every process runs this; rank 0 does all the scanning,
+    planning, printing and writing, and the others follow what it shares.
+    """
+    world = World.from_env()
+    distributed.start(world)
+    if not world.is_main:
+        from byolcli.report import Reporter
+
+        reporter = Reporter(quiet=True, warnings=False)
+    try:
+        with distributed.collective_errors(world):
+            return _train_folder(request, reporter, world)
+    finally:
+        distributed.stop(world)
+
+
+def _train_folder(request: TrainRequest, reporter, world: World) -> Path:
     overrides = request.choices
-    _validate(overrides)  # before anything is scanned, moved or written
-    with reporter.progress("checking images") as progress:
-        manifest = scan(request.folder, progress=progress)
-    out = Path(request.out) if request.out else default_run_dir(request.folder)
-    check_outside_input(out, manifest.root)
-    if request.restart and out.exists():
-        aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
-        shutil.move(str(out), str(aside))
-        reporter.info(f"previous run moved to {aside}")
 
-    state = _load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
-    if state is not None:
-        plan, paths = _resume(state, manifest.root, out, overrides, reporter)
-    else:
-        plan, paths = _plan_new_run(manifest, out, overrides, reporter)
+    def prepare():
+        _validate(overrides)  # before anything is scanned, moved or written
+        with reporter.progress("checking images") as progress:
+            manifest = scan(request.folder, progress=progress)
+        out = Path(request.out) if request.out else default_run_dir(request.folder)
+        check_outside_input(out, manifest.root)
+        if request.restart and out.exists():
+            aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+            shutil.move(str(out), str(aside))
+            reporter.info(f"previous run moved to {aside}")
 
-    from byolcli.report import plan_report
+        state = _load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+        if state is not None:
+            plan, paths = _resume(state, manifest.root, out, overrides, reporter, world)
+            _truncate_metrics(out / METRICS, state["step"])
+        else:
+            plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
 
-    plan_report(plan, manifest, out, reporter)
-    trainer = Trainer(plan, paths)
+        from byolcli.report import plan_report
+
+        plan_report(plan, manifest, out, reporter)
+        return plan, paths, state, out, str(manifest.root)
+
+    # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
+    plan, paths, state, out, root = distributed.share(world, prepare)
+    trainer = Trainer(plan, paths, world)
     if state is not None:
         trainer.load_state_dict(state)
-        _truncate_metrics(out / METRICS, trainer.step)
     if trainer.step < plan.total_steps:
         _train(trainer, out, request, reporter)
 
     encoder_path = out / ENCODER
-    save_encoder(
-        trainer.model.online_encoder, encoder_path, architecture=plan.backbone, image_size=plan.image_size,
-        mean=MEAN, std=STD, train_images=plan.images, epochs=plan.epochs, steps=trainer.step,
-        source=str(manifest.root),
-    )
-    reporter.info(f"encoder written to {encoder_path}")
+    if world.is_main:
+        save_encoder(
+            trainer.model.online_encoder, encoder_path, architecture=plan.backbone, image_size=plan.image_size,
+            mean=MEAN, std=STD, train_images=plan.images, epochs=plan.epochs, steps=trainer.step, source=root,
+        )
+        reporter.info(f"encoder written to {encoder_path}")
+    distributed.barrier(world)  # nobody leaves before the encoder is written
     return encoder_path
 
 
-def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter) -> tuple[Plan, list[Path]]:
+def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
+    if hw.kind == "cpu" and world.local_size > 1:  # the processes on this machine share its cores
+        hw = replace(hw, cores=max(1, hw.cores // world.local_size))
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
     plan = make_plan(
         [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,
         probe=lambda *args: probe_step(hw, *args),
         data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
+        world_size=world.size,
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
@@ -296,7 +364,7 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter) -> tuple[
     return plan, manifest.absolute_paths()
 
 
-def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter) -> tuple[Plan, list[Path]]:
+def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
     plan = Plan.from_dict(state["plan"])
     if state["step"] >= plan.total_steps and (out / ENCODER).exists():
         raise UserError(f"{out} already holds a finished run ({out / ENCODER}); "
@@ -306,15 +374,20 @@ def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter) 
     # The image list the run started with: the sampler's order depends on it.
     paths = [root / line for line in (out / IMAGES).read_text(encoding="utf-8").splitlines()]
     reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
+    rescaled = fit_to_world(plan, world.size)
+    if rescaled:
+        reporter.info(rescaled)
+        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
     return plan, paths
 
 
 def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None:
-    """The loop with progress, metrics, checkpoints, Ctrl-C handling and the budget re-plan."""
+    """The loop with progress, metrics, checkpoints, Ctrl-C handling and the budget re-plan.
+    Only rank 0 writes; every rank runs the same steps."""
     from byolcli.report import training_progress
 
-    plan = trainer.plan
-    metrics = (out / METRICS).open("a", encoding="utf-8")
+    plan, world = trainer.plan, trainer.world
+    metrics = (out / METRICS).open("a", encoding="utf-8") if world.is_main else None
     previous = signal.signal(signal.SIGINT, _stop_handler(trainer, reporter))
     try:
         with training_progress(plan, trainer.step, reporter) as show:
@@ -331,7 +404,8 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
                     )
 
             def train_until(step: int) -> None:
-                trainer.run(step, on_log=on_log, on_checkpoint=lambda _: trainer.save(out / CHECKPOINT),
+                trainer.run(step, on_log=on_log if world.is_main else None,
+                            on_checkpoint=(lambda _: trainer.save(out / CHECKPOINT)) if world.is_main else None,
                             log_every=request.log_every, checkpoint_every=request.checkpoint_every)
 
             warm, timed = CALIBRATION
@@ -340,17 +414,22 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
                 train_until(warm)
                 timing = time.perf_counter()
                 train_until(timed)
-                if not trainer.stop_requested:
+                if not trainer.stopping:
+                    # Rank 0's clock decides for all, so every rank re-plans the same length.
                     now = time.perf_counter()
-                    refit_to_budget(plan, trainer.step, plan.time_budget - (now - started), (now - timing) / (timed - warm))
-                    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+                    seconds_left, step_seconds = distributed.share(
+                        world, lambda: (plan.time_budget - (now - started), (now - timing) / (timed - warm)))
+                    refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
+                    if world.is_main:
+                        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
                     reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
                                   f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
             train_until(plan.total_steps)
     finally:
         signal.signal(signal.SIGINT, previous)
-        metrics.close()
-    if trainer.stop_requested:
+        if metrics:
+            metrics.close()
+    if trainer.stopping:
         reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
                       "Run the same command again to resume.")
         raise KeyboardInterrupt
@@ -358,10 +437,16 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
 
 def _stop_handler(trainer: Trainer, reporter):
     def handler(signum, frame):
-        if trainer.stop_requested:  # second Ctrl-C: stop now, the last checkpoint stays
-            raise KeyboardInterrupt
+        if trainer.stop_requested:
+            # A second Ctrl-C stops at once, the last checkpoint stays. Not under a
+            # launcher: it forwards the terminal's Ctrl-C, so every rank sees two.
+            if trainer.world.size == 1:
+                raise KeyboardInterrupt
+            return
         trainer.stop_requested = True
-        reporter.warn("stopping after this step to save a checkpoint (Ctrl-C again to quit at once)")
+        reporter.warn("stopping after this step to save a checkpoint (Ctrl-C again to quit at once)"
+                      if trainer.world.size == 1 else "stopping at the next step all processes reach, "
+                      "to save a checkpoint")
 
     return handler
 

@@ -2,6 +2,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from pathlib import Path
 
@@ -151,3 +152,27 @@ def shapes_folder(folder: Path, count: int = 32, size: int = 32) -> Path:
         draw.ellipse([cx - 5, cy - 5, cx + 5, cy + 5], fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
         img.save(folder / f"{i:03d}.png")
     return folder
+
+
+def tiny_plan(images: int, **changes):
+    """A Plan for a few fast steps on tiny images, as make_plan would write it."""
+    from byolcli.plan import Plan
+
+    values = dict(
+        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=8, accumulation=1,
+        precision="fp32", workers=0, channels_last=False, images=images, skipped=0,
+        steps_per_epoch=images // 8, total_steps=40, epochs=40 / (images // 8), warmup_steps=4,
+        base_lr=0.45, lr=0.45 * 8 / 256, tau_base=0.97, weight_decay=1.5e-6, seed=0,
+        step_seconds=0.1, time_budget=None,
+    )
+    values.update(changes)
+    return Plan(**values)
+
+
+def wait_for_file(process, path: Path, timeout: float = 120) -> None:
+    """Until `path` exists, while `process` is alive (polled every 50 ms; fails after `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        time.sleep(0.05)

@@ -1,6 +1,5 @@
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -14,21 +13,9 @@ from byolcli.data import TwoViewDataset
 from byolcli.encoder import load_encoder, save_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.model import BYOL
-from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, Plan, make_plan
+from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, make_plan
 from byolcli.train import Trainer
-from conftest import noise_image, run_byol, shapes_folder
-
-
-def tiny_plan(images: int, **changes) -> Plan:
-    values = dict(
-        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=8, accumulation=1,
-        precision="fp32", workers=0, channels_last=False, images=images, skipped=0,
-        steps_per_epoch=images // 8, total_steps=40, epochs=40 / (images // 8), warmup_steps=4,
-        base_lr=0.45, lr=0.45 * 8 / 256, tau_base=0.97, weight_decay=1.5e-6, seed=0,
-        step_seconds=0.1, time_budget=None,
-    )
-    values.update(changes)
-    return Plan(**values)
+from conftest import noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
 
 
 @pytest.fixture(scope="module")
@@ -270,12 +257,6 @@ def _start_training(folder, cwd, epochs):
     )
 
 
-def _wait_for_checkpoint(process, checkpoint, timeout=120):
-    deadline = __import__("time").monotonic() + timeout
-    while not checkpoint.exists():
-        assert process.poll() is None, process.communicate()
-        assert __import__("time").monotonic() < deadline, "no checkpoint appeared"
-        os.sched_yield()
 
 
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
@@ -283,7 +264,7 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, how):
     folder = shapes_folder(tmp_path / "photos", count=16)
     run = tmp_path / "byol-runs" / "photos"
     process = _start_training(folder, tmp_path, epochs=20)
-    _wait_for_checkpoint(process, run / "checkpoint.pt")
+    wait_for_file(process, run / "checkpoint.pt")
     process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
     process.communicate(timeout=120)
     if how == "ctrl-c":

@@ -1,0 +1,269 @@
+"""Data-parallel training on several processes, through torch.distributed.
+
+One process per device. torchrun (or `byol train --gpus`, which runs torch's
+own elastic launcher) starts them and sets RANK, WORLD_SIZE, LOCAL_RANK and the
+rendezvous address in their environment; a single process has none of these
+and runs as a world of one. Rank 0 scans, plans and writes every file; the
+others receive what it decided through `share`.
+
+Collectives time out (BYOL_DIST_TIMEOUT seconds, default 300) so that a rank
+that dies or hangs ends the run with an error instead of a silent wait.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from byolcli.errors import PeerFailed, TrainingFailed, UserError
+
+DEFAULT_TIMEOUT = 300.0
+# Rank 0 scans and plans while the others wait: a scan of millions of files can
+# outlast any sensible timeout for a training step.
+SETUP_TIMEOUT = timedelta(hours=2)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "World":
+        env = os.environ
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return cls()
+        size = int(env["WORLD_SIZE"])
+        return cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", env["RANK"])),
+                   int(env.get("LOCAL_WORLD_SIZE", size)))
+
+
+def timeout() -> timedelta:
+    text = os.environ.get("BYOL_DIST_TIMEOUT", "")
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT
+    except ValueError:
+        raise UserError(f"BYOL_DIST_TIMEOUT={text!r}: not a number of seconds") from None
+    return timedelta(seconds=seconds)
+
+
+_setup_group = None
+
+
+def start(world: World) -> None:
+    """Join the process group: NCCL for CUDA tensors where there is CUDA, gloo for CPU tensors."""
+    global _setup_group
+    if world.size == 1 or dist.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend, timeout=timeout())
+    _setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+
+
+def stop(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def share(world: World, make):
+    """`make()` on rank 0, its result on every rank. An error on rank 0 stops the others quietly."""
+    if world.size == 1:
+        return make()
+    payload = [None]
+    if world.is_main:
+        try:
+            payload[0] = ("ok", make())
+        except BaseException:
+            dist.broadcast_object_list([("failed", None)], src=0, group=_setup_group)
+            raise
+    dist.broadcast_object_list(payload, src=0, group=_setup_group)
+    status, value = payload[0]
+    if status != "ok":
+        raise PeerFailed
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier(group=_setup_group)
+
+
+def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over all ranks (in place), or a lost peer as TrainingFailed."""
+    if world.size > 1:
+        with collective_errors(world):
+            dist.all_reduce(tensor)
+    return tensor
+
+
+class collective_errors:
+    """Turn a collective that failed (a peer died, or timed out) into one clear TrainingFailed."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb):
+        if exc is None or self.world.size == 1 or not isinstance(exc, (RuntimeError, dist.DistError)):
+            return False
+        text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0])  # drop gloo's source location
+        if not any(word in text.lower() for word in ("gloo", "nccl", "timed out", "timeout", "connection",
+                                                     "peer", "socket", "closed", "broken pipe")):
+            return False
+        raise TrainingFailed(
+            f"rank {self.world.rank} lost contact with the other processes ({text.split('. ')[0][:160]}); "
+            "a process died or hung. The last checkpoint is kept: run the same command again to resume"
+        ) from None
+
+
+def gpu_processes(text: str, device: str | None) -> int:
+    """How many processes `--gpus TEXT` asks for on this machine ('all' or a count)."""
+    if "WORLD_SIZE" in os.environ:
+        raise UserError(f"--gpus {text}: this process was started by a launcher (torchrun) already; "
+                        "let the launcher set the number of processes and drop --gpus")
+    if device is not None and not device.startswith("cuda"):
+        raise UserError(f"--gpus {text}: trains on CUDA GPUs, but --device is {device}")
+    available = torch.cuda.device_count()
+    if text.strip().lower() == "all":
+        wanted = available
+    elif text.strip().isdigit() and int(text) >= 1:
+        wanted = int(text)
+    else:
+        raise UserError(f"--gpus {text!r}: give 'all' or a number of GPUs")
+    if available == 0:
+        raise UserError(f"--gpus {text}: no CUDA GPU is available here")
+    if wanted > available:
+        raise UserError(f"--gpus {text}: this machine has {available} CUDA GPU(s)")
+    return wanted
+
+
+def launch_local(processes: int, argv: list[str]) -> int:
+    """Run `python -m byolcli ARGV` as `processes` ranks on this machine, through torch's
+    elastic launcher (what torchrun runs). Returns the exit code to pass on."""
+    import logging
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    # The launcher's own notes (worker states, signals sent, exit codes) say nothing the workers
+    # did not; its loggers each set their own level, so each is quietened.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+    config = LaunchConfig(
+        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-m", "byolcli", *argv)
+    except ChildFailedError as exc:
+        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
+        code = codes.get(0) or next(iter(codes.values()))
+        return code if code > 0 else 1  # a negative code: killed by that signal
+    except SignalException:  # Ctrl-C: the workers got it too, saved a checkpoint and said so
+        return 130
+    return 0
+
+
+# --- batch norm across processes --------------------------------------------------
+
+
+class _SumAcrossRanks(torch.autograd.Function):
+    """all_reduce(SUM) with a gradient: every rank's output depends on every rank's input,
+    so the gradient reaching each input is the sum of the gradients at all outputs."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU processes: torch's version runs on GPUs only.
+
+    Batch statistics are per-channel sums over every rank's batch, combined by a
+    differentiable all-reduce, so the backward pass also sums the gradient that
+    flows into the statistics across ranks: the math of one big batch.
+    """
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return nn.functional.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias,
+                self.training or self.running_mean is None, self.momentum or 0.0, self.eps)
+        channels = x.shape[1]
+        dims = [0, *range(2, x.dim())]
+        values = x.float()
+        count = values.new_tensor([values.numel() / channels])
+        totals = _SumAcrossRanks.apply(torch.cat([values.sum(dims), (values * values).sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:channels] / n
+        # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
+        var = (totals[channels : 2 * channels] / n - mean * mean).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        y = (values - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def synchronise_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
+    """Every BatchNorm in `model` computing its statistics over all ranks' batches."""
+    if device_type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats)
+            # The same Parameter objects, so requires_grad (off in the target network) carries over.
+            if child.affine:
+                synced.weight, synced.bias = child.weight, child.bias
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training)
+            setattr(model, name, synced)
+        else:
+            synchronise_batchnorm(child, device_type)
+    return model
+
+
+def per_rank_device(device: str, world: World) -> str:
+    """Rank r of a CUDA run trains on its node's GPU LOCAL_RANK; CPU ranks share the CPU."""
+    if device.startswith("cuda") and world.size > 1:
+        return f"cuda:{world.local_rank % torch.cuda.device_count()}"
+    return device
