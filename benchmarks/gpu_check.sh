@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The one prepared device check (issues #3 and #4), for a lent CUDA machine. Installs nothing:
+# The one prepared device check (issues #3, #4, #6 and #7), for a lent CUDA machine. Installs nothing:
 # the device image has torch, torchvision, typer, rich, pillow, safetensors and numpy; byolcli
 # runs from the checkout. Prints: the plan byol picks on this GPU, training images/s and
 # data-wait % at that plan, that no out-of-memory occurred, and embedding images/s against
 # the plain torchvision way with the share of time spent decoding; on a machine with several
-# GPUs, data-parallel scaling (images/s on all GPUs over one, issue #6). About 6 minutes
-# (9 with several GPUs).
+# GPUs, data-parallel scaling (images/s on all GPUs over one, issue #6); and issue #7's
+# throughput targets (ResNet-18 at 32 px, ResNet-50 at 224 px, with data wait). About 9
+# minutes (12 with several GPUs).
 #
 #   bash benchmarks/gpu_check.sh [IMAGE_FOLDER]     (default: 20,000 generated 533x400 JPEGs)
 set -euo pipefail
@@ -17,10 +18,10 @@ DATA=${1:-/tmp/gpu-check-images}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 
-echo "== byol train: automatic plan, 3-minute budget"
+echo "== byol train: automatic plan, 2-minute budget"
 rm -rf /tmp/gpu-run
 set +e
-$PY -m byolcli train "$DATA" --time 3m --out /tmp/gpu-run 2>&1 | tee /tmp/gpu-train.log
+$PY -m byolcli train "$DATA" --time 2m --out /tmp/gpu-run 2>&1 | tee /tmp/gpu-train.log
 status=${PIPESTATUS[0]}
 set -e
 grep -qi "out of memory" /tmp/gpu-train.log && echo "OUT OF MEMORY seen" || echo "no out-of-memory (exit code $status)"
@@ -33,6 +34,22 @@ print(f"plan: {plan['backbone']} {plan['image_size']}px batch {plan['batch_size'
 print(f"training: median {statistics.median(r['images_per_s'] for r in rows):.0f} images/s, "
       f"median data wait {statistics.median(r['data_wait'] for r in rows):.0%}")
 PY
+
+echo "== issue #7 targets: ResNet-18 at 32 px >= 5,000 and ResNet-50 at 224 px >= 1,400 samples/s, data wait < 5%"
+for setting in "resnet18 32 90s" "resnet50 224 2m"; do
+  set -- $setting
+  rm -rf "/tmp/gpu-target-$1"
+  $PY -m byolcli -q train "$DATA" --backbone "$1" --image-size "$2" --time "$3" --out "/tmp/gpu-target-$1"
+  $PY - "$1" "$2" <<'PY'
+import json, statistics, sys
+name, size = sys.argv[1], sys.argv[2]
+plan = json.load(open(f"/tmp/gpu-target-{name}/plan.json"))
+rows = [json.loads(line) for line in open(f"/tmp/gpu-target-{name}/metrics.jsonl")][2:]
+print(f"{name} at {size} px: batch {plan['batch_size']}, in memory {plan['in_memory']}, augment on {plan['augment_on']}: "
+      f"median {statistics.median(r['images_per_s'] for r in rows):.0f} samples/s, "
+      f"median data wait {statistics.median(r['data_wait'] for r in rows):.1%}")
+PY
+done
 
 echo "== embedding: byolcli vs plain torchvision, same model, size and workers"
 $PY benchmarks/embed_throughput.py "$DATA" --model /tmp/gpu-run/encoder.safetensors --rounds 2

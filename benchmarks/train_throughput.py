@@ -5,10 +5,12 @@
 ResNet-18, 32 px, batch 64, with the loader workers `byol train` picks on this
 machine (none on 2 cores: decoding runs in the training process). Each round runs, alternately,
 (A) byolcli's Trainer reading FOLDER (decode + per-image augmentation in the
-loader) and (B) the same Trainer fed tensors made beforehand, so that the gap
-is the data pipeline's cost. Both in fp32 (the issue's setting) and in the
-precision the plan picks on this machine. Medians over the rounds, after one
-warm-up step sequence per measurement.
+loader), (B) the Trainer with the images decoded once into memory and both views
+made in batches (what `byol train` plans when the set fits in memory) and (C) the
+same Trainer fed tensors made beforehand, so that the gaps are the data
+pipeline's cost. Both in fp32 (the issue's setting) and in the precision the
+plan picks on this machine. Medians over the rounds, after one warm-up step
+sequence per measurement.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from byolcli.train import Trainer
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "train"
 
 
-def make_plan(images: int, precision: str, workers: int) -> Plan:
+def make_plan(images: int, precision: str, workers: int, in_memory: bool = False) -> Plan:
     return Plan(
         device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=64, accumulation=1,
         precision=precision, workers=workers, channels_last=precision == "bf16", images=images, skipped=0,
         steps_per_epoch=images // 64, total_steps=10**6, epochs=0, warmup_steps=100, base_lr=0.45,
         lr=0.45 / 4, tau_base=0.99, weight_decay=1.5e-6, seed=0, step_seconds=0, time_budget=None,
+        augment_on="device" if in_memory else "cpu", in_memory=in_memory,
     )
 
 
@@ -58,19 +61,23 @@ def main() -> None:
     for precision in precisions:
         plan = make_plan(len(paths), precision, workers)
         from_files = Trainer(plan, paths)
+        in_memory = Trainer(make_plan(len(paths), precision, workers, in_memory=True), paths)
         from_tensors = Trainer(plan, paths)
         batch = next(iter(from_tensors.loader))
         from_tensors.loader = [batch] * plan.steps_per_epoch  # the same step, no decoding
-        results = {"JPEG folder": [], "pre-made tensors": []}
+        results = {"JPEG folder": [], "in memory": [], "pre-made tensors": []}
         for _ in range(args.rounds):
             results["JPEG folder"].append(images_per_second(from_files, args.steps))
+            results["in memory"].append(images_per_second(in_memory, args.steps))
             results["pre-made tensors"].append(images_per_second(from_tensors, args.steps))
         medians = {k: statistics.median(v) for k, v in results.items()}
         for name, values in results.items():
             print(f"{precision:>5} {name:>17}: median {medians[name]:6.1f} images/s  "
                   f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
-        share = 1 - medians["JPEG folder"] / medians["pre-made tensors"]
-        print(f"{precision:>5} data pipeline costs {share:.0%} of the pre-made-tensor speed")
+        for name in ("JPEG folder", "in memory"):
+            share = 1 - medians[name] / medians["pre-made tensors"]
+            print(f"{precision:>5} {name}: the data pipeline costs {share:.0%} of the pre-made-tensor speed")
+        print(f"{precision:>5} in memory / JPEG folder: {medians['in memory'] / medians['JPEG folder']:.2f}x")
 
 
 if __name__ == "__main__":

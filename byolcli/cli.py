@@ -67,8 +67,8 @@ def user_errors() -> Iterator[None]:
 
         err.print(f"[bold red]training failed:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-    except PeerFailed:  # rank 0 has printed why
-        raise typer.Exit(1) from None
+    except PeerFailed as exc:  # rank 0 has printed why
+        raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -134,6 +134,7 @@ def train(
     workers: Optional[int] = typer.Option(None, help="Data-loading processes. [default: from the CPU cores]", show_default=False),
     precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False),
     augment_on: Optional[str] = typer.Option(None, help="Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image parameters). [default: device on CUDA at >= 96 px]", show_default=False),
+    init: Optional[str] = typer.Option(None, help="Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once) or an exported encoder.safetensors.", show_default=False),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
     checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C)."),
@@ -159,7 +160,7 @@ def train(
         choices = Overrides(
             backbone=backbone, image_size=image_size, batch_size=batch_size, epochs=epochs,
             time_budget=parse_duration(time) if time is not None else None, lr=lr, device=device,
-            workers=workers, precision=precision, augment_on=augment_on, seed=seed,
+            workers=workers, precision=precision, augment_on=augment_on, init=init, seed=seed,
         )
         request = TrainRequest(folder=folder, choices=choices, out=out, restart=restart,
                                checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"))
@@ -210,7 +211,7 @@ def evaluate(
     model: Optional[Path] = typer.Option(None, help="Encoder to evaluate. [default: the most recent run's encoder]", show_default=False),
     root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False),
     embeddings: Optional[Path] = typer.Option(None, help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.", show_default=False),
-    baseline: Optional[Path] = typer.Option(None, help="Another encoder file to compare against, side by side.", show_default=False),
+    baseline: Optional[Path] = typer.Option(None, help="Another encoder file to compare against, side by side, or 'imagenet' for torchvision's pretrained weights of the same architecture.", show_default=False),
     skip_missing: bool = typer.Option(False, "--skip-missing", help="Evaluate the rows whose files exist (and decode) instead of stopping at the first problem."),
     device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here.", show_default=False),

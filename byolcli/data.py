@@ -118,6 +118,42 @@ class CanvasDataset(Dataset):
         return canvas, torch.tensor([height, width])
 
 
+def decode_canvases(paths: list[Path], size: int, workers: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image decoded once onto its canvas: uint8 (n, 3, C, C) and original sizes (n, 2).
+
+    For sets that fit in memory: training then never decodes again, and each
+    epoch only costs the batched augmentation.
+    """
+    dataset = CanvasDataset(paths, size)
+    canvases = torch.empty(len(paths), 3, dataset.canvas, dataset.canvas, dtype=torch.uint8)
+    sizes = torch.empty(len(paths), 2, dtype=torch.long)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
+                                         sampler=[(0, i) for i in range(len(paths))])
+    done = 0
+    for batch, batch_sizes in loader:
+        canvases[done : done + len(batch)] = batch
+        sizes[done : done + len(batch)] = batch_sizes
+        done += len(batch)
+        if progress:
+            progress(done, len(paths))
+    return canvases, sizes
+
+
+class MemoryBatches:
+    """Batches of (canvases, sizes) from decoded images in memory, in the sampler's order: a
+    drop-in for the DataLoader over CanvasDataset, minus the decoding."""
+
+    def __init__(self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int) -> None:
+        self.canvases, self.sizes = canvases, sizes
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self):
+        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long, device=self.canvases.device)
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            index = order[start : start + self.batch_size]
+            yield self.canvases[index], self.sizes[index]
+
+
 class EpochSampler(Sampler[tuple[int, int]]):
     """Yields (epoch, index): a fresh permutation per epoch from (seed, epoch), startable mid-epoch.
 

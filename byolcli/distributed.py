@@ -12,6 +12,7 @@ that dies or hangs ends the run with an error instead of a silent wait.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import uuid
@@ -88,13 +89,16 @@ def share(world: World, make):
     if world.is_main:
         try:
             payload[0] = ("ok", make())
-        except BaseException:
-            dist.broadcast_object_list([("failed", None)], src=0, group=_setup_group)
+        except BaseException as exc:
+            # The exit code rank 0 will end with, so that every rank ends alike (whichever
+            # the launcher sees first).
+            code = 2 if isinstance(exc, UserError) else 130 if isinstance(exc, KeyboardInterrupt) else 1
+            dist.broadcast_object_list([("failed", code)], src=0, group=_setup_group)
             raise
     dist.broadcast_object_list(payload, src=0, group=_setup_group)
     status, value = payload[0]
     if status != "ok":
-        raise PeerFailed
+        raise PeerFailed(value)
     return value
 
 
@@ -104,31 +108,26 @@ def barrier(world: World) -> None:
 
 
 def sum_across(world: World, tensor: torch.Tensor) -> torch.Tensor:
-    """The sum of `tensor` over all ranks (in place), or a lost peer as TrainingFailed."""
+    """The sum of `tensor` over all ranks, in place."""
     if world.size > 1:
-        with collective_errors(world):
-            dist.all_reduce(tensor)
+        dist.all_reduce(tensor)
     return tensor
 
 
-class collective_errors:
+LOST_PEER = ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "socket", "closed", "broken pipe")
+
+
+@contextlib.contextmanager
+def collective_errors(world: World):
     """Turn a collective that failed (a peer died, or timed out) into one clear TrainingFailed."""
-
-    def __init__(self, world: World) -> None:
-        self.world = world
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, exc, tb):
-        if exc is None or self.world.size == 1 or not isinstance(exc, (RuntimeError, dist.DistError)):
-            return False
+    try:
+        yield
+    except RuntimeError as exc:  # gloo raises RuntimeError, NCCL its subclass DistBackendError
         text = re.sub(r"^\[[^\]]*\]\s*", "", str(exc).splitlines()[0])  # drop gloo's source location
-        if not any(word in text.lower() for word in ("gloo", "nccl", "timed out", "timeout", "connection",
-                                                     "peer", "socket", "closed", "broken pipe")):
-            return False
+        if world.size == 1 or not any(word in text.lower() for word in LOST_PEER):
+            raise
         raise TrainingFailed(
-            f"rank {self.world.rank} lost contact with the other processes ({text.split('. ')[0][:160]}); "
+            f"rank {world.rank} lost contact with the other processes ({text.split('. ')[0][:160]}); "
             "a process died or hung. The last checkpoint is kept: run the same command again to resume"
         ) from None
 
@@ -176,9 +175,9 @@ def launch_local(processes: int, argv: list[str]) -> int:
     try:
         elastic_launch(config, sys.executable)("-m", "byolcli", *argv)
     except ChildFailedError as exc:
-        codes = {rank: failure.exitcode for rank, failure in exc.failures.items()}
-        code = codes.get(0) or next(iter(codes.values()))
-        return code if code > 0 else 1  # a negative code: killed by that signal
+        # Ranks that fail together end with the same code; a negative one means killed by a signal.
+        codes = [failure.exitcode for failure in exc.failures.values()]
+        return max(codes) if max(codes) > 0 else 1
     except SignalException:  # Ctrl-C: the workers got it too, saved a checkpoint and said so
         return 130
     return 0

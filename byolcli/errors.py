@@ -18,4 +18,8 @@ class TrainingFailed(Exception):
 
 class PeerFailed(Exception):
     """In a distributed run, rank 0 stopped with an error during setup and has said why;
-    the other ranks exit quietly with code 1."""
+    the other ranks exit quietly, with rank 0's exit code (the exception's argument)."""
+
+    @property
+    def exit_code(self) -> int:
+        return self.args[0] if self.args else 1

@@ -26,6 +26,7 @@ from byolcli.model import make_backbone
 
 MAX_FOLDS = 5
 RANDOM_INIT = "random init"
+IMAGENET = "imagenet"  # --baseline imagenet: torchvision's pretrained weights
 
 
 @dataclass
@@ -99,6 +100,25 @@ def random_encoder(metadata: dict, device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Module:
+    """--baseline: an encoder file, or 'imagenet' (unless a file has that name)."""
+    if str(baseline) == IMAGENET and not baseline.exists():
+        return imagenet_encoder(metadata, device)
+    return load_encoder(baseline, device)
+
+
+def imagenet_encoder(metadata: dict | None, device) -> torch.nn.Module:
+    """torchvision's ImageNet weights for the evaluated encoder's architecture, at its image size."""
+    from byolcli.data import MEAN, STD
+    from byolcli.model import pretrained_backbone
+
+    if metadata is None:
+        raise UserError("--baseline imagenet: the embeddings' encoder file is gone, so its architecture is unknown")
+    model = pretrained_backbone(metadata["architecture"])
+    model.byol_metadata = {**metadata, "mean": MEAN, "std": STD, "train_images": 0, "source": IMAGENET}
+    return model.to(device).eval()
+
+
 def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict]:
     """Rows of an earlier `byol embed` output for the CSV's images (via its paths and meta files)."""
     from byolcli.embed import sidecars
@@ -141,6 +161,8 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
         model_path = model if model is not None else latest_encoder()
         encoder = load_encoder(model_path, torch_device)
         metadata = encoder.byol_metadata
+    other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
+    if embeddings is None:
         reporter.info(f"evaluating {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
                       f"on {len(data.paths):,} labelled images, {len(classes)} classes")
         with reporter.progress("embedding (encoder)", unit="images") as progress:
@@ -148,8 +170,7 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
         encoders["encoder"] = features
         good &= ok
         unmatched = "could not be decoded"
-    if baseline is not None:
-        other = load_encoder(baseline, torch_device)
+    if other is not None:
         with reporter.progress("embedding (baseline)", unit="images") as progress:
             features, ok = embed_labelled(data.paths, other, torch_device, batch_size, workers, progress)
         encoders["baseline"] = features

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from byolcli.errors import UserError
+
 # name -> (torchvision constructor, feature dimension after global pooling)
 BACKBONES = {
     "resnet18": (torchvision.models.resnet18, 512),
@@ -35,6 +37,21 @@ def make_backbone(name: str) -> nn.Module:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     model = BACKBONES[name][0](weights=None)
     model.fc = nn.Identity()
+    return model
+
+
+def pretrained_backbone(name: str) -> nn.Module:
+    """`make_backbone(name)` with torchvision's ImageNet weights, downloaded once into torch's
+    cache (~/.cache/torch/hub/checkpoints, or $TORCH_HOME/hub/checkpoints) and read from there after."""
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt cache: the same advice
+        cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
+        raise UserError(f"imagenet: torchvision's {name} weights are not in {cache} and could not be downloaded "
+                        f"({str(exc).splitlines()[0][:120]}); copy them there from {weights.url}") from None
+    model = make_backbone(name)
+    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     return model
 
 
@@ -64,6 +81,12 @@ class BYOL(nn.Module):
         self.target_projector = copy.deepcopy(self.online_projector)
         for p in self.target_parameters():
             p.requires_grad_(False)
+
+    @torch.no_grad()
+    def start_from(self, backbone_state: dict) -> None:
+        """Online and target encoders both start from these weights (BYOL's target starts as a copy)."""
+        self.online_encoder.load_state_dict(backbone_state)
+        self.target_encoder.load_state_dict(backbone_state)
 
     def online_parameters(self) -> list[nn.Parameter]:
         return [*self.online_encoder.parameters(), *self.online_projector.parameters()]

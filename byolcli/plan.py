@@ -40,9 +40,14 @@ Its rules, and where they come from:
   processes when the per-device batch is under 128: BYOL's reference computes
   statistics over the whole batch, and a few dozen images per device give
   noisy statistics.
-- Augmentation: on the GPU (batched, parameters per image) for CUDA at ≥ 96 px,
-  where CPU workers cannot make two views per image as fast as the GPU trains;
-  in loader processes otherwise.
+- Images in memory: when every image, decoded onto its 1.5× canvas, fits in
+  a quarter of the RAM (shared among the processes of this machine), they are
+  decoded once before training instead of every epoch, and both views are made
+  in batches on the training device (per-image parameters, augment.py). On
+  this project's 2-core CPU that is what the data pipeline cost (29%).
+- Augmentation otherwise: on the GPU (batched) for CUDA at ≥ 96 px, where CPU
+  workers cannot make two views per image as fast as the GPU trains; per
+  image in loader processes (torchvision) elsewhere.
 """
 
 from __future__ import annotations
@@ -68,6 +73,10 @@ BF16_MARGIN = 1.15
 EFFECTIVE_BATCH = 256
 SYNC_BATCHNORM_BELOW = 128  # per-device batch
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
+IN_MEMORY_SHARE = 0.25  # decoded images may take at most this share of the RAM
+# Measured on cifar10-5k (README, 'What a short CPU run learns'): every run of up to
+# 18 epochs scored below an untrained ResNet-18 on kNN; a 40-epoch run scored above it.
+USEFUL_EPOCHS = 40
 DEFAULT_EPOCHS = 100
 WEIGHT_DECAY = 1.5e-6
 # Rough training memory per image at 224 px for BYOL (two views with gradients,
@@ -88,6 +97,7 @@ class Hardware:
     bf16: bool
     cores: int
     device: str  # the torch device string, e.g. "cuda:0"
+    ram: int = 0  # bytes of system memory this process may count on (0: unknown)
 
 
 @dataclass
@@ -116,6 +126,8 @@ class Plan:
     time_budget: float | None
     reasons: dict[str, str] = field(default_factory=dict)
     augment_on: str = "cpu"  # "cpu": loader processes; "device": batched on the training device
+    in_memory: bool = False  # all images decoded once, before training (needs augment_on "device")
+    init: str | None = None  # starting weights: "imagenet", an exported encoder's path, or None (random)
     world_size: int = 1  # processes training together, one per device
     sync_batchnorm: bool = False
 
@@ -150,10 +162,18 @@ class Overrides:
     workers: int | None = None
     precision: str | None = None
     augment_on: str | None = None
+    init: str | None = None
     seed: int = 0
 
 
 # --- hardware ------------------------------------------------------------------
+
+
+def system_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def cpu_has_bf16() -> bool:
@@ -177,17 +197,18 @@ def detect_hardware(device: str | None = None) -> Hardware:
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         free, total = torch.cuda.mem_get_info(index)
         props = torch.cuda.get_device_properties(index)
-        return Hardware("cuda", props.name, total, free, torch.cuda.is_bf16_supported(), cores, f"cuda:{index}")
+        return Hardware("cuda", props.name, total, free, torch.cuda.is_bf16_supported(), cores, f"cuda:{index}",
+                        system_memory())
     if wanted == "mps" or (not wanted and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
             raise UserError(f"--device {device}: Apple MPS is not available here")
         total = int(torch.mps.recommended_max_memory())
         free = total - int(torch.mps.driver_allocated_memory())
-        return Hardware("mps", "Apple GPU (MPS)", total, free, False, cores, "mps")
+        return Hardware("mps", "Apple GPU (MPS)", total, free, False, cores, "mps", system_memory())
     if wanted not in ("", "cpu"):
         raise UserError(f"--device {device}: unknown device (use cuda, cuda:N, mps or cpu)")
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu")
+    total = system_memory()
+    return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total)
 
 
 # --- the rules -------------------------------------------------------------------
@@ -231,7 +252,21 @@ def choose_workers(hw: Hardware) -> tuple[int, str]:
     return workers, f"{hw.cores} cores, one left for the training process"
 
 
-def choose_augment_on(size: int, hw: Hardware) -> tuple[str, str]:
+def decoded_bytes(images: int, size: int) -> int:
+    canvas = size * 3 // 2  # data.CanvasDataset's canvas
+    return images * 3 * canvas * canvas
+
+
+def choose_in_memory(images: int, size: int, hw: Hardware) -> tuple[bool, str]:
+    need, budget = decoded_bytes(images, size), IN_MEMORY_SHARE * hw.ram
+    if need <= budget:
+        return True, f"{need / GiB:.2f} GiB decoded: fits in memory, so images are decoded once, not every epoch"
+    return False, f"{need / GiB:.1f} GiB decoded would exceed {budget / GiB:.1f} GiB (a quarter of the RAM)"
+
+
+def choose_augment_on(size: int, hw: Hardware, in_memory: bool) -> tuple[str, str]:
+    if in_memory:
+        return "device", "images are in memory: both views are made in batches where the model trains"
     if hw.kind == "cuda" and size >= 96:
         return "device", f"at {size} px CPU workers cannot make two views as fast as a GPU trains"
     if hw.kind == "cpu":
@@ -342,7 +377,11 @@ def make_plan(
         precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
         reasons["precision"] = (f"timed on this CPU: fp32 {batch / timed['fp32']:.0f}, "
                                 f"bf16 {batch / timed['bf16']:.0f} images/s (bf16 must win by 15%)")
-    augment_on = pick("augment_on", over.augment_on, lambda: choose_augment_on(image_size, hw))
+    fits, reasons["in_memory"] = choose_in_memory(images, image_size, hw)
+    augment_on = pick("augment_on", over.augment_on, lambda: choose_augment_on(image_size, hw, fits))
+    in_memory = fits and augment_on == "device"
+    if fits and not in_memory:
+        reasons["in_memory"] = "--augment-on cpu decodes in loader processes"
     if precision == "bf16" and hw.kind == "cpu" and not hw.bf16 and over.precision:
         reasons["precision"] += " (warning: this CPU emulates bf16, expect a large slowdown)"
     # NHWC feeds tensor cores on CUDA and AMX's bf16 kernels on CPU (measured 1.5x at
@@ -377,7 +416,7 @@ def make_plan(
     else:
         reasons["accumulation"] = "not needed"
 
-    data_seconds = data_cost(image_size, augment_on) * batch / max(workers, 1)
+    data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
     # Loader processes overlap with the step; without them decoding runs in between.
     micro_step = max(step_seconds, data_seconds) if workers else step_seconds + data_seconds
     seconds_per_step = micro_step * accumulation
@@ -398,6 +437,7 @@ def make_plan(
     base_lr = over.lr if over.lr is not None else base_lr_for(epochs)
     reasons["lr"] = "set by flag" if over.lr is not None else f"base {base_lr} for a {epochs:.3g}-epoch run, × global batch/256"
     sync_batchnorm, reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)
+    reasons["init"] = "set by flag" if over.init else "random (--init imagenet or --init ENCODER to start from weights)"
     tau_base, reasons["tau_base"] = tau_for(epochs, total_steps)
     warmup = max(1, min(10 * steps_per_epoch, total_steps // 10))
 
@@ -408,7 +448,7 @@ def make_plan(
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=round(epochs, 3),
         warmup_steps=warmup, base_lr=base_lr, lr=base_lr * global_batch / 256,
         tau_base=tau_base, weight_decay=WEIGHT_DECAY, seed=over.seed,
-        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on,
+        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on, in_memory=in_memory, init=over.init,
         world_size=world_size, sync_batchnorm=sync_batchnorm,
     )
 
@@ -427,6 +467,16 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     plan.step_seconds = step_seconds
     plan.reasons["epochs"] = (f"what fits in the {format_seconds(plan.time_budget)} budget at "
                               f"{step_seconds:.2f} s per step, measured in the first training steps")
+
+
+def short_run_warning(plan: Plan) -> str | None:
+    """What to tell the user before a run too short to be worth its time, or None."""
+    if plan.init or plan.epochs >= USEFUL_EPOCHS:
+        return None
+    needed = USEFUL_EPOCHS * plan.steps_per_epoch * plan.step_seconds
+    return (f"this plan trains {plan.epochs:.3g} epochs: too few to expect features better than an untrained "
+            f"network's (measured: runs of up to 18 epochs scored below it on kNN, a {USEFUL_EPOCHS}-epoch run above; "
+            f"README). Give it --time {format_seconds(needed)} or more at this speed, a GPU, or --init imagenet")
 
 
 def format_seconds(seconds: float) -> str:

@@ -140,6 +140,8 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
                       r.get("sync_batchnorm", ""))
     table.add_row("precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", ""))
     table.add_row("loader workers", str(plan.workers), r.get("workers", ""))
+    decoding = "once, into memory" if plan.in_memory else "every epoch, as batches are loaded"
+    table.add_row("decoding", decoding, r.get("in_memory", ""))
     where = "batched on the training device" if plan.augment_on == "device" else "per image on the CPU (torchvision)"
     table.add_row("augmentation", where + ", parameters drawn per image", r.get("augment_on", ""))
     table.add_row("length", f"{plan.epochs:g} epochs = {plan.total_steps:,} steps", r.get("epochs", ""))

@@ -23,6 +23,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,16 @@ from torch.utils.data import DataLoader
 
 from byolcli import distributed
 from byolcli.augment import byol_views
+from byolcli.data import (MEAN, STD, CanvasDataset, EpochSampler, MemoryBatches, TwoViewDataset, decode_canvases,
+                          item_seed)
 from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
-from byolcli.data import MEAN, STD, CanvasDataset, EpochSampler, TwoViewDataset
-from byolcli.encoder import save_encoder
+from byolcli.encoder import load_encoder, read_metadata, save_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir
-from byolcli.model import BYOL
+from byolcli.model import BYOL, pretrained_backbone
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
-from byolcli.plan import Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget
+from byolcli.plan import (Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget,
+                          short_run_warning)
 from byolcli.scan import scan
 
 CHECKPOINT = "checkpoint.pt"
@@ -74,6 +77,8 @@ class Trainer:
     plan: Plan
     paths: list[Path]
     world: World = field(default_factory=World)
+    decode_progress: Callable[[int, int], None] | None = field(default=None, repr=False)  # for in-memory plans
+    start_from: dict | None = field(default=None, repr=False)  # a checkpoint to continue
     step: int = 0
     stop_requested: bool = False  # Ctrl-C seen by this process
     stopping: bool = False  # ... and agreed on by every process: stop after this step
@@ -88,9 +93,12 @@ class Trainer:
             # Loader processes and training threads must not outnumber the
             # cores: OpenMP threads that get preempted stall each other.
             cores = max(1, (os.cpu_count() or 1) // world.local_size)
-            torch.set_num_threads(max(1, cores - plan.workers))
+            busy_loading = 0 if plan.in_memory else plan.workers  # in memory, workers only decode up front
+            torch.set_num_threads(max(1, cores - busy_loading))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.model = BYOL(plan.backbone)
+        if plan.init and self.start_from is None:
+            self.model.start_from(initial_weights(plan.init, plan.backbone))
         if plan.sync_batchnorm and world.size > 1:
             synchronise_batchnorm(self.model, self.device.type)
         self.model.to(self.device, memory_format=self.memory_format)
@@ -107,11 +115,31 @@ class Trainer:
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(plan.precision)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=plan.precision == "fp16")
         self.sampler = EpochSampler(len(self.paths), plan.seed, world.rank, world.size)
-        workers = plan.workers
         self.augment_on_device = plan.augment_on == "device"
+        self.loader = self._make_loader()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self._split_random_streams()
+        if self.start_from is not None:
+            self.load_state_dict(self.start_from)
+            self.start_from = None
+
+    def _split_random_streams(self) -> None:
+        """Give each rank its own random stream once the shared initial weights are drawn: batched
+        augmentation draws from it, and ranks drawing alike would crop their images alike."""
+        if self.world.size > 1:
+            torch.manual_seed(item_seed(self.plan.seed, self.step, self.world.rank))
+
+    def _make_loader(self):
+        plan, workers = self.plan, self.plan.workers
+        if plan.in_memory:
+            canvases, sizes = decode_canvases(self.paths, plan.image_size, workers, self.decode_progress)
+            if self.device.type == "cuda" and canvases.numel() < 0.1 * torch.cuda.mem_get_info(self.device)[1]:
+                canvases, sizes = canvases.to(self.device), sizes.to(self.device)  # batches never cross the bus
+            return MemoryBatches(canvases, sizes, self.sampler, plan.batch_size)
         dataset = CanvasDataset(self.paths, plan.image_size) if self.augment_on_device else \
             TwoViewDataset(self.paths, plan.image_size, plan.seed)
-        self.loader = DataLoader(
+        return DataLoader(
             dataset,
             batch_size=plan.batch_size,
             sampler=self.sampler,
@@ -122,8 +150,6 @@ class Trainer:
             prefetch_factor=4 if workers > 0 else None,
             generator=torch.Generator().manual_seed(plan.seed),
         )
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
 
     # --- state ---------------------------------------------------------------
 
@@ -149,6 +175,7 @@ class Trainer:
         random.setstate(_as_python_rng_state(state["rng"]["python"]))
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self._split_random_streams()  # the checkpoint holds rank 0's stream only
 
     def save(self, path: Path) -> None:
         with atomic_path(path) as tmp:
@@ -259,6 +286,13 @@ class Trainer:
         }
 
 
+def initial_weights(init: str, architecture: str) -> dict:
+    """The backbone weights `--init` names: torchvision's ImageNet ones, or an exported encoder's."""
+    if init == "imagenet":
+        return pretrained_backbone(architecture).state_dict()
+    return load_encoder(init).state_dict()
+
+
 def projection_health(projections: torch.Tensor) -> tuple[float, float]:
     """(per-dimension std of L2-normalised projections × √d, effective rank) of one batch.
 
@@ -302,10 +336,8 @@ def train_folder(request: TrainRequest, reporter) -> Path:
 
 
 def _train_folder(request: TrainRequest, reporter, world: World) -> Path:
-    overrides = request.choices
-
     def prepare():
-        _validate(overrides)  # before anything is scanned, moved or written
+        overrides = _validate(request.choices)  # before anything is scanned, moved or written
         with reporter.progress("checking images") as progress:
             manifest = scan(request.folder, progress=progress)
         out = Path(request.out) if request.out else default_run_dir(request.folder)
@@ -325,13 +357,16 @@ def _train_folder(request: TrainRequest, reporter, world: World) -> Path:
         from byolcli.report import plan_report
 
         plan_report(plan, manifest, out, reporter)
+        warning = short_run_warning(plan) if state is None else None
+        if warning:
+            reporter.warn(warning)
         return plan, paths, state, out, str(manifest.root)
 
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
     plan, paths, state, out, root = distributed.share(world, prepare)
-    trainer = Trainer(plan, paths, world)
-    if state is not None:
-        trainer.load_state_dict(state)
+    decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
+    with decoding as progress:
+        trainer = Trainer(plan, paths, world, decode_progress=progress, start_from=state)
     if trainer.step < plan.total_steps:
         _train(trainer, out, request, reporter)
 
@@ -348,8 +383,9 @@ def _train_folder(request: TrainRequest, reporter, world: World) -> Path:
 
 def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
-    if hw.kind == "cpu" and world.local_size > 1:  # the processes on this machine share its cores
-        hw = replace(hw, cores=max(1, hw.cores // world.local_size))
+    if world.local_size > 1:  # the processes on this machine share its cores and memory
+        hw = replace(hw, ram=hw.ram // world.local_size,
+                     cores=max(1, hw.cores // world.local_size) if hw.kind == "cpu" else hw.cores)
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
     plan = make_plan(
         [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,
@@ -357,6 +393,8 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
         data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
         world_size=world.size,
     )
+    if plan.init == "imagenet":
+        pretrained_backbone(plan.backbone)  # downloaded here, once, before any rank needs the file
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
@@ -419,11 +457,15 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
                     now = time.perf_counter()
                     seconds_left, step_seconds = distributed.share(
                         world, lambda: (plan.time_budget - (now - started), (now - timing) / (timed - warm)))
+                    warned = short_run_warning(plan) is not None  # said before the first step
                     refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
                     if world.is_main:
                         atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
                     reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
                                   f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
+                    warning = short_run_warning(plan)
+                    if warning and not warned:
+                        reporter.warn(warning)
             train_until(plan.total_steps)
     finally:
         signal.signal(signal.SIGINT, previous)
@@ -471,7 +513,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # Override name -> the Plan field it sets.
 PLANNED_AS = {"time_budget": "time_budget", "backbone": "backbone", "image_size": "image_size",
               "batch_size": "batch_size", "lr": "base_lr", "workers": "workers", "precision": "precision",
-              "augment_on": "augment_on", "seed": "seed"}
+              "augment_on": "augment_on", "init": "init", "seed": "seed"}
 
 
 def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
@@ -487,7 +529,8 @@ def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
                       "(--restart to start a new run with them)")
 
 
-def _validate(over: Overrides) -> None:
+def _validate(over: Overrides) -> Overrides:
+    """Refuse contradictory or impossible flags; returns them with what --init implies filled in."""
     from byolcli.model import BACKBONES
 
     if over.backbone is not None and over.backbone not in BACKBONES:
@@ -508,6 +551,12 @@ def _validate(over: Overrides) -> None:
         raise UserError(f"--lr {over.lr}: must be positive")
     if over.epochs is not None and over.time_budget is not None:
         raise UserError("--epochs and --time both set: give one")
+    if over.init is not None and over.init != "imagenet":
+        architecture = read_metadata(over.init)["architecture"]  # one-line error if not an encoder
+        if over.backbone not in (None, architecture):
+            raise UserError(f"--init {over.init} is a {architecture}; --backbone {over.backbone} does not match it")
+        return replace(over, backbone=architecture, init=str(Path(over.init).resolve()))
+    return over
 
 
 def _time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:

@@ -176,3 +176,17 @@ def wait_for_file(process, path: Path, timeout: float = 120) -> None:
         assert process.poll() is None, process.communicate()
         assert time.monotonic() < deadline, f"{path.name} did not appear"
         time.sleep(0.05)
+
+
+def cache_imagenet_weights(torch_home: Path, seed: int = 1) -> dict:
+    """Stand-in for torchvision's ResNet-18 ImageNet file, where torch looks before downloading
+    (this machine is offline). Returns the backbone weights (without fc) it holds."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(seed)
+    state = torchvision.models.resnet18().state_dict()
+    url = torchvision.models.ResNet18_Weights.DEFAULT.url
+    (torch_home / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
+    torch.save(state, torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1])
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -8,7 +8,7 @@ from byolcli.errors import UserError
 from byolcli.evaluate import make_protocol, score
 from byolcli.labels import drop_missing, read_labels
 from byolcli.metrics import knn_scores, linear_probe_scores, summarize
-from conftest import noise_image, run_byol, shapes_folder
+from conftest import cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 
 def blobs(per_class=100, classes=4, dim=16, seed=0):
@@ -171,3 +171,22 @@ def test_byol_evaluate_end_to_end(tmp_path, encoder_file):
     missing = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file)
     assert missing.returncode == 2 and "10 listed files do not exist" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_imagenet_baseline_uses_torchvisions_weights_for_the_same_architecture(tmp_path, encoder_file):
+    folder = shapes_folder(tmp_path / "a", count=10)
+    rows = [f"a/{p.name},{'left' if i % 2 else 'right'}" for i, p in enumerate(sorted(folder.iterdir()))]
+    csv_path = write_csv(tmp_path / "labels.csv", "image,class\n" + "\n".join(rows) + "\n")
+    cache_imagenet_weights(tmp_path / "torch", seed=1)  # the same weights encoder_file holds
+    result = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file, "--baseline", "imagenet",
+                      "--json", tmp_path / "r.json", env_extra={"TORCH_HOME": str(tmp_path / "torch")})
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["sources"]["baseline"] == "imagenet"
+    assert report["results"]["baseline"]["knn"] == report["results"]["encoder"]["knn"]
+
+    offline = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file, "--baseline", "imagenet",
+                       env_extra={"TORCH_HOME": str(tmp_path / "empty"), "https_proxy": "http://127.0.0.1:9",
+                                  "HTTPS_PROXY": "http://127.0.0.1:9"})
+    assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1
+    assert "could not be downloaded" in offline.stderr and "resnet18-f37072fd.pth" in offline.stderr

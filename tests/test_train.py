@@ -15,7 +15,7 @@ from byolcli.errors import TrainingFailed, UserError
 from byolcli.model import BYOL
 from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, make_plan
 from byolcli.train import Trainer
-from conftest import noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
+from conftest import cache_imagenet_weights, noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +41,39 @@ def test_augmentation_on_the_device_trains_through_the_same_loop(shapes):
     losses = []
     trainer.run(3, on_log=lambda r: losses.append(r["loss"]), log_every=0)
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+
+
+def test_images_in_memory_are_decoded_once_and_batched_in_the_samplers_order(shapes, monkeypatch):
+    from byolcli import data
+
+    decoded = []
+    real_open = data.open_rgb
+    monkeypatch.setattr(data, "open_rgb", lambda path, **kw: (decoded.append(path), real_open(path, **kw))[1])
+    trainer = Trainer(tiny_plan(len(shapes), augment_on="device", in_memory=True, steps_per_epoch=4), shapes)
+    canvases, sizes = next(iter(trainer.loader))
+    first = [index for _, index in trainer.sampler][:8]
+    whole = [data.CanvasDataset(shapes, 32)[0, i][0] for i in first]
+    assert canvases.dtype == torch.uint8 and torch.equal(canvases, torch.stack(whole))
+    assert sizes.tolist() == [[32, 32]] * 8
+    decoded.clear()
+    losses = []
+    trainer.run(8, on_log=lambda r: losses.append(r["loss"]), log_every=0)  # two epochs
+    assert decoded == [] and len(losses) == 8 and all(math.isfinite(x) for x in losses)
+
+
+def test_init_starts_online_and_target_encoders_from_the_given_weights(shapes, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    imagenet = cache_imagenet_weights(tmp_path / "torch")
+    torch.manual_seed(7)
+    other = torchvision.models.resnet18()
+    other.fc = torch.nn.Identity()
+    save_encoder(other, tmp_path / "e.safetensors", architecture="resnet18", image_size=32, mean=(0.5,) * 3,
+                 std=(0.25,) * 3, train_images=32, epochs=1, steps=1)
+    for init, expected in (("imagenet", imagenet), (str(tmp_path / "e.safetensors"), other.state_dict())):
+        model = Trainer(tiny_plan(len(shapes), init=init), shapes).model
+        for encoder in (model.online_encoder, model.target_encoder):
+            state = encoder.state_dict()
+            assert all(torch.equal(state[k], v) for k, v in expected.items()), init
 
 
 def test_export_holds_only_the_backbone_and_loads_into_stock_torchvision(shapes, tmp_path):
@@ -191,6 +224,18 @@ def test_plans_for_different_machines_are_sensible():
     assert make_plan([32] * 5_000, 0, server, Overrides(), fits_below(10**6, [])).workers == 4
 
 
+def test_sets_that_fit_in_memory_are_decoded_once_and_augmented_in_batches():
+    laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu", ram=8 * GiB)
+    small = make_plan([32] * 5_000, 0, laptop, Overrides(), fits_below(10**6, []))
+    assert small.in_memory and small.augment_on == "device" and "decoded once" in small.reasons["in_memory"]
+    large = make_plan([400] * 2_000_000, 0, laptop, Overrides(), fits_below(10**6, []))
+    assert not large.in_memory and large.augment_on == "cpu" and "a quarter of the RAM" in large.reasons["in_memory"]
+    pinned = make_plan([32] * 5_000, 0, laptop, Overrides(augment_on="cpu"), fits_below(10**6, []))
+    assert not pinned.in_memory and pinned.augment_on == "cpu"
+    gpu_box = make_plan([480] * 200_000, 0, gpu(80), Overrides(), fits_below(10**6, []))  # RAM unknown
+    assert not gpu_box.in_memory and gpu_box.augment_on == "device"
+
+
 def test_bf16_capable_cpus_get_the_precision_that_measured_faster():
     amx = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, True, 2, "cpu")
     seconds = {"fp32": 0.4, "bf16": 0.5}
@@ -235,6 +280,10 @@ def test_byol_train_writes_plan_metrics_and_encoder_and_refuses_to_overwrite(tmp
     assert lines[-1]["step"] == 4 and {"loss", "images_per_s", "data_wait", "effective_rank"} <= set(lines[-1])
     assert load_encoder(run / "encoder.safetensors").byol_metadata["train_images"] == 16
     assert sorted(p.name for p in folder.iterdir()) == [f"{i:03d}.png" for i in range(16)]  # input untouched
+    # 2 epochs cannot beat random weights: said after the plan, before the first step
+    warning = result.stderr.index("warning: this plan trains 2 epochs")
+    assert result.stderr.index("training plan") < warning < result.stderr.index("step 4/4")
+    assert "--init imagenet" in result.stderr[warning:]
 
     again = run_byol("train", folder, "--epochs", "2", *TRAIN_ARGS, cwd=tmp_path)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr
@@ -247,6 +296,17 @@ def test_bad_train_flags_are_one_line_errors(tmp_path):
         result = run_byol("train", folder, *args, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
+
+
+def test_init_flag_refuses_what_is_not_an_encoder_or_does_not_match(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    (tmp_path / "notes.txt").write_text("not a model")
+    for args, message in ((("--init", tmp_path / "notes.txt"), "not a safetensors model file"),
+                          (("--init", tmp_path / "gone.safetensors"), "no such model file")):
+        result = run_byol("train", folder, *args, cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert message in result.stderr
+    assert not (tmp_path / "byol-runs").exists()
 
 
 def _start_training(folder, cwd, epochs):

@@ -1,0 +1,151 @@
+"""Train BYOL with a peer's code, as its own docs and benchmarks do it. Runs in benchmarks/peers/.venv.
+
+    python peer_train.py lightly FOLDER --seconds 300 --out backbone.pt      # a wall-clock budget
+    python peer_train.py byol-pytorch FOLDER --steps 60                      # throughput only
+
+Both peers train a torchvision ResNet-18 (fc removed) at 32 px, batch 64, one loader
+process, from the JPEG files, so the only differences are each peer's own recipe:
+
+- lightly: its CIFAR-10 benchmark recipe (BYOLTransform without blur, projection and
+  prediction heads 4096/256, SGD lr 0.06·batch/128 with momentum 0.9 and weight decay
+  5e-4, cosine decay, EMA τ 0.99 → 1 on a cosine, symmetrised negative cosine loss).
+- byol-pytorch: its README defaults (BYOL(resnet, image_size, hidden_layer="avgpool"),
+  Adam 3e-4, its batch augmentation, τ 0.99).
+
+With --seconds the schedules run on the fraction of the budget used, since the number of
+steps that fit is not known in advance. Prints one JSON line: steps, images, images/s.
+"""
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+SIZE, BATCH, WORKERS = 32, 64, 1
+EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+
+
+class Folder(Dataset):
+    def __init__(self, root: str, transform) -> None:
+        self.paths = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in EXTENSIONS)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(Image.open(self.paths[i]).convert("RGB"))
+
+
+def resnet18() -> nn.Module:
+    model = torchvision.models.resnet18()
+    model.fc = nn.Identity()
+    return model
+
+
+def lightly_system(folder: str):
+    from lightly.loss import NegativeCosineSimilarity
+    from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
+    from lightly.models.utils import deactivate_requires_grad, update_momentum
+    from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+
+    backbone = resnet18()
+    projector, predictor = BYOLProjectionHead(512, 4096, 256), BYOLPredictionHead(256, 4096, 256)
+    backbone_ema, projector_ema = copy.deepcopy(backbone), copy.deepcopy(projector)
+    deactivate_requires_grad(backbone_ema)
+    deactivate_requires_grad(projector_ema)
+    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=SIZE, gaussian_blur=0.0),
+                              view_2_transform=BYOLView2Transform(input_size=SIZE, gaussian_blur=0.0))
+    params = [*backbone.parameters(), *projector.parameters(), *predictor.parameters()]
+    base_lr = 0.06 * BATCH / 128
+    optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=5e-4)
+    criterion = NegativeCosineSimilarity()
+    modules = nn.ModuleList([backbone, projector, predictor, backbone_ema, projector_ema]).train()
+
+    def step(views, progress: float) -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * 0.5 * (1 + math.cos(math.pi * progress))
+        tau = 1 - 0.01 * 0.5 * (1 + math.cos(math.pi * progress))  # lightly's cosine_schedule(0.99 → 1)
+        update_momentum(backbone, backbone_ema, m=tau)
+        update_momentum(projector, projector_ema, m=tau)
+        x0, x1 = views
+        p0, p1 = predictor(projector(backbone(x0))), predictor(projector(backbone(x1)))
+        with torch.no_grad():
+            z0, z1 = projector_ema(backbone_ema(x0)), projector_ema(backbone_ema(x1))
+        loss = 0.5 * (criterion(p0, z1) + criterion(p1, z0))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    return Folder(folder, transform), step, backbone, modules
+
+
+def byol_pytorch_system(folder: str):
+    from byol_pytorch import BYOL
+
+    net = torchvision.models.resnet18()
+    learner = BYOL(net, image_size=SIZE, hidden_layer="avgpool")
+    optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
+    transform = torchvision.transforms.Compose([
+        torchvision.transforms.Resize(SIZE), torchvision.transforms.CenterCrop(SIZE),
+        torchvision.transforms.ToTensor()])
+
+    def step(images, progress: float) -> None:
+        loss = learner(images)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        learner.update_moving_average()
+
+    return Folder(folder, transform), step, net, learner.train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("system", choices=["lightly", "byol-pytorch"])
+    parser.add_argument("folder")
+    parser.add_argument("--seconds", type=float, help="train for this wall-clock budget")
+    parser.add_argument("--steps", type=int, help="time this many steps (after 5 warm-up steps)")
+    parser.add_argument("--out", help="save the backbone's state dict here")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    make = lightly_system if args.system == "lightly" else byol_pytorch_system
+    dataset, step, backbone, _ = make(args.folder)
+    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True,
+                        persistent_workers=True)
+    warmup = 5
+    steps, start, timed_from = 0, time.perf_counter(), None
+    done = False
+    while not done:
+        for batch in loader:
+            elapsed = time.perf_counter() - start
+            progress = min(1.0, elapsed / args.seconds) if args.seconds else 0.0
+            step(batch, progress)
+            steps += 1
+            if steps == warmup:
+                timed_from = time.perf_counter()
+            if (args.seconds and time.perf_counter() - start >= args.seconds) or \
+                    (args.steps and steps >= warmup + args.steps):
+                done = True
+                break
+    end = time.perf_counter()
+    timed = steps - warmup
+    print(json.dumps({"system": args.system, "steps": steps, "images": steps * BATCH,
+                      "seconds": round(end - start, 1),
+                      "images_per_s": round(timed * BATCH / (end - timed_from), 2) if timed > 0 else None}))
+    if args.out:
+        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+        torch.save(state, args.out)
+
+
+if __name__ == "__main__":
+    main()
