@@ -68,7 +68,6 @@ def lightly_system(folder: str):
     base_lr = 0.06 * BATCH / 128
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=5e-4)
     criterion = NegativeCosineSimilarity()
-    modules = nn.ModuleList([backbone, projector, predictor, backbone_ema, projector_ema]).train()
 
     def step(views, progress: float) -> None:
         for group in optimizer.param_groups:
@@ -85,7 +84,7 @@ def lightly_system(folder: str):
         loss.backward()
         optimizer.step()
 
-    return Folder(folder, transform), step, backbone, modules
+    return Folder(folder, transform), step, backbone
 
 
 def byol_pytorch_system(folder: str):
@@ -105,7 +104,7 @@ def byol_pytorch_system(folder: str):
         optimizer.step()
         learner.update_moving_average()
 
-    return Folder(folder, transform), step, net, learner.train()
+    return Folder(folder, transform), step, net
 
 
 def main() -> None:
@@ -119,7 +118,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     make = lightly_system if args.system == "lightly" else byol_pytorch_system
-    dataset, step, backbone, _ = make(args.folder)
+    dataset, step, backbone = make(args.folder)  # modules are built in training mode
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True,
                         persistent_workers=True)
     warmup = 5

@@ -96,10 +96,10 @@ def backbone_from_state(path: Path) -> torch.nn.Module:
 # --- training each system -------------------------------------------------------------
 
 
-def train_byolcli(seconds: float, out: Path, extra=()) -> dict:
+def train_byolcli(seconds: float, out: Path) -> dict:
     """`byol train` with its automatic plan for a wall-clock budget; returns its last metrics."""
     subprocess.run([sys.executable, "-m", "byolcli", "-q", "train", str(DATA / "train"), "--time", f"{seconds}s",
-                    "--out", str(out), *extra], check=True)
+                    "--out", str(out)], check=True)
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
