@@ -27,15 +27,41 @@ PROJECTION_HIDDEN = 4096
 PROJECTION_DIM = 256
 
 
-def make_backbone(name: str) -> nn.Module:
+class _PerViewStatistics:
+    """Batch norm for a batch that stacks two views of the same images, [view 1; view 2].
+
+    In training each half is normalised with its own statistics, exactly as when each
+    view has a forward pass of its own (the paper's semantics: statistics mixed across
+    the views change what the network learns), while every convolution and linear
+    layer runs once over both halves: fewer, larger kernels. Evaluation uses the
+    running statistics, as any batch norm does.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(x)
+        first, second = x.chunk(2)
+        return torch.cat([super().forward(first), super().forward(second)])
+
+
+class PerViewBatchNorm1d(_PerViewStatistics, nn.BatchNorm1d):
+    pass
+
+
+class PerViewBatchNorm2d(_PerViewStatistics, nn.BatchNorm2d):
+    pass
+
+
+def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
     """A stock torchvision ResNet, randomly initialised, with `fc` replaced by Identity.
 
     Keeping torchvision's module names means the exported weights load into
-    `torchvision.models.<name>()` (with `fc = Identity()`) as they are.
+    `torchvision.models.<name>()` (with `fc = Identity()`) as they are, whichever
+    batch-norm class trained them.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    model = BACKBONES[name][0](weights=None)
+    model = BACKBONES[name][0](weights=None, norm_layer=norm_layer)
     model.fc = nn.Identity()
     return model
 
@@ -56,10 +82,10 @@ def pretrained_backbone(name: str) -> nn.Module:
 
 
 def mlp(in_dim: int, hidden: int = PROJECTION_HIDDEN, out_dim: int = PROJECTION_DIM) -> nn.Sequential:
-    """Linear → BN → ReLU → Linear: BYOL's projector and predictor."""
+    """Linear → BN → ReLU → Linear: BYOL's projector and predictor (their batch norm per view)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden),
-        nn.BatchNorm1d(hidden),
+        PerViewBatchNorm1d(hidden),
         nn.ReLU(inplace=True),
         nn.Linear(hidden, out_dim),
     )
@@ -74,7 +100,10 @@ class BYOL(nn.Module):
     def __init__(self, backbone: str) -> None:
         super().__init__()
         feature_dim = BACKBONES[backbone][1]
-        self.online_encoder = make_backbone(backbone)
+        self.online_encoder = make_backbone(backbone, norm_layer=PerViewBatchNorm2d)
+        # Both views in one pass needs batch norm that tells them apart; torch's
+        # SyncBatchNorm (several processes) cannot, so synchronising turns this off.
+        self.joint_pass = True
         self.online_projector = mlp(feature_dim)
         self.predictor = mlp(PROJECTION_DIM)
         self.target_encoder = copy.deepcopy(self.online_encoder)
@@ -97,15 +126,23 @@ class BYOL(nn.Module):
     def forward(self, view1: torch.Tensor, view2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Symmetrised BYOL loss (batch mean) and the online projections of view 1 (for monitoring).
 
-        Each view goes through the networks on its own, as in the paper, so that
-        batch-norm statistics are per view.
+        Batch-norm statistics are per view, as in the paper: both views share one
+        pass through per-view batch norm, or each view has its own pass.
         """
-        z1 = self.online_projector(self.online_encoder(view1))
-        z2 = self.online_projector(self.online_encoder(view2))
-        p1, p2 = self.predictor(z1), self.predictor(z2)
-        with torch.no_grad():
-            t1 = self.target_projector(self.target_encoder(view1))
-            t2 = self.target_projector(self.target_encoder(view2))
+        if self.joint_pass:
+            both = torch.cat([view1, view2])
+            z = self.online_projector(self.online_encoder(both))
+            p1, p2 = self.predictor(z).chunk(2)
+            z1 = z[: len(view1)]
+            with torch.no_grad():
+                t1, t2 = self.target_projector(self.target_encoder(both)).chunk(2)
+        else:
+            z1 = self.online_projector(self.online_encoder(view1))
+            z2 = self.online_projector(self.online_encoder(view2))
+            p1, p2 = self.predictor(z1), self.predictor(z2)
+            with torch.no_grad():
+                t1 = self.target_projector(self.target_encoder(view1))
+                t2 = self.target_projector(self.target_encoder(view2))
         loss = regression_loss(p1, t2).mean() + regression_loss(p2, t1).mean()
         return loss, z1.detach()
 

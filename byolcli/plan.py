@@ -17,6 +17,8 @@ Its rules, and where they come from:
 - Accumulation: when memory forces a per-device batch under 128, gradients
   are accumulated up to 256 (BYOL paper, §5: it holds up down to 256 and
   degrades below), with the target updated once per optimizer step.
+- Memory format: channels-last (NHWC) on CUDA and CPU: tensor cores and AMX want
+  it, and on CPU its batch norm is much faster on small feature maps.
 - Precision: bf16 on GPUs that compute it natively (Ampere+), fp16 with loss
   scaling on older ones, fp32 on MPS and on CPUs without AVX512-BF16/AMX
   (emulated bf16 is ~20× slower). On CPUs with them, both are timed and bf16
@@ -371,7 +373,7 @@ def make_plan(
     workers = pick("workers", over.workers, lambda: choose_workers(hw))
     if hw.kind == "cpu" and hw.bf16 and over.precision is None:
         batch = min(CPU_BATCH, max(MIN_BATCH, power_of_two_at_most(images / 8)))
-        timed = {p: probe(backbone, image_size, batch, p, p == "bf16") for p in ("fp32", "bf16")}
+        timed = {p: probe(backbone, image_size, batch, p, True) for p in ("fp32", "bf16")}
         # A few timed steps on a busy machine are noisy: fp32, the safer numerics,
         # keeps the job unless bf16 is clearly faster.
         precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
@@ -384,9 +386,10 @@ def make_plan(
         reasons["in_memory"] = "--augment-on cpu decodes in loader processes"
     if precision == "bf16" and hw.kind == "cpu" and not hw.bf16 and over.precision:
         reasons["precision"] += " (warning: this CPU emulates bf16, expect a large slowdown)"
-    # NHWC feeds tensor cores on CUDA and AMX's bf16 kernels on CPU (measured 1.5x at
-    # 64 px here); for fp32 on CPU it measured no faster.
-    channels_last = hw.kind == "cuda" or precision == "bf16"
+    # NHWC feeds tensor cores on CUDA and AMX's bf16 kernels on CPU (measured 1.5x at 64 px
+    # here). In fp32 on CPU its batch norm is far faster on small feature maps, which made the
+    # whole 32 px step 1.04x faster (benchmarks/joint_pass.py).
+    channels_last = hw.kind in ("cuda", "cpu")
 
     # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
     cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8 / world_size)))

@@ -13,7 +13,11 @@ process, from the JPEG files, so the only differences are each peer's own recipe
   Adam 3e-4, its batch augmentation, τ 0.99).
 
 With --seconds the schedules run on the fraction of the budget used, since the number of
-steps that fit is not known in advance. Prints one JSON line: steps, images, images/s.
+steps that fit is not known in advance. byol-pytorch's recipe has no schedule (constant
+learning rate and τ), so its state after t seconds of a longer run is exactly what a run of
+t seconds would export: --snapshot-at T … saves those states too (OUT with the seconds
+added to its name), and one run gives the whole learning curve. Prints one JSON line:
+steps, images, images/s, and the step of each snapshot.
 """
 
 import argparse
@@ -114,15 +118,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="train for this wall-clock budget")
     parser.add_argument("--steps", type=int, help="time this many steps (after 5 warm-up steps)")
     parser.add_argument("--out", help="save the backbone's state dict here")
+    parser.add_argument("--snapshot-at", type=float, nargs="*", default=[],
+                        help="also save the backbone after this many seconds (byol-pytorch only)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
+    if args.snapshot_at and (args.system != "byol-pytorch" or not args.out):
+        parser.error("--snapshot-at needs byol-pytorch (no schedule to depend on the budget) and --out")
     make = lightly_system if args.system == "lightly" else byol_pytorch_system
     dataset, step, backbone = make(args.folder)  # modules are built in training mode
     loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True,
                         persistent_workers=True)
     warmup = 5
     steps, start, timed_from = 0, time.perf_counter(), None
+    snapshots, pending = {}, sorted(args.snapshot_at)
     done = False
     while not done:
         for batch in loader:
@@ -132,6 +141,10 @@ def main() -> None:
             steps += 1
             if steps == warmup:
                 timed_from = time.perf_counter()
+            while pending and time.perf_counter() - start >= pending[0]:
+                seconds = pending.pop(0)
+                save_backbone(backbone, snapshot_path(args.out, seconds))
+                snapshots[f"{seconds:g}"] = steps
             if (args.seconds and time.perf_counter() - start >= args.seconds) or \
                     (args.steps and steps >= warmup + args.steps):
                 done = True
@@ -140,10 +153,19 @@ def main() -> None:
     timed = steps - warmup
     print(json.dumps({"system": args.system, "steps": steps, "images": steps * BATCH,
                       "seconds": round(end - start, 1),
-                      "images_per_s": round(timed * BATCH / (end - timed_from), 2) if timed > 0 else None}))
+                      "images_per_s": round(timed * BATCH / (end - timed_from), 2) if timed > 0 else None,
+                      "snapshot_steps": snapshots}))
     if args.out:
-        state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
-        torch.save(state, args.out)
+        save_backbone(backbone, args.out)
+
+
+def snapshot_path(out: str, seconds: float) -> str:
+    path = Path(out)
+    return str(path.with_name(f"{path.stem}-{seconds:g}s{path.suffix}"))
+
+
+def save_backbone(backbone: nn.Module, path: str) -> None:
+    torch.save({k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}, path)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     bash benchmarks/peers/setup.sh                       # once: the peers' own virtual environment
     python benchmarks/peers/run.py throughput            # images/s at identical settings, A B C A B C …
     python benchmarks/peers/run.py quality --budgets 2 5 10 20 [--systems byolcli lightly byol-pytorch]
+    python benchmarks/peers/run.py quality --budgets 10 --systems byolcli --byolcli-args "--image-size 64"
     python benchmarks/peers/run.py table                 # the table from what results.json holds
 
 Identical settings: torchvision ResNet-18, 32 px, batch 64, fp32, one loader process,
@@ -48,10 +49,10 @@ def load_split(split: str) -> tuple[list[Path], list[str]]:
     return [data.paths[i] for i in rows], [data.labels[i] for i in rows]
 
 
-def pixels(paths: list[Path]) -> torch.Tensor:
+def pixels(paths: list[Path], size: int) -> torch.Tensor:
     from byolcli.embed import load_for_embedding
 
-    return torch.stack([load_for_embedding(p, SIZE) for p in paths])
+    return torch.stack([load_for_embedding(p, size) for p in paths])
 
 
 def knn_top1(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str]) -> float:
@@ -77,10 +78,10 @@ def features(encoder: torch.nn.Module | None, images: torch.Tensor, mean, std) -
         return torch.cat([encoder(normalize_images(images[i:i + 256], mean, std)) for i in range(0, len(images), 256)])
 
 
-def score(encoder: torch.nn.Module | None, mean=None, std=None) -> float:
+def score(encoder: torch.nn.Module | None, mean=None, std=None, size: int = SIZE) -> float:
     train_paths, train_y = load_split("train")
     test_paths, test_y = load_split("test")
-    train_images, test_images = pixels(train_paths), pixels(test_paths)
+    train_images, test_images = pixels(train_paths, size), pixels(test_paths, size)
     return knn_top1(features(encoder, train_images, mean, std), train_y,
                     features(encoder, test_images, mean, std), test_y)
 
@@ -96,10 +97,10 @@ def backbone_from_state(path: Path) -> torch.nn.Module:
 # --- training each system -------------------------------------------------------------
 
 
-def train_byolcli(seconds: float, out: Path) -> dict:
-    """`byol train` with its automatic plan for a wall-clock budget; returns its last metrics."""
+def train_byolcli(seconds: float, out: Path, extra: list[str]) -> dict:
+    """`byol train` with its automatic plan (bar `extra` flags) for a wall-clock budget; returns its last metrics."""
     subprocess.run([sys.executable, "-m", "byolcli", "-q", "train", str(DATA / "train"), "--time", f"{seconds}s",
-                    "--out", str(out)], check=True)
+                    "--out", str(out), *extra], check=True)
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
@@ -133,26 +134,51 @@ def throughput(rounds: int, steps: int) -> dict:
     return {name: {"runs": values, "median": statistics.median(values)} for name, values in runs.items()}
 
 
-def quality(budgets: list[float], systems: list[str]) -> dict:
+def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -> dict:
+    """Train every system for every budget and score it. byol-pytorch has no schedule, so one run
+    as long as the longest budget, with snapshots at the others, gives its whole curve."""
     results = {}
+    imagenet_stats = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the peers' normalisation
+    label = " ".join(["byolcli", *byolcli_args])
+
+    def record(system: str, minutes: float, top1: float, info: dict) -> None:
+        results[f"{system}@{minutes:g}"] = {"system": system, "minutes": minutes, "knn_top1": top1, **info}
+        print(f"{system}, {minutes:g} min: kNN top-1 {top1:.1%} ({info})", flush=True)
+
+    if "byol-pytorch" in systems:
+        with tempfile.TemporaryDirectory() as tmp:
+            out, longest = Path(tmp) / "backbone.pt", max(budgets)
+            shorter = [m * 60 for m in budgets if m < longest]
+            info = train_peer("byol-pytorch", ["--seconds", str(longest * 60), "--out", str(out),
+                                               *(["--snapshot-at", *map(str, shorter)] if shorter else [])])
+            steps = info.pop("snapshot_steps")
+            for minutes in sorted(budgets):
+                seconds = minutes * 60
+                path = out if minutes == longest else Path(tmp) / f"backbone-{seconds:g}s.pt"
+                snapshot = {"steps": info["steps"] if minutes == longest else steps[f"{seconds:g}"],
+                            "images_per_s": info["images_per_s"], "snapshot_of_a_run_of_minutes": longest}
+                record("byol-pytorch", minutes, score(backbone_from_state(path), *imagenet_stats), snapshot)
     for minutes in budgets:
         seconds = minutes * 60
-        for system in systems:
+        for system in [s for s in systems if s != "byol-pytorch"]:
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 if system == "byolcli":
                     from byolcli.encoder import load_encoder
 
-                    last = train_byolcli(seconds, out / "run")
+                    last = train_byolcli(seconds, out / "run", byolcli_args)
                     encoder = load_encoder(out / "run" / "encoder.safetensors")
                     meta = encoder.byol_metadata
                     top1 = score(encoder, meta["mean"], meta["std"])
-                    info = {"steps": last["step"], "images_per_s": last["images_per_s"]}
+                    info = {"steps": last["step"], "images_per_s": last["images_per_s"], "image_size": meta["image_size"]}
+                    if meta["image_size"] != SIZE:  # its features at the size it trained at, too
+                        info["knn_top1_at_own_size"] = score(encoder, meta["mean"], meta["std"], meta["image_size"])
+                    system = label
                 else:
                     info = train_peer(system, ["--seconds", str(seconds), "--out", str(out / "backbone.pt")])
-                    top1 = score(backbone_from_state(out / "backbone.pt"), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-            results[f"{system}@{minutes:g}"] = {"system": system, "minutes": minutes, "knn_top1": top1, **info}
-            print(f"{system}, {minutes:g} min: kNN top-1 {top1:.1%} ({info.get('steps')} steps)", flush=True)
+                    info.pop("snapshot_steps")
+                    top1 = score(backbone_from_state(out / "backbone.pt"), *imagenet_stats)
+            record(system, minutes, top1, info)
     return results
 
 
@@ -161,7 +187,9 @@ def baselines() -> dict:
     from byolcli.model import make_backbone
 
     torch.manual_seed(0)
-    return {"random-init ResNet-18": score(make_backbone("resnet18"), MEAN, STD), "raw pixels": score(None)}
+    network = make_backbone("resnet18")
+    return {"random-init ResNet-18": score(network, MEAN, STD), "raw pixels": score(None),
+            "random-init ResNet-18 at 64 px": score(network, MEAN, STD, 64)}
 
 
 # --- results ----------------------------------------------------------------------------
@@ -212,6 +240,8 @@ def main() -> None:
     runs = sub.add_parser("quality")
     runs.add_argument("--budgets", type=float, nargs="+", default=[2, 5, 10, 20], help="minutes")
     runs.add_argument("--systems", nargs="+", default=["byolcli", "lightly", "byol-pytorch"])
+    runs.add_argument("--byolcli-args", default="", help="flags for byol train, e.g. '--image-size 64' (recorded "
+                      "under 'byolcli --image-size 64')")
     sub.add_parser("baselines")
     sub.add_parser("table")
     args = parser.parse_args()
@@ -221,7 +251,7 @@ def main() -> None:
     if args.command == "throughput":
         save_results({"throughput": throughput(args.rounds, args.steps)})
     elif args.command == "quality":
-        save_results({"quality": quality(args.budgets, args.systems)})
+        save_results({"quality": quality(args.budgets, args.systems, args.byolcli_args.split())})
     elif args.command == "baselines":
         save_results({"baselines": baselines()})
     print(table(load_results()))
