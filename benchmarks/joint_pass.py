@@ -42,8 +42,7 @@ def main() -> None:
 
     per_view = BYOL("resnet18").to(memory_format=torch.channels_last)
     per_view_nchw = BYOL("resnet18")
-    separate = with_plain_batchnorm(BYOL("resnet18")).to(memory_format=torch.channels_last)
-    separate.joint_pass = False
+    separate = with_plain_batchnorm(BYOL("resnet18")).to(memory_format=torch.channels_last)  # a pass per view
     mixed = with_plain_batchnorm(BYOL("resnet18")).to(memory_format=torch.channels_last)
 
     def mixed_loss(model: BYOL) -> torch.Tensor:

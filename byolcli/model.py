@@ -101,9 +101,6 @@ class BYOL(nn.Module):
         super().__init__()
         feature_dim = BACKBONES[backbone][1]
         self.online_encoder = make_backbone(backbone, norm_layer=PerViewBatchNorm2d)
-        # Both views in one pass needs batch norm that tells them apart; torch's
-        # SyncBatchNorm (several processes) cannot, so synchronising turns this off.
-        self.joint_pass = True
         self.online_projector = mlp(feature_dim)
         self.predictor = mlp(PROJECTION_DIM)
         self.target_encoder = copy.deepcopy(self.online_encoder)
@@ -116,6 +113,13 @@ class BYOL(nn.Module):
         """Online and target encoders both start from these weights (BYOL's target starts as a copy)."""
         self.online_encoder.load_state_dict(backbone_state)
         self.target_encoder.load_state_dict(backbone_state)
+
+    @property
+    def joint_pass(self) -> bool:
+        """Both views in one pass needs batch norm that tells them apart. torch's SyncBatchNorm
+        (several processes) cannot, so once batch norm is synchronised each view has its own pass."""
+        return all(isinstance(m, _PerViewStatistics) for m in self.modules()
+                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def online_parameters(self) -> list[nn.Parameter]:
         return [*self.online_encoder.parameters(), *self.online_projector.parameters()]
