@@ -86,37 +86,48 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return value[:, None] - value[:, None] * saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1) -> torch.Tensor:
-    """torchvision's ColorJitter per image: own strengths, own random order, only where `apply`."""
+def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
+                 select: bool | None = None) -> torch.Tensor:
+    """torchvision's ColorJitter per image: own strengths, own random order, only where `apply`.
+
+    Each of the 4 order slots applies one of 4 ops per image. `select` (the default on
+    a CPU) runs each op only on the images that chose it there: a quarter of the work.
+    Otherwise every op runs on the whole batch and is kept where chosen: more
+    arithmetic, but no index lists, whose sizes would make the host wait for a GPU.
+    """
     n, device = len(x), x.device
-    factors = {
-        0: torch.empty(n, device=device).uniform_(1 - brightness, 1 + brightness),
-        1: torch.empty(n, device=device).uniform_(1 - contrast, 1 + contrast),
-        2: torch.empty(n, device=device).uniform_(1 - saturation, 1 + saturation),
-        3: torch.empty(n, device=device).uniform_(-hue, hue),
-    }
+    if select is None:
+        select = device.type == "cpu"
+    factors = torch.stack([
+        torch.empty(n, device=device).uniform_(1 - brightness, 1 + brightness),
+        torch.empty(n, device=device).uniform_(1 - contrast, 1 + contrast),
+        torch.empty(n, device=device).uniform_(1 - saturation, 1 + saturation),
+        torch.empty(n, device=device).uniform_(-hue, hue),
+    ], 1)[:, :, None, None, None]
     order = torch.rand(n, 4, device=device).argsort(1)
-
-    def adjust(op: int, img: torch.Tensor) -> torch.Tensor:
-        f = factors[op][:, None, None, None]
-        if op == 0:
-            return (img * f).clamp(0, 1)
-        if op == 1:
-            mean = grayscale(img)[:, :1].mean((2, 3), keepdim=True)
-            return (f * img + (1 - f) * mean).clamp(0, 1)
-        if op == 2:
-            return (f * img + (1 - f) * grayscale(img)).clamp(0, 1)
-        hsv = rgb_to_hsv(img)
-        hsv = torch.stack([(hsv[:, 0] + f[:, 0]) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
-        return hsv_to_rgb(hsv)
-
-    # Every op runs on the whole batch and is kept where chosen: cheap elementwise
-    # work, and no `.any()` that would make the host wait for the GPU.
     for slot in range(4):
         for op in range(4):
-            chosen = (apply & (order[:, slot] == op))[:, None, None, None]
-            x = torch.where(chosen, adjust(op, x), x)
+            chosen = apply & (order[:, slot] == op)
+            if select:
+                rows = chosen.nonzero().squeeze(1)
+                x = x.index_copy(0, rows, _adjust(op, x[rows], factors[rows, op]))
+            else:
+                x = torch.where(chosen[:, None, None, None], _adjust(op, x, factors[:, op]), x)
     return x
+
+
+def _adjust(op: int, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """One jitter op with per-image factors f (n, 1, 1, 1): brightness, contrast, saturation or hue."""
+    if op == 0:
+        return (img * f).clamp(0, 1)
+    if op == 1:
+        mean = grayscale(img)[:, :1].mean((2, 3), keepdim=True)
+        return (f * img + (1 - f) * mean).clamp(0, 1)
+    if op == 2:
+        return (f * img + (1 - f) * grayscale(img)).clamp(0, 1)
+    hsv = rgb_to_hsv(img)
+    hsv = torch.stack([(hsv[:, 0] + f[:, 0]) % 1.0, hsv[:, 1], hsv[:, 2]], 1)
+    return hsv_to_rgb(hsv)
 
 
 def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, sigma=(0.1, 2.0)) -> torch.Tensor:

@@ -152,14 +152,13 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """ξ ← τ·ξ + (1 − τ)·θ, in two fused multi-tensor kernels.
+        """ξ ← τ·ξ + (1 − τ)·θ, as one multi-tensor lerp (a single pass over the weights).
 
         Batch-norm running statistics are copied: the target always runs in
         training mode (batch statistics), so its buffers only matter for export.
         """
         target, online = self.target_parameters(), self.online_parameters()
-        torch._foreach_mul_(target, tau)
-        torch._foreach_add_(target, online, alpha=1 - tau)
+        torch._foreach_lerp_(target, online, 1 - tau)
         for tb, ob in zip(self._target_buffers(), self._online_buffers()):
             tb.copy_(ob)
 

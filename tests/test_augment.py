@@ -64,6 +64,18 @@ def test_jitter_and_blur_leave_unselected_images_alone():
     assert blurred[0].std() < x[0].std()  # blurring smooths noise
 
 
+def test_jitter_is_the_same_whether_it_selects_the_chosen_images_or_masks_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 8, 8)
+    apply = torch.rand(16) < 0.8
+    torch.manual_seed(1)
+    selected = A.color_jitter(x, apply, select=True)
+    torch.manual_seed(1)
+    masked = A.color_jitter(x, apply, select=False)
+    assert torch.allclose(selected, masked, atol=1e-6)
+    assert torch.equal(selected[~apply], x[~apply]) and not torch.allclose(selected[apply], x[apply])
+
+
 def test_views_are_drawn_per_image_and_normalised():
     torch.manual_seed(0)
     canvas = (torch.rand(1, 3, 48, 48) * 255).to(torch.uint8).expand(8, -1, -1, -1)
