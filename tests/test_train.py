@@ -289,6 +289,19 @@ def test_bf16_capable_cpus_get_the_precision_that_measured_faster():
     assert make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, p, cl: seconds[p]).precision == "fp32"
 
 
+def test_a_run_too_short_to_beat_an_untrained_network_is_called_out_with_what_would_do():
+    from byolcli.plan import USEFUL_EPOCHS, short_run_warning
+
+    # 10 epochs of 100 steps at 0.6 s: reaching USEFUL_EPOCHS (40) takes 40 minutes.
+    short = tiny_plan(800, steps_per_epoch=100, total_steps=1000, epochs=10.0, step_seconds=0.6)
+    warning = short_run_warning(short)
+    assert warning and "10 epochs" in warning and "--time 40m00s" in warning
+    assert "a GPU" in warning and "--init imagenet" in warning
+    assert "a GPU" not in short_run_warning(tiny_plan(800, epochs=10.0, device="cuda:0"))
+    assert short_run_warning(tiny_plan(800, epochs=float(USEFUL_EPOCHS))) is None
+    assert short_run_warning(tiny_plan(800, epochs=10.0, init="imagenet")) is None
+
+
 def test_too_few_images_is_a_clear_error_and_small_sets_get_a_usable_batch():
     laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
     with pytest.raises(UserError, match="only 5 usable images; training needs at least 16"):
