@@ -35,8 +35,8 @@ class LARS(torch.optim.Optimizer):
             if group["lars"]:
                 updates = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 # All trust ratios in a handful of vector ops, on the device: no .item(),
-                # no host sync, and no per-layer chain of small kernels (on a CPU those
-                # cost ~10% of a ResNet-18 step at 32 px).
+                # no host sync, and no chain of small ops per layer (on a 2-core CPU that
+                # chain cost ~11 ms of a ~450 ms ResNet-18 step at 32 px).
                 w_norms = torch.stack(torch._foreach_norm(params))
                 u_norms = torch.stack(torch._foreach_norm(updates))
                 ratios = torch.where((w_norms > 0) & (u_norms > 0),
