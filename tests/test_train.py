@@ -111,7 +111,6 @@ def test_target_follows_the_ema_formula():
         assert torch.allclose(new, 0.9 * old + 0.1 * theta, atol=1e-6)
 
 
-
 def plain_batchnorm(model: BYOL) -> BYOL:
     """The same model with ordinary batch norm: statistics over whatever batch it is given."""
     for module in model.modules():
@@ -150,6 +149,7 @@ def test_one_pass_over_both_views_computes_what_two_passes_do(memory_format):
     joint.eval(), separate.eval()  # evaluation: running statistics, as any batch norm
     with torch.no_grad():
         assert torch.allclose(joint.online_encoder(view1), separate.online_encoder(view1), atol=1e-5)
+
 
 def test_target_differs_from_online_after_training(shapes):
     trainer = Trainer(tiny_plan(len(shapes)), shapes)
