@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from byolcli.errors import UserError
+from byolcli.small_maps import use_small_map_convolutions
 
 # name -> (torchvision constructor, feature dimension after global pooling)
 BACKBONES = {
@@ -57,13 +58,14 @@ def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn
 
     Keeping torchvision's module names means the exported weights load into
     `torchvision.models.<name>()` (with `fc = Identity()`) as they are, whichever
-    batch-norm class trained them.
+    batch-norm class trained them. Its convolutions take a matrix product on maps of a pixel
+    or two (small_maps.py), same weights, same results.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     model = BACKBONES[name][0](weights=None, norm_layer=norm_layer)
     model.fc = nn.Identity()
-    return model
+    return use_small_map_convolutions(model)
 
 
 def pretrained_backbone(name: str) -> nn.Module:

@@ -1,0 +1,78 @@
+"""Convolutions over feature maps of a pixel or two, computed as one matrix product.
+
+At 32 px a ResNet's last stages see 2×2 and 1×1 maps: layer3's 3×3 convolutions run on
+2×2, layer4's on 1×1, where eight of a 3×3 kernel's nine taps only meet padding. CPU
+convolution kernels are built for large maps and run these 2–4× slower than the matrix
+product that is the same linear map (benchmarks/small_maps.py). When every output pixel
+sees every input pixel, the convolution is y = x·Mᵀ, with x the flattened map and M the
+kernel taps laid out per (output pixel, input pixel) pair; autograd then gives the same
+gradients, the weight's own (taps that only meet padding get zero, as in the convolution).
+
+Only on CPU: GPU convolution libraries have not been measured against it.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@lru_cache(maxsize=None)
+def dense_layout(height: int, width: int, kernel: tuple, stride: tuple, padding: tuple):
+    """How a convolution over a height×width map reads its kernel, if every output pixel
+    sees every input pixel; else None.
+
+    Returns (rows, cols, taps, out_height, out_width): the kernel window that is used
+    (rows, cols as slices) and, for each (output pixel, input pixel) pair in that order,
+    the index of its tap within the window.
+    """
+    out_h = (height + 2 * padding[0] - kernel[0]) // stride[0] + 1
+    out_w = (width + 2 * padding[1] - kernel[1]) // stride[1] + 1
+    pairs = []
+    for i in range(out_h):
+        for j in range(out_w):
+            for p in range(height):
+                for q in range(width):
+                    a, b = p - i * stride[0] + padding[0], q - j * stride[1] + padding[1]
+                    if not (0 <= a < kernel[0] and 0 <= b < kernel[1]):
+                        return None
+                    pairs.append((a, b))
+    a0, b0 = min(a for a, _ in pairs), min(b for _, b in pairs)
+    window_w = max(b for _, b in pairs) - b0 + 1
+    taps = torch.tensor([(a - a0) * window_w + (b - b0) for a, b in pairs])
+    rows = slice(a0, max(a for a, _ in pairs) + 1)
+    return rows, slice(b0, b0 + window_w), taps, out_h, out_w
+
+
+class SmallMapConv2d(nn.Conv2d):
+    """nn.Conv2d, same parameters and state-dict names, that runs as a matrix product on
+    CPU when the input map is small enough for every output pixel to see all of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        layout = None
+        if x.device.type == "cpu" and self.groups == 1 and self.dilation == (1, 1) \
+                and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            layout = dense_layout(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding)
+        if layout is None:
+            return super().forward(x)
+        rows, cols, taps, out_h, out_w = layout
+        n, c, h, w = x.shape
+        o = self.out_channels
+        window = self.weight[:, :, rows, cols].permute(2, 3, 0, 1).reshape(-1, o, c)
+        blocks = window.index_select(0, taps).view(out_h * out_w, h * w, o, c)
+        matrix = blocks.permute(0, 2, 1, 3).reshape(out_h * out_w * o, h * w * c)
+        bias = None if self.bias is None else self.bias.repeat(out_h * out_w)
+        # (n, h, w, c) order: free for channels-last input, and the output comes back channels-last.
+        y = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * w * c), matrix, bias)
+        return y.view(n, out_h, out_w, o).permute(0, 3, 1, 2)
+
+
+def use_small_map_convolutions(model: nn.Module) -> nn.Module:
+    """Let every plain nn.Conv2d in `model` take the matrix-product path (in place)."""
+    for module in model.modules():
+        if type(module) is nn.Conv2d:
+            module.__class__ = SmallMapConv2d
+    return model
