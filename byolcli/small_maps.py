@@ -2,11 +2,11 @@
 
 At 32 px a ResNet's last stages see 2×2 and 1×1 maps: layer3's 3×3 convolutions run on
 2×2, layer4's on 1×1, where eight of a 3×3 kernel's nine taps only meet padding. CPU
-convolution kernels are built for large maps and run these 2–4× slower than the matrix
+convolution kernels are built for large maps and run these about 3× slower than the matrix
 product that is the same linear map (benchmarks/small_maps.py). When every output pixel
 sees every input pixel, the convolution is y = x·Mᵀ, with x the flattened map and M the
-kernel taps laid out per (output pixel, input pixel) pair; autograd then gives the same
-gradients, the weight's own (taps that only meet padding get zero, as in the convolution).
+kernel taps laid out per (output pixel, input pixel) pair; autograd then gives the weight
+the convolution's gradient, in the kernel's layout (zero for taps that only meet padding).
 
 Only on CPU: GPU convolution libraries have not been measured against it.
 """
