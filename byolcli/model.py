@@ -58,8 +58,8 @@ def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn
 
     Keeping torchvision's module names means the exported weights load into
     `torchvision.models.<name>()` (with `fc = Identity()`) as they are, whichever
-    batch-norm class trained them. Its convolutions take a matrix product on maps of a pixel
-    or two (small_maps.py), same weights, same results.
+    batch-norm class trained them. On a CPU its convolutions on maps of a pixel or two run
+    as one matrix product (small_maps.py): same weights, same results.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
