@@ -3,8 +3,10 @@ byolcli's matrix product (small_maps.py), on this machine's CPU.
 
     python benchmarks/small_maps.py [--rounds 5] [--calls 20]
 
-Batch 128 (both views of a batch of 64), channels-last, fp32: the shapes ResNet-18 meets at
-32 px. Each round times both methods, alternated; a round's figure is the median of --calls
+Batch 128 (both views of a batch of 64), fp32, as training runs them: channels-last inputs
+and weights, and each call starts with no gradient (the trainer sets them to None after every
+step), so the weight's gradient is made afresh in the weight's layout. The shapes ResNet-18
+meets at 32 px. Each round times both methods, alternated; a round's figure is the median of --calls
 calls after three warm-up calls; printed: the median over rounds.
 """
 
@@ -35,12 +37,19 @@ def main() -> None:
         convolution = nn.Conv2d(c_in, c_out, kernel, stride, 1, bias=False)
         matrix_product = SmallMapConv2d(c_in, c_out, kernel, stride, 1, bias=False)
         matrix_product.load_state_dict(convolution.state_dict())
+        for module in (convolution, matrix_product):
+            module.to(memory_format=torch.channels_last)
         x = torch.randn(128, c_in, side, side).contiguous(memory_format=torch.channels_last).requires_grad_()
         upstream = torch.randn_like(convolution(x))
+
+        def step(module):
+            module.weight.grad = x.grad = None
+            module(x).backward(upstream)
+
         times = {"convolution": [], "matrix product": []}
         for _ in range(args.rounds):
             for method, module in (("convolution", convolution), ("matrix product", matrix_product)):
-                times[method].append(milliseconds(lambda: module(x).backward(upstream), args.calls))
+                times[method].append(milliseconds(lambda: step(module), args.calls))
         conv_ms, matrix_ms = (statistics.median(t) for t in times.values())
         print(f"{name:>36}: convolution {conv_ms:5.2f} ms, matrix product {matrix_ms:5.2f} ms ({conv_ms / matrix_ms:.1f}×)")
 

@@ -2,11 +2,12 @@
 
 At 32 px a ResNet's last stages see 2×2 and 1×1 maps: layer3's 3×3 convolutions run on
 2×2, layer4's on 1×1, where eight of a 3×3 kernel's nine taps only meet padding. CPU
-convolution kernels are built for large maps and run these about 3× slower than the matrix
-product that is the same linear map (benchmarks/small_maps.py). When every output pixel
-sees every input pixel, the convolution is y = x·Mᵀ, with x the flattened map and M the
-kernel taps laid out per (output pixel, input pixel) pair; autograd then gives the weight
-the convolution's gradient, in the kernel's layout (zero for taps that only meet padding).
+convolution kernels are built for large maps: in training's layout (channels-last) they run
+these 2× to 40× slower than the matrix product that is the same linear map
+(benchmarks/small_maps.py). When every output pixel sees every input pixel, the convolution
+is y = x·Mᵀ, with x the flattened map and M the kernel taps laid out per (output pixel,
+input pixel) pair; the weight gets the convolution's gradient, in its own layout (zero for
+taps that only meet padding).
 
 Only on CPU: GPU convolution libraries have not been measured against it.
 """
@@ -47,6 +48,40 @@ def dense_layout(height: int, width: int, kernel: tuple, stride: tuple, padding:
     return rows, slice(b0, b0 + window_w), taps, out_h, out_w
 
 
+class _KernelAsMatrix(torch.autograd.Function):
+    """The kernel's used taps laid out as the matrix M of y = x·Mᵀ: rows (output pixel,
+    out channel), columns (input pixel, in channel).
+
+    Written out rather than left to autograd through slicing and gathering, whose backward
+    built the weight's gradient in another memory layout than the channels-last one the weight
+    has in training, zero-filled at full size, and then copied it over: that made layer4's
+    convolutions at 32 px 1.6–2.0× slower (benchmarks/small_maps.py).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, layout):
+        rows, cols, taps, out_h, out_w = layout
+        o, c = weight.shape[:2]
+        window = weight[:, :, rows, cols].permute(0, 2, 3, 1)  # (o, window rows, window cols, c)
+        ctx.layout, ctx.window_shape, ctx.kernel_size = layout, window.shape, weight.shape[2:]
+        pairs = window.reshape(o, -1, c).index_select(1, taps)  # (o, output pixel × input pixel, c)
+        return pairs.view(o, out_h * out_w, -1, c).transpose(0, 1).reshape(out_h * out_w * o, -1)
+
+    @staticmethod
+    def backward(ctx, grad_matrix):
+        rows, cols, taps, out_h, out_w = ctx.layout
+        o, window_h, window_w, c = ctx.window_shape
+        pairs = grad_matrix.view(out_h * out_w, o, -1, c).transpose(0, 1).reshape(o, -1, c)
+        window = pairs.new_zeros(o, window_h * window_w, c).index_add_(1, taps, pairs)
+        grad = window.view(o, window_h, window_w, c)
+        if grad.shape[1:3] != ctx.kernel_size:  # taps that only meet padding get zero
+            grad = pairs.new_zeros(o, *ctx.kernel_size, c)
+            grad[:, rows, cols] = window.view(o, window_h, window_w, c)
+        # (o, c, kh, kw) with channels-last strides, the weight's layout in training: it
+        # becomes .grad as it is.
+        return grad.permute(0, 3, 1, 2), None
+
+
 class SmallMapConv2d(nn.Conv2d):
     """nn.Conv2d, same parameters and state-dict names, that runs as a matrix product on
     CPU when the input map is small enough for every output pixel to see all of it."""
@@ -58,16 +93,13 @@ class SmallMapConv2d(nn.Conv2d):
             layout = dense_layout(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding)
         if layout is None:
             return super().forward(x)
-        rows, cols, taps, out_h, out_w = layout
         n, c, h, w = x.shape
-        o = self.out_channels
-        window = self.weight[:, :, rows, cols].permute(2, 3, 0, 1).reshape(-1, o, c)
-        blocks = window.index_select(0, taps).view(out_h * out_w, h * w, o, c)
-        matrix = blocks.permute(0, 2, 1, 3).reshape(out_h * out_w * o, h * w * c)
+        out_h, out_w = layout[3:]
+        matrix = _KernelAsMatrix.apply(self.weight, layout)
         bias = None if self.bias is None else self.bias.repeat(out_h * out_w)
         # (n, h, w, c) order: free for channels-last input, and the output comes back channels-last.
         y = F.linear(x.permute(0, 2, 3, 1).reshape(n, h * w * c), matrix, bias)
-        return y.view(n, out_h, out_w, o).permute(0, 3, 1, 2)
+        return y.view(n, out_h, out_w, self.out_channels).permute(0, 3, 1, 2)
 
 
 def use_small_map_convolutions(model: nn.Module) -> nn.Module:
