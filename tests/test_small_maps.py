@@ -65,3 +65,13 @@ def test_a_backbone_at_32px_computes_what_stock_torchvision_does():
         stock.train(training)
         torch.testing.assert_close(ours(images), stock(images))
 
+
+
+@pytest.mark.parametrize("h,w,stride", [(1, 1, 1), (2, 2, 1), (2, 2, 2)])
+def test_the_weight_gradient_comes_in_the_channels_last_layout_training_gives_the_weight(h, w, stride):
+    # Another layout would cost a full-size copy of it per step (benchmarks/small_maps.py).
+    small = SmallMapConv2d(8, 6, 3, stride, 1, bias=False).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 8, h, w).contiguous(memory_format=torch.channels_last)
+    y = small(x)
+    (grad,) = torch.autograd.grad(y, small.weight, torch.randn_like(y))
+    assert grad.stride() == small.weight.stride()

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -142,7 +144,8 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
     label = " ".join(["byolcli", *byolcli_args])
 
     def record(system: str, minutes: float, top1: float, info: dict) -> None:
-        results[f"{system}@{minutes:g}"] = {"system": system, "minutes": minutes, "knn_top1": top1, **info}
+        results[f"{system}@{minutes:g}"] = {"system": system, "minutes": minutes, "knn_top1": top1, **info,
+                                             "host": host_cpu()}
         print(f"{system}, {minutes:g} min: kNN top-1 {top1:.1%} ({info})", flush=True)
 
     if "byol-pytorch" in systems:
@@ -195,6 +198,17 @@ def baselines() -> dict:
 # --- results ----------------------------------------------------------------------------
 
 
+def host_cpu() -> str:
+    """The CPU this ran on: the project's machine is a virtual one whose host changes between
+    days, and the peers' speed depends on it far more than byolcli's (README, Figures)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or "unknown CPU")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{model} ({vector}, {os.cpu_count()} cores)"
+
+
 def load_results() -> dict:
     return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
 
@@ -227,7 +241,8 @@ def table(results: dict) -> str:
     peers = [speed[n] for n in ("lightly", "byol-pytorch") if n in speed]
     if IDENTICAL_NAME in speed and peers:
         lines.append(f"\nthroughput: {speed[IDENTICAL_NAME] / max(peers):.2f}x the faster peer as byolcli plans "
-                     f"(target 1.3x); {speed[PER_IMAGE_NAME] / max(peers):.2f}x with the peers' per-image pipeline")
+                     f"(target 1.3x); {speed[PER_IMAGE_NAME] / max(peers):.2f}x with the peers' per-image pipeline"
+                     f"; on {results.get('hosts', {}).get('throughput', 'an unrecorded CPU')}")
     return "\n".join(lines)
 
 
@@ -249,7 +264,7 @@ def main() -> None:
     if needs_peers and not PEER_PYTHON.exists():
         sys.exit(f"{PEER_PYTHON}: missing; run bash {HERE / 'setup.sh'} first")
     if args.command == "throughput":
-        save_results({"throughput": throughput(args.rounds, args.steps)})
+        save_results({"throughput": throughput(args.rounds, args.steps), "hosts": {"throughput": host_cpu()}})
     elif args.command == "quality":
         save_results({"quality": quality(args.budgets, args.systems, args.byolcli_args.split())})
     elif args.command == "baselines":
