@@ -66,7 +66,6 @@ def test_a_backbone_at_32px_computes_what_stock_torchvision_does():
         torch.testing.assert_close(ours(images), stock(images))
 
 
-
 @pytest.mark.parametrize("h,w,stride", [(1, 1, 1), (2, 2, 1), (2, 2, 2)])
 def test_the_weight_gradient_comes_in_the_channels_last_layout_training_gives_the_weight(h, w, stride):
     # Another layout would cost a full-size copy of it per step (benchmarks/small_maps.py).
