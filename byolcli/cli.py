@@ -14,7 +14,7 @@ from typing import Iterator, Optional
 
 import typer
 
-from byolcli.errors import PeerFailed, TrainingFailed, UserError
+from byolcli.errors import PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
 
 app = typer.Typer(
     add_completion=False,
@@ -42,33 +42,32 @@ def _global(
     state.quiet = quiet
 
 
+# What each error says first, and the exit code it ends with.
+ONE_LINE_ERRORS = ((UserError, "error", 2), (WriteFailed, "error", 1), (TrainingFailed, "training failed", 1))
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn bad input into one line on stderr and exit code 2 (a traceback with --debug)."""
+    """Turn bad input, failed writes and failed training into one line on stderr and an exit code
+    (a traceback with --debug)."""
     # In a distributed run, say which process speaks (rank 0 speaks for the run).
     who = f"rank {os.environ['RANK']}: " if os.environ.get("RANK", "0") != "0" else ""
     try:
         yield
-    except UserError as exc:
+    except tuple(kind for kind, _, _ in ONE_LINE_ERRORS) as exc:
         if state.debug:
             raise
         from rich.markup import escape
 
         from byolcli.report import err
 
-        err.print(f"[bold red]error:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
-    except TrainingFailed as exc:
-        if state.debug:
-            raise
-        from rich.markup import escape
-
-        from byolcli.report import err
-
-        err.print(f"[bold red]training failed:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        prefix, code = next((prefix, code) for kind, prefix, code in ONE_LINE_ERRORS if isinstance(exc, kind))
+        err.print(f"[bold red]{prefix}:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code) from None
     except PeerFailed as exc:  # rank 0 has printed why
         raise typer.Exit(exc.exit_code) from None
+    except Stopped as exc:  # the work so far is saved, and the command said so
+        raise typer.Exit(128 + exc.signum) from None
     except KeyboardInterrupt:
         raise typer.Exit(130) from None
 
@@ -137,14 +136,14 @@ def train(
     init: Optional[str] = typer.Option(None, help="Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once) or an exported encoder.safetensors.", show_default=False),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
-    checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C)."),
+    checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C or SIGTERM)."),
     gpus: Optional[str] = typer.Option(None, help="Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several machines, launch with torchrun (see README).", show_default=False),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
 
     Scans FOLDER, plans for this machine (device, backbone, image size, batch, precision, epochs,
     learning rate, EMA rate), prints the plan, then trains. Rerunning the same command after an
-    interruption (Ctrl-C, crash, kill -9) resumes from the last checkpoint. Only the encoder f_θ
+    interruption (Ctrl-C, SIGTERM, crash, kill -9) resumes from the last checkpoint. Only the encoder f_θ
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
@@ -195,9 +194,11 @@ def embed(
     """Embed every image of FOLDER with an encoder: one row per image in OUT.
 
     Row i of OUT belongs to line i of <name>.paths.txt (paths relative to FOLDER, UTF-8, one per
-    line); files that could not be used are listed with their reason in <name>.skipped.txt. A rerun
-    embeds only new or changed images; an interrupted run continues where it stopped.
-    Image size and normalisation come from the encoder file.
+    line; a backslash, tab, line break or other control character in a name is written as a Python
+    bytes escape, e.g. \\n); files that could not be used are listed with their reason in
+    <name>.skipped.txt. A rerun embeds only new or changed images; an interrupted run (Ctrl-C,
+    SIGTERM, a full disk) continues where it stopped. Image size and normalisation come from the
+    encoder file.
     """
     with user_errors():
         from byolcli.embed import embed_command

@@ -178,8 +178,8 @@ def launch_local(processes: int, argv: list[str]) -> int:
         # Ranks that fail together end with the same code; a negative one means killed by a signal.
         codes = [failure.exitcode for failure in exc.failures.values()]
         return max(codes) if max(codes) > 0 else 1
-    except SignalException:  # Ctrl-C: the workers got it too, saved a checkpoint and said so
-        return 130
+    except SignalException as exc:  # Ctrl-C or SIGTERM: the workers got it too, saved a checkpoint and said so
+        return 128 + exc.sigval
     return 0
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
+from safetensors.torch import save as serialise
 from torch import nn
 
 from byolcli import __version__
@@ -46,7 +47,7 @@ def save_encoder(encoder: nn.Module, path: Path, *, architecture: str, image_siz
         "torch_version": torch.__version__,
     }
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        tmp.write_bytes(serialise(tensors, metadata=metadata))  # Python's write reports a full disk as OSError
 
 
 def read_metadata(path: str | Path) -> dict:

@@ -23,3 +23,22 @@ class PeerFailed(Exception):
     @property
     def exit_code(self) -> int:
         return self.args[0] if self.args else 1
+
+
+class WriteFailed(Exception):
+    """A file byolcli writes could not be written (disk full, quota, read-only folder).
+
+    What was there before is kept and the partial file removed; the CLI prints the
+    message and exits with code 1. Rerunning the command once the cause is gone continues.
+    """
+
+
+class Stopped(Exception):
+    """Stopped by a signal (SIGINT, SIGTERM) at a safe point, with the work so far saved.
+
+    The argument is the signal's number; the CLI exits with 128 + it, as a shell reports it.
+    """
+
+    @property
+    def signum(self) -> int:
+        return self.args[0]

@@ -20,7 +20,8 @@ from byolcli.embed import iter_embeddings, latest_encoder, pick_device
 from byolcli.encoder import load_encoder, read_metadata
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
-from byolcli.labels import LabelledImages, drop_missing, read_labels
+from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
+from byolcli.names import read_names
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
 from byolcli.model import make_backbone
 
@@ -133,7 +134,8 @@ def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Ten
     except ValueError as exc:
         raise UserError(f"{vectors_path}: not a byol embed output ({exc})") from None
     root = Path(meta["folder"])
-    row_of = {str((root / p).resolve()): i for i, p in enumerate(files["paths"].read_text(encoding="utf-8").splitlines())}
+    names = read_names(files["paths"].read_text(encoding="utf-8"))
+    row_of = {str((root / name).resolve()): i for i, name in enumerate(names)}
     rows = np.array([row_of.get(str(p.resolve()), -1) for p in data.paths])
     good = rows >= 0
     features = np.zeros((len(rows), vectors.shape[1]), dtype=np.float32)
@@ -145,7 +147,10 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
                      reporter, embeddings: Path | None = None, baseline: Path | None = None,
                      skip_missing: bool = False, batch_size: int = 256, workers: int | None = None,
                      report_dir: Path | None = None) -> dict:
-    data = drop_missing(read_labels(labels, root), labels, skip_missing)
+    data = read_labels(labels, root)
+    if warning := repeated_warning(data, labels):
+        reporter.warn(warning)
+    data = drop_missing(data, labels, skip_missing)
     classes = data.classes
     torch_device = pick_device(device)
 

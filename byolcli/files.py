@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from byolcli.errors import UserError
+from byolcli.errors import UserError, WriteFailed
 
 RUNS_DIR = Path("byol-runs")
 
@@ -38,16 +38,42 @@ def check_outside_input(out: Path, folder: Path, what: str = "output") -> None:
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds.
+
+    A write that fails (a full disk, say) leaves `path` as it was and raises WriteFailed.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise write_failed(path, exc) from exc
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except Exception as exc:
+        cause = None if isinstance(exc, WriteFailed) else os_error_behind(exc)  # named by whoever raised it
+        if cause is None:
+            raise
+        raise write_failed(path, cause) from exc
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError that caused `exc`, if any: torch.save reports a failed write as a
+    RuntimeError raised while handling the file's OSError."""
+    while exc is not None:
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_failed(path: Path, exc: OSError) -> WriteFailed:
+    return WriteFailed(f"{path}: could not write it ({exc.strerror or exc}); the previous version, if any, is "
+                       "kept. Free space (or fix the folder) and run the same command again to continue")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

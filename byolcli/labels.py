@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from byolcli.errors import UserError
@@ -29,6 +30,7 @@ class LabelledImages:
     splits: list[str] | None  # "train" / "val" / "test" per row, or None without a split column
     rows: list[int]  # CSV line number of each entry, for messages
     missing: list[tuple[int, str]]  # (line, path) of files that do not exist
+    repeated: list[tuple[int, int, str]] = field(default_factory=list)  # (first line, line, path) listed twice alike
 
     @property
     def classes(self) -> list[str]:
@@ -65,7 +67,8 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
     split_col = _find(header, ("split", "subset", "set", "fold_name"))
     base = root if root is not None else csv_path.parent
 
-    paths, labels, splits, rows, missing = [], [], [], [], []
+    paths, labels, splits, rows, missing, repeated = [], [], [], [], [], []
+    seen: dict[str, int] = {}  # normalised absolute path -> index of its row
     for line, row in enumerate(table[1:], start=2):
         if len(row) < len(header):
             raise UserError(f"{csv_path}: line {line}: {len(row)} fields, the header has {len(header)}")
@@ -74,20 +77,44 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
             raise UserError(f"{csv_path}: line {line}: empty image path")
         if not label:
             raise UserError(f"{csv_path}: line {line}: empty label for {path}")
+        split = None
         if split_col is not None:
             split = SPLIT_NAMES.get(row[split_col].strip().lower())
             if split is None:
                 raise UserError(f"{csv_path}: line {line}: split {row[split_col]!r} is not train, val or test")
-            splits.append(split)
         full = Path(path) if Path(path).is_absolute() else base / path
+        key = os.path.abspath(full)  # ./a.jpg, a.jpg and x/../a.jpg are one image
+        if key in seen:
+            # Two rows of one image could sit in a training fold and a test fold: kNN would find the image itself.
+            first = seen[key]
+            before, now = (labels[first], label) if labels[first] != label else \
+                          (splits[first], split) if split_col is not None else (None, None)
+            if before != now:
+                raise UserError(f"{csv_path}: lines {rows[first]} and {line} both list {path}, as {before!r} and "
+                                f"{now!r}; list each image once")
+            repeated.append((rows[first], line, path))
+            continue
+        seen[key] = len(paths)
         if not full.is_file():
             missing.append((line, path))
         paths.append(full)
+        if split_col is not None:
+            splits.append(split)
         labels.append(label)
         rows.append(line)
     if not paths:
         raise UserError(f"{csv_path}: a header but no rows")
-    return LabelledImages(paths, labels, splits if split_col is not None else None, rows, missing)
+    return LabelledImages(paths, labels, splits if split_col is not None else None, rows, missing, repeated)
+
+
+def repeated_warning(data: LabelledImages, csv_path: Path) -> str | None:
+    """What to tell the user about images listed twice with the same label (each is used once)."""
+    if not data.repeated:
+        return None
+    shown = ", ".join(f"lines {first} and {line}: {path}" for first, line, path in data.repeated[:SHOWN])
+    more = f" and {len(data.repeated) - SHOWN} more" if len(data.repeated) > SHOWN else ""
+    return (f"{csv_path}: {len(data.repeated)} images listed twice with the same label ({shown}{more}); "
+            "each is used once")
 
 
 def drop_missing(data: LabelledImages, csv_path: Path, skip_missing: bool) -> LabelledImages:

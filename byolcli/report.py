@@ -24,6 +24,8 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from byolcli.names import escape_name
+
 # Results go to stdout; progress, warnings and errors go to stderr, so that
 # `byol scan … > report.txt` captures only the report.
 out = Console()
@@ -100,7 +102,8 @@ def scan_report(manifest, show_all_skipped: bool = False) -> None:
         out.print(reasons)
         shown = manifest.skipped if show_all_skipped else manifest.skipped[:SKIPPED_SHOWN]
         for item in shown:
-            out.print(f"  skipped {item.path}: {item.reason}", highlight=False, markup=False, soft_wrap=True)
+            out.print(f"  skipped {escape_name(item.path)}: {item.reason}", highlight=False, markup=False,
+                      soft_wrap=True)
         if len(shown) < len(manifest.skipped):
             out.print(f"  … and {len(manifest.skipped) - len(shown):,} more (--all to list them)")
     else:

@@ -38,6 +38,7 @@ TOO_MANY_PIXELS = "over the decompression-bomb limit"
 TOO_SMALL = f"too small to crop (< {MIN_SIDE} px)"
 NO_PERMISSION = "unreadable (permission denied)"
 UNREADABLE_FOLDER = "unreadable folder"
+BROKEN_LINK = "broken symbolic link (its target is gone)"
 
 # Bump when validation rules change, so stale cached verdicts are not reused.
 CACHE_VERSION = 1
@@ -169,16 +170,19 @@ def _walk(root: Path, extensions: set[str]) -> tuple[list[tuple[str, int, int]],
                         seen.add(key)
                         subdirs.append(rel)
                     continue
+                is_image_name = os.path.splitext(name)[1].lower() in extensions
                 if not entry.is_file():
+                    if entry.is_symlink() and is_image_name:  # a link whose target is gone
+                        skipped.append(Skipped(rel, BROKEN_LINK))
                     continue
-                if os.path.splitext(name)[1].lower() not in extensions:
+                if not is_image_name:
                     ignored += 1
                     continue
                 st = entry.stat()
             except PermissionError:
                 skipped.append(Skipped(rel, NO_PERMISSION))
                 continue
-            except OSError:  # dangling symlink, file vanished mid-walk
+            except OSError:  # the file vanished mid-walk
                 continue
             candidates.append((rel, st.st_size, st.st_mtime_ns))
         stack.extend(reversed(subdirs))
@@ -255,7 +259,7 @@ def _cache_file(root: Path) -> Path | None:
     folder = cache_dir() / "scans"
     if is_inside(folder, root):  # never write inside the input folder
         return None
-    digest = hashlib.sha256(str(root).encode()).hexdigest()[:20]
+    digest = hashlib.sha256(os.fsencode(root)).hexdigest()[:20]
     return folder / f"{digest}.json"
 
 

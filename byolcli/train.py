@@ -19,7 +19,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -36,19 +36,23 @@ from byolcli.data import (MEAN, STD, CanvasDataset, EpochSampler, MemoryBatches,
                           item_seed)
 from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
 from byolcli.encoder import load_encoder, read_metadata, save_encoder
-from byolcli.errors import TrainingFailed, UserError
-from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir
+from byolcli.errors import Stopped, TrainingFailed, UserError
+from byolcli.files import atomic_path, atomic_write_text, check_outside_input, default_run_dir, write_failed
+from byolcli.locks import exclusive
 from byolcli.model import BYOL, pretrained_backbone
+from byolcli.names import read_names, write_names
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
 from byolcli.plan import (Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget,
                           short_run_warning)
 from byolcli.scan import scan
+from byolcli.signals import StopRequests
 
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.safetensors"
 PLAN = "plan.json"
 METRICS = "metrics.jsonl"
 IMAGES = "images.txt"
+LOCK = ".lock"
 
 # With a time budget, the loop is timed over these steps (the first ones run slow
 # while the loader and the kernels warm up) and the run's length re-planned.
@@ -80,8 +84,8 @@ class Trainer:
     decode_progress: Callable[[int, int], None] | None = field(default=None, repr=False)  # for in-memory plans
     start_from: dict | None = field(default=None, repr=False)  # a checkpoint to continue
     step: int = 0
-    stop_requested: bool = False  # Ctrl-C seen by this process
-    stopping: bool = False  # ... and agreed on by every process: stop after this step
+    stop_requested: int = 0  # the stop signal (SIGINT, SIGTERM) this process saw; 0 for none
+    stopping: int = 0  # ... agreed on by every process: stop after this step, exit with this signal
     warned_collapse: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -178,8 +182,8 @@ class Trainer:
         self._split_random_streams()  # the checkpoint holds rank 0's stream only
 
     def save(self, path: Path) -> None:
-        with atomic_path(path) as tmp:
-            torch.save(self.state_dict(), tmp)
+        with atomic_path(path) as tmp, open(tmp, "wb") as file:
+            torch.save(self.state_dict(), file)  # through a Python file, a failed write keeps its OSError
 
     # --- the loop ------------------------------------------------------------
 
@@ -189,15 +193,16 @@ class Trainer:
         `on_checkpoint(step)` is called whenever it is time to save.
 
         Every `log_every` seconds the ranks meet to agree on the loss and on
-        whether to stop. One process meets by the clock; several meet every
-        N steps (N from the planned step time), since each rank's clock differs
-        and all must join the same collective.
+        whether to stop. One process meets by the clock; several meet after a
+        number of steps that each meeting sets from the steps' mean duration,
+        measured on every rank and agreed on, since each rank's clock differs and
+        all must join the same collective.
         """
         plan, model = self.plan, self.model
         model.train()
         accumulation = plan.accumulation
         distributed_run = self.world.size > 1
-        sync_every = max(1, int(log_every / max(plan.step_seconds, 1e-6)))
+        next_meeting = self.step + 1  # the first meeting measures the step time
         loss_sum = torch.zeros((), device=self.device)
         window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
         last_log = last_checkpoint = time.perf_counter()
@@ -231,10 +236,11 @@ class Trainer:
 
                 now = time.perf_counter()
                 finished = self.step >= until
-                meet = finished or (self.step % sync_every == 0 if distributed_run else
+                meet = finished or (self.step >= next_meeting if distributed_run else
                                     now - last_log >= log_every or self.stop_requested)
                 if meet:
-                    loss = self._agree(loss_sum, window["steps"], lr)
+                    loss, step_seconds = self._agree(loss_sum, window["steps"], now - window["start"], lr)
+                    next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
                     if on_log:
                         on_log(self._log_record(loss, window, projections, lr, tau, now))
                     loss_sum.zero_()
@@ -253,19 +259,21 @@ class Trainer:
         return (first.contiguous(memory_format=self.memory_format),
                 second.contiguous(memory_format=self.memory_format))
 
-    def _agree(self, loss_sum: torch.Tensor, steps: int, lr: float) -> float:
-        """The mean loss over all ranks since the last meeting; sets `stopping` if any rank saw Ctrl-C."""
-        shared = torch.stack([loss_sum, loss_sum.new_tensor(float(self.stop_requested))])
+    def _agree(self, loss_sum: torch.Tensor, steps: int, seconds: float, lr: float) -> tuple[float, float]:
+        """(mean loss, mean seconds per step) over all ranks since the last meeting; sets `stopping`
+        if any rank saw a stop signal (SIGTERM over SIGINT when ranks saw different ones)."""
+        seen = [float(self.stop_requested == signum) for signum in (signal.SIGTERM, signal.SIGINT)]
+        shared = torch.stack([loss_sum, *map(loss_sum.new_tensor, [seconds, *seen])])
         distributed.sum_across(self.world, shared)
-        total, stops = shared.tolist()
-        self.stopping = stops > 0
+        total, seconds_sum, terms, interrupts = shared.tolist()
+        self.stopping = signal.SIGTERM if terms else signal.SIGINT if interrupts else 0
         loss = total / (steps * self.plan.accumulation * self.world.size)
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss} at step {self.step} (learning rate {lr:.3g}); training stopped and "
                 "the last good checkpoint is kept. Rerun with a lower --lr, or --precision fp32"
             )
-        return loss
+        return loss, seconds_sum / (self.world.size * steps)
 
     def _log_record(self, loss, window, projections, lr, tau, now) -> dict:
         steps = window["steps"]
@@ -329,23 +337,23 @@ def train_folder(request: TrainRequest, reporter) -> Path:
 
         reporter = Reporter(quiet=True, warnings=False)
     try:
-        with distributed.collective_errors(world):
-            return _train_folder(request, reporter, world)
+        # `held`: the run folder's lock, taken by rank 0 once it knows the folder, until the encoder is written.
+        with distributed.collective_errors(world), ExitStack() as held:
+            return _train_folder(request, reporter, world, held)
     finally:
         distributed.stop(world)
 
 
-def _train_folder(request: TrainRequest, reporter, world: World) -> Path:
+def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack) -> Path:
     def prepare():
         overrides = _validate(request.choices)  # before anything is scanned, moved or written
         with reporter.progress("checking images") as progress:
             manifest = scan(request.folder, progress=progress)
         out = Path(request.out) if request.out else default_run_dir(request.folder)
         check_outside_input(out, manifest.root)
-        if request.restart and out.exists():
-            aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
-            shutil.move(str(out), str(aside))
-            reporter.info(f"previous run moved to {aside}")
+        held.enter_context(exclusive(out / LOCK, out))
+        if request.restart:
+            _move_aside(out, reporter)
 
         state = _load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
         if state is not None:
@@ -396,7 +404,7 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
     if plan.init == "imagenet":
         pretrained_backbone(plan.backbone)  # downloaded here, once, before any rank needs the file
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / IMAGES, "".join(f"{image.path}\n" for image in manifest.images))
+    atomic_write_text(out / IMAGES, write_names(image.path for image in manifest.images))
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
     (out / METRICS).unlink(missing_ok=True)
     return plan, manifest.absolute_paths()
@@ -410,7 +418,7 @@ def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter, 
     _warn_changed_flags(overrides, plan, reporter)
     detect_hardware(plan.device)  # fails clearly if that device is gone
     # The image list the run started with: the sampler's order depends on it.
-    paths = [root / line for line in (out / IMAGES).read_text(encoding="utf-8").splitlines()]
+    paths = [root / name for name in read_names((out / IMAGES).read_text(encoding="utf-8"))]
     reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
     rescaled = fit_to_world(plan, world.size)
     if rescaled:
@@ -420,18 +428,29 @@ def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter, 
 
 
 def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None:
-    """The loop with progress, metrics, checkpoints, Ctrl-C handling and the budget re-plan.
+    """The loop with progress, metrics, checkpoints, Ctrl-C / SIGTERM handling and the budget re-plan.
     Only rank 0 writes; every rank runs the same steps."""
     from byolcli.report import training_progress
 
     plan, world = trainer.plan, trainer.world
     metrics = (out / METRICS).open("a", encoding="utf-8") if world.is_main else None
-    previous = signal.signal(signal.SIGINT, _stop_handler(trainer, reporter))
+
+    def on_stop_request(signum: int) -> None:
+        trainer.stop_requested = signum
+        when = "after this step" if world.size == 1 else "at the next step all processes reach"
+        again = " (Ctrl-C again to quit at once)" if world.size == 1 and signum == signal.SIGINT else ""
+        reporter.warn(f"{signal.Signals(signum).name}: stopping {when} to save a checkpoint{again}")
+
+    # Under a launcher a second signal is the launcher passing on the terminal's own.
     try:
-        with training_progress(plan, trainer.step, reporter) as show:
+        with StopRequests(on_stop_request, second_quits=world.size == 1), \
+                training_progress(plan, trainer.step, reporter) as show:
             def on_log(record: dict) -> None:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
+                try:
+                    metrics.write(json.dumps(record) + "\n")
+                    metrics.flush()
+                except OSError as exc:
+                    raise write_failed(out / METRICS, exc) from exc
                 show(record)
                 if record["collapsed"] and not trainer.warned_collapse:
                     trainer.warned_collapse = True
@@ -468,29 +487,13 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
                         reporter.warn(warning)
             train_until(plan.total_steps)
     finally:
-        signal.signal(signal.SIGINT, previous)
         if metrics:
-            metrics.close()
-    if trainer.stopping:
+            with suppress(OSError):  # a full disk was reported where it happened
+                metrics.close()
+    if trainer.stopping and trainer.step < plan.total_steps:  # a stop asked for at the last step changes nothing
         reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
                       "Run the same command again to resume.")
-        raise KeyboardInterrupt
-
-
-def _stop_handler(trainer: Trainer, reporter):
-    def handler(signum, frame):
-        if trainer.stop_requested:
-            # A second Ctrl-C stops at once, the last checkpoint stays. Not under a
-            # launcher: it forwards the terminal's Ctrl-C, so every rank sees two.
-            if trainer.world.size == 1:
-                raise KeyboardInterrupt
-            return
-        trainer.stop_requested = True
-        reporter.warn("stopping after this step to save a checkpoint (Ctrl-C again to quit at once)"
-                      if trainer.world.size == 1 else "stopping at the next step all processes reach, "
-                      "to save a checkpoint")
-
-    return handler
+        raise Stopped(int(trainer.stopping))
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -502,12 +505,30 @@ def _load_checkpoint(path: Path) -> dict:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics lines logged after the checkpoint we resume from."""
+    """Drop metrics lines logged after the checkpoint we resume from, and a line torn by a crash
+    or a full disk."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line)["step"] <= step]
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _move_aside(out: Path, reporter) -> None:
+    """--restart: the previous run's files go to a sibling folder; the lock stays where it is held."""
+    previous = [entry for entry in out.iterdir() if entry.name != LOCK]
+    if not previous:
+        return
+    aside = out.with_name(f"{out.name}.old-{datetime.now():%Y%m%d-%H%M%S}")
+    aside.mkdir()
+    for entry in previous:
+        shutil.move(str(entry), str(aside / entry.name))
+    reporter.info(f"previous run moved to {aside}")
 
 
 # Override name -> the Plan field it sets.

@@ -82,7 +82,7 @@ def test_torchrun_cli_writes_one_set_of_files_and_exports_rank_zeros_encoder(pho
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        "checkpoint.pt", "encoder.safetensors", "images.txt", "metrics.jsonl", "plan.json"]
+        ".lock", "checkpoint.pt", "encoder.safetensors", "images.txt", "metrics.jsonl", "plan.json"]
     assert result.stderr.count("training plan") == 1 and result.stderr.count("encoder written") == 1
     plan = json.loads((run / "plan.json").read_text())
     assert (plan["world_size"], plan["batch_size"], plan["sync_batchnorm"]) == (2, 4, True)
@@ -103,17 +103,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_dead_rank_ends_the_run_with_an_error_and_it_resumes_on_one_process(photos, tmp_path):
-    # The two ranks are started by hand, without torchrun's agent (which would
-    # kill the survivor itself): the survivor must notice on its own.
+def start_two_ranks(photos, run, epochs: int, checkpoint_every: str = "0.01") -> list[subprocess.Popen]:
+    """The two ranks of a CLI run, started by hand, without torchrun's agent (which would
+    act on a rank's death or a signal itself)."""
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                LOCAL_WORLD_SIZE="2", BYOL_DIST_TIMEOUT="60")
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "byolcli", "-q", "train", str(photos), "--epochs", "8", "--out", str(run), *CLI_ARGS,
-               "--checkpoint-every", "0.01"]
-    ranks = [subprocess.Popen(command, cwd=tmp_path, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+    command = [sys.executable, "-m", "byolcli", "-q", "train", str(photos), "--epochs", str(epochs), "--out", str(run),
+               *CLI_ARGS, "--checkpoint-every", checkpoint_every]
+    ranks = [subprocess.Popen(command, cwd=run.parent, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     wait_for_file(ranks[0], run / "checkpoint.pt")
+    return ranks
+
+
+def test_a_dead_rank_ends_the_run_with_an_error_and_it_resumes_on_one_process(photos, tmp_path):
+    run = tmp_path / "run"
+    ranks = start_two_ranks(photos, run, epochs=8)  # the survivor must notice the death on its own
     ranks[1].send_signal(signal.SIGKILL)
     _, stderr = ranks[0].communicate(timeout=90)  # well within the collective timeout
     ranks[1].communicate()
@@ -129,6 +134,17 @@ def test_a_dead_rank_ends_the_run_with_an_error_and_it_resumes_on_one_process(ph
     assert "continues on 1: 4 per device × 2 accumulated × 1 = the same global batch of 8" in resumed.stderr
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 32
     assert (run / "encoder.safetensors").exists()
+
+
+def test_sigterm_to_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(photos, tmp_path):
+    run = tmp_path / "run"
+    ranks = start_two_ranks(photos, run, epochs=400, checkpoint_every="1s")  # the ranks meet every ~10 s of steps
+    ranks[1].send_signal(signal.SIGTERM)
+    outputs = [rank.communicate(timeout=90)[1] for rank in ranks]  # a rank left waiting would time out
+    assert [rank.returncode for rank in ranks] == [143, 143], outputs
+    assert not any("Traceback" in text or "lost contact" in text for text in outputs), outputs
+    saved = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
+    assert 0 < saved < 1600 and json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == saved
 
 
 def test_a_saved_plan_fits_any_number_of_processes_that_divides_its_global_batch():
