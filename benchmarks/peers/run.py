@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE.parent))
+from common import host_cpu  # noqa: E402 - the benchmarks' shared helpers, beside this folder
 DATA = REPO.parent / "shared" / "data" / "cifar10-5k"
 PEER_PYTHON = HERE / ".venv" / "bin" / "python"
 RESULTS = HERE / "results.json"
@@ -196,17 +197,6 @@ def baselines() -> dict:
 
 
 # --- results ----------------------------------------------------------------------------
-
-
-def host_cpu() -> str:
-    """The CPU this ran on: the project's machine is a virtual one whose host changes between
-    days, and the peers' speed depends on it far more than byolcli's (README, Figures)."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown CPU")
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
-    return f"{model} ({vector}, {os.cpu_count()} cores)"
 
 
 def load_results() -> dict:
