@@ -20,7 +20,6 @@ import statistics
 import time
 from pathlib import Path
 
-import torch
 
 from byolcli.plan import Plan, choose_precision, choose_workers, detect_hardware
 from byolcli.scan import scan

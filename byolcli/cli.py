@@ -96,6 +96,13 @@ def parse_duration(text: str, flag: str = "--time") -> float:
 
 
 FOLDER = typer.Argument(..., help="Folder of images (searched recursively). Never written to.", show_default=False)
+MODEL_HELP = ("An exported encoder.safetensors; 'imagenet' for torchvision's ImageNet weights (--arch, --image-size); "
+              "or a plain torchvision ResNet state dict in safetensors (with --arch and --image-size).")
+MODEL = typer.Option(None, help=f"{MODEL_HELP} [default: the most recent run's encoder]", show_default=False)
+ARCH = typer.Option(None, help="resnet18, resnet34 or resnet50: the architecture of --model imagenet (default "
+                    "resnet18) or of a plain state dict.", show_default=False)
+IMAGE_SIZE = typer.Option(None, help="Input size in pixels: for --model imagenet (default 224) or a plain state dict; "
+                          "for an encoder file, instead of the size it was trained at.", show_default=False)
 
 
 @app.command()
@@ -183,7 +190,9 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 def embed(
     folder: Path = FOLDER,
     out: Path = typer.Option(..., help="Where to write the vectors (.npy); beside it go <name>.paths.txt (row order), <name>.skipped.txt and <name>.meta.json.", show_default=False),
-    model: Optional[Path] = typer.Option(None, help="An exported encoder.safetensors. [default: the most recent run's encoder]", show_default=False),
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each row."),
     dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
@@ -203,13 +212,16 @@ def embed(
     with user_errors():
         from byolcli.embed import embed_command
 
-        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter(), precision)
+        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter(), precision,
+                      arch=arch, image_size=image_size)
 
 
 @app.command()
 def evaluate(
     labels: Path = typer.Option(..., help="CSV with a header: an image path column (path/file/filename/image) and a label column (label/class/category); optional split column.", show_default=False),
-    model: Optional[Path] = typer.Option(None, help="Encoder to evaluate. [default: the most recent run's encoder]", show_default=False),
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
     root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False),
     embeddings: Optional[Path] = typer.Option(None, help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.", show_default=False),
     baseline: Optional[Path] = typer.Option(None, help="Another encoder file to compare against, side by side, or 'imagenet' for torchvision's pretrained weights of the same architecture.", show_default=False),
@@ -230,7 +242,32 @@ def evaluate(
         from byolcli.evaluate import evaluate_command
 
         evaluate_command(labels, model, root, device, json_out, _reporter(),
-                         embeddings=embeddings, baseline=baseline, skip_missing=skip_missing, report_dir=report)
+                         embeddings=embeddings, baseline=baseline, skip_missing=skip_missing, report_dir=report,
+                         arch=arch, image_size=image_size)
+
+
+@app.command()
+def export(
+    model: Path = typer.Argument(..., help=MODEL_HELP, show_default=False),
+    onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX model.", show_default=False),
+    batch: str = typer.Option("1", help="Images per call the model takes: a number, or 'dynamic' for any."),
+    fp16: bool = typer.Option(False, "--fp16", help="Weights and arithmetic in float16 (half the file); "
+                              "the output stays float32."),
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
+) -> None:
+    """Export an encoder as ONNX, for onnxruntime, TensorRT, a browser, a phone or C++.
+
+    The model takes uint8 RGB images, shape (batch, 3, size, size), resized on the short side and
+    centre-cropped as `byol embed` does, and returns float32 embeddings, shape (batch, features):
+    the normalisation is inside. The file's metadata says the same, with the encoder's own. The
+    export is checked with onnx's checker and against PyTorch with onnxruntime. Needs the [i]onnx[/i]
+    extra: pip install "byolcli\[onnx]".
+    """
+    with user_errors():
+        from byolcli.export import export_onnx
+
+        export_onnx(model, onnx, batch, fp16, _reporter(), arch=arch, image_size=image_size)
 
 
 def main() -> None:

@@ -32,11 +32,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from byolcli.data import normalize_images
-from byolcli.encoder import load_encoder, read_metadata
 from byolcli.errors import Stopped, UserError
-from byolcli.files import RUNS_DIR, atomic_path, atomic_write_text, check_outside_input, write_failed
+from byolcli.files import atomic_path, atomic_write_text, check_outside_input, write_failed
 from byolcli.images import open_rgb
 from byolcli.locks import exclusive
+from byolcli.models import ModelChoice, choose_model
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.scan import Skipped, scan
 from byolcli.signals import StopRequests
@@ -85,14 +85,6 @@ class ImageDataset(Dataset):
             return load_for_embedding(self.paths[index], self.size), True
         except Exception:  # noqa: BLE001 - reported as a skipped file by the caller
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
-
-
-def latest_encoder(runs_dir: Path = RUNS_DIR) -> Path:
-    """The most recently written encoder under ./byol-runs/."""
-    found = sorted(runs_dir.glob("*/encoder.safetensors"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
-    if not found:
-        raise UserError(f"no encoder found in {runs_dir}/: train one with `byol train FOLDER`, or pass --model PATH")
-    return found[-1]
 
 
 def default_workers(device: torch.device) -> int:
@@ -151,14 +143,17 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
 
 def embed_folder(folder: str | Path, model: str | Path | None = None, *, batch_size: int = 256,
                  workers: int | None = None, device: str | None = None, normalize: bool = False,
-                 precision: str | None = None, progress: Callable[[int, int], None] | None = None) -> Embeddings:
+                 precision: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 arch: str | None = None, image_size: int | None = None) -> Embeddings:
     """Embed every usable image of `folder` in memory (the notebook API).
 
+    `model`, `arch` and `image_size` are what `byol embed`'s flags of those names take.
     Returns an Embeddings with `vectors[i]` belonging to `paths[i]`.
     """
+    choice = choose_model(model, arch, image_size)
     manifest = scan(folder)
     torch_device = pick_device(device)
-    encoder = load_encoder(model or latest_encoder(), torch_device)
+    encoder = choice.load(torch_device)
     paths = [image.path for image in manifest.images]
     vectors = np.zeros((len(paths), encoder.byol_metadata["feature_dim"]), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
@@ -187,16 +182,9 @@ def sidecars(out: Path) -> dict[str, Path]:
     }
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def embed_command(folder: Path, out: Path, model: Path | None, normalize: bool, dtype: str, batch_size: int,
-                  workers: int | None, device: str | None, reporter, precision: str | None = None) -> None:
+def embed_command(folder: Path, out: Path, model: str | Path | None, normalize: bool, dtype: str, batch_size: int,
+                  workers: int | None, device: str | None, reporter, precision: str | None = None,
+                  arch: str | None = None, image_size: int | None = None) -> None:
     if precision not in (None, "fp32", "bf16", "fp16"):
         raise UserError(f"--precision {precision}: choose fp32, bf16 or fp16")
     if dtype not in DTYPES:
@@ -205,24 +193,25 @@ def embed_command(folder: Path, out: Path, model: Path | None, normalize: bool, 
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if out.suffix != ".npy":
         raise UserError(f"--out {out}: must end in .npy")
-    model_path = model if model is not None else latest_encoder()
-    metadata = read_metadata(model_path)
+    choice = choose_model(model, arch, image_size)
+    metadata = choice.metadata
+    torch_device = pick_device(device)
+    encoder = choice.load(torch_device)  # weights that do not fit are refused before any slow work
     with reporter.progress("checking images") as progress:
         manifest = scan(folder, progress=progress)
     check_outside_input(out, manifest.root)
     files = sidecars(out)
     with exclusive(files["lock"], out):
-        reporter.info(f"using encoder {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
-                      f"trained on {metadata['train_images']:,} images from {metadata.get('source') or '?'} "
-                      f"at {metadata.get('created', '?')}")
-        torch_device = pick_device(device)
-        settings = {"encoder_sha256": file_digest(model_path), "normalize": normalize, "dtype": dtype,
-                    "precision": str(autocast_dtype(torch_device, precision) or "fp32").replace("torch.", ""),
-                    "folder": str(manifest.root)}
-        job = EmbedJob(manifest, out, files, model_path, settings, metadata["feature_dim"])
+        reporter.info(f"using encoder {choice.description} trained on {metadata['train_images']:,} images from "
+                      f"{metadata.get('source') or '?'} at {metadata.get('created', '?')}" if choice.kind == "encoder"
+                      else f"using {choice.description}")
+        exactness = str(autocast_dtype(torch_device, precision) or "fp32").replace("torch.", "")
+        settings = {"model": choice.fingerprint, "image_size": metadata["image_size"], "normalize": normalize,
+                    "dtype": dtype, "precision": exactness, "folder": str(manifest.root)}
+        job = EmbedJob(manifest, out, files, choice, settings, metadata["feature_dim"])
         with StopRequests(lambda signum: reporter.warn(
                 f"{signal.Signals(signum).name}: stopping after this batch to save what is embedded")) as stop:
-            good = job.embed(torch_device, batch_size, workers, normalize, precision, reporter, stop)
+            good = job.embed(encoder, torch_device, batch_size, workers, normalize, precision, reporter, stop)
         job.publish(good, reporter)
 
 
@@ -233,7 +222,7 @@ class EmbedJob:
     manifest: object
     out: Path
     files: dict[str, Path]
-    model_path: Path
+    model: ModelChoice
     settings: dict
     dim: int
 
@@ -242,7 +231,8 @@ class EmbedJob:
         self.keys = [[image.size, image.mtime_ns] for image in self.images]
         self.dtype = DTYPES[self.settings["dtype"]]
 
-    def embed(self, device, batch_size, workers, normalize, precision, reporter, stop: StopRequests) -> np.ndarray:
+    def embed(self, encoder, device, batch_size, workers, normalize, precision, reporter,
+              stop: StopRequests) -> np.ndarray:
         """Fill the partial array (reusing rows of an earlier output, continuing an interrupted run);
         returns which rows decoded. Raises Stopped, with the progress saved, if asked to stop."""
         files, images, rows = self.files, self.images, len(self.images)
@@ -270,7 +260,6 @@ class EmbedJob:
                     array[row] = old[source_rows[row]]
                 reporter.info(f"{rows - len(todo):,} images unchanged since the last embed; embedding {len(todo):,}")
 
-        encoder = load_encoder(self.model_path, device)
         absolute = self.manifest.absolute_paths()
         remaining = todo[done:]
         last_saved = done
@@ -298,7 +287,6 @@ class EmbedJob:
                     save_progress(done_now)
                     last_saved = done_now
         save_progress(len(todo))  # if publishing fails, the rerun publishes without embedding again
-        del array
         return good
 
     def publish(self, good: np.ndarray, reporter) -> None:
@@ -326,7 +314,8 @@ class EmbedJob:
         images, files = self.images, self.files
         paths.write_text(write_names(images[i].path for i in keep), encoding="utf-8")
         skipped_list.write_text("".join(f"{escape_name(s.path)}\t{s.reason}\n" for s in skipped), encoding="utf-8")
-        meta.write_text(json.dumps({**self.settings, "encoder": str(self.model_path), "rows": len(keep),
+        meta.write_text(json.dumps({**self.settings, "encoder": str(self.model.path or self.model.fingerprint),
+                                    "architecture": self.model.metadata["architecture"], "rows": len(keep),
                                     "files": [self.keys[i] for i in keep]}), encoding="utf-8")
         if len(keep) < len(images):  # drop the rows of files that broke since the scan
             array = np.load(files["partial"], mmap_mode="r")

@@ -50,16 +50,21 @@ def save_encoder(encoder: nn.Module, path: Path, *, architecture: str, image_siz
         tmp.write_bytes(serialise(tensors, metadata=metadata))  # Python's write reports a full disk as OSError
 
 
-def read_metadata(path: str | Path) -> dict:
-    """The encoder's metadata, decoded; UserError if `path` is not a byolcli encoder."""
+def file_metadata(path: str | Path) -> dict:
+    """The raw metadata of a safetensors file (empty for a plain state dict); UserError if it is none."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such model file")
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = f.metadata() or {}
+            return f.metadata() or {}
     except (SafetensorError, OSError, ValueError, Exception) as exc:  # noqa: BLE001 - any parse failure
         raise UserError(f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]})") from None
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The encoder's metadata, decoded; UserError if `path` is not a byolcli encoder."""
+    raw = file_metadata(path)
     if raw.get("format") != FORMAT:
         raise UserError(f"{path}: not a byolcli encoder (no '{FORMAT}' metadata)")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -93,3 +98,16 @@ def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
         raise UserError(f"{path}: weights do not match a {metadata['architecture']} ({first})") from None
     model.byol_metadata = metadata
     return model.to(device).eval()
+
+
+def load_plain(path: str | Path, architecture: str) -> nn.Module:
+    """A torchvision ResNet state dict saved as safetensors (its `fc.*` classifier, if any, dropped)."""
+    model = make_backbone(architecture)
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("fc.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UserError(f"{path}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); "
+                        "check --arch") from None
+    return model

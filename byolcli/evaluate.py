@@ -16,18 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byolcli.embed import iter_embeddings, latest_encoder, pick_device
-from byolcli.encoder import load_encoder, read_metadata
+from byolcli.embed import iter_embeddings, pick_device
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.names import read_names
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
 from byolcli.model import make_backbone
+from byolcli.models import IMAGENET, choose_model
 
 MAX_FOLDS = 5
 RANDOM_INIT = "random init"
-IMAGENET = "imagenet"  # --baseline imagenet: torchvision's pretrained weights
 
 
 @dataclass
@@ -102,22 +101,23 @@ def random_encoder(metadata: dict, device) -> torch.nn.Module:
 
 
 def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Module:
-    """--baseline: an encoder file, or 'imagenet' (unless a file has that name)."""
+    """--baseline: an encoder file, or 'imagenet' (unless a file has that name): torchvision's weights for
+    the evaluated encoder's architecture, at its image size."""
     if str(baseline) == IMAGENET and not baseline.exists():
-        return imagenet_encoder(metadata, device)
-    return load_encoder(baseline, device)
+        if metadata is None:
+            raise UserError("--baseline imagenet: the embeddings' encoder is unknown, so is its architecture")
+        return choose_model(IMAGENET, metadata["architecture"], metadata["image_size"]).load(device)
+    return choose_model(baseline).load(device)
 
 
-def imagenet_encoder(metadata: dict | None, device) -> torch.nn.Module:
-    """torchvision's ImageNet weights for the evaluated encoder's architecture, at its image size."""
-    from byolcli.data import MEAN, STD
-    from byolcli.model import pretrained_backbone
-
-    if metadata is None:
-        raise UserError("--baseline imagenet: the embeddings' encoder file is gone, so its architecture is unknown")
-    model = pretrained_backbone(metadata["architecture"])
-    model.byol_metadata = {**metadata, "mean": MEAN, "std": STD, "train_images": 0, "source": IMAGENET}
-    return model.to(device).eval()
+def embeddings_model(meta: dict) -> dict | None:
+    """The metadata of the model that made a `byol embed` output, where it can still be known."""
+    source = meta["encoder"]
+    if source.startswith(f"{IMAGENET}:"):
+        source = IMAGENET
+    elif not Path(source).is_file():
+        return None
+    return choose_model(source, meta.get("architecture"), meta.get("image_size")).metadata
 
 
 def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict]:
@@ -146,7 +146,7 @@ def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Ten
 def evaluate_command(labels: Path, model: Path | None, root: Path | None, device: str | None, json_out: Path | None,
                      reporter, embeddings: Path | None = None, baseline: Path | None = None,
                      skip_missing: bool = False, batch_size: int = 256, workers: int | None = None,
-                     report_dir: Path | None = None) -> dict:
+                     report_dir: Path | None = None, arch: str | None = None, image_size: int | None = None) -> dict:
     data = read_labels(labels, root)
     if warning := repeated_warning(data, labels):
         reporter.warn(warning)
@@ -160,16 +160,16 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
         features, ok, meta = load_embeddings(embeddings, data)
         encoders["embeddings"] = features
         good &= ok
-        metadata = read_metadata(meta["encoder"]) if Path(meta["encoder"]).is_file() else None
+        metadata = embeddings_model(meta)
         unmatched = "is not in the embeddings"
     else:
-        model_path = model if model is not None else latest_encoder()
-        encoder = load_encoder(model_path, torch_device)
-        metadata = encoder.byol_metadata
+        choice = choose_model(model, arch, image_size)
+        encoder = choice.load(torch_device)
+        metadata = choice.metadata
     other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
     if embeddings is None:
-        reporter.info(f"evaluating {model_path} ({metadata['architecture']}, {metadata['image_size']} px) "
-                      f"on {len(data.paths):,} labelled images, {len(classes)} classes")
+        reporter.info(f"evaluating {choice.description} on {len(data.paths):,} labelled images, "
+                      f"{len(classes)} classes")
         with reporter.progress("embedding (encoder)", unit="images") as progress:
             features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
         encoders["encoder"] = features
@@ -204,7 +204,7 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
     y = torch.tensor([index[label] for label in data.labels], device=torch_device)
     protocol = make_protocol(data, y, labels)
     results = {name: score(f.to(torch_device), y, len(classes), protocol) for name, f in encoders.items()}
-    sources = {"embeddings": str(embeddings), "encoder": str(model_path) if embeddings is None else None,
+    sources = {"embeddings": str(embeddings), "encoder": None if embeddings else str(choice.path or choice.description),
                "baseline": str(baseline), "random init": f"{metadata['architecture']}, seed 0" if metadata else None}
     report = {"labels": str(labels), "protocol": protocol.name, "images": len(data.paths), "classes": classes,
               "sources": {name: sources[name] for name in encoders}, "results": results}

@@ -190,3 +190,17 @@ def cache_imagenet_weights(torch_home: Path, seed: int = 1) -> dict:
     (torch_home / "hub" / "checkpoints").mkdir(parents=True, exist_ok=True)
     torch.save(state, torch_home / "hub" / "checkpoints" / url.rsplit("/", 1)[-1])
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def random_encoder_file(path: Path, seed: int = 0, size: int = 32) -> Path:
+    """An encoder file holding an untrained ResNet-18, as `byol train` exports one."""
+    import torch
+
+    from byolcli.data import MEAN, STD
+    from byolcli.encoder import save_encoder
+    from byolcli.model import make_backbone
+
+    torch.manual_seed(seed)
+    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=size, mean=MEAN, std=STD,
+                 train_images=10, epochs=1, steps=1, source="test")
+    return path

@@ -7,19 +7,14 @@ import torch
 
 from byolcli import embed as e
 from byolcli.data import MEAN, STD, normalize_images
-from byolcli.encoder import load_encoder, save_encoder
-from byolcli.model import make_backbone
+from byolcli.encoder import load_encoder
 from byolcli.report import Reporter
-from conftest import noise_image, run_byol, shapes_folder
+from conftest import random_encoder_file, noise_image, run_byol, shapes_folder
 
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "encoder.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=32, mean=MEAN, std=STD,
-                 train_images=10, epochs=1, steps=1, source="test")
-    return path
+    return random_encoder_file(tmp_path_factory.mktemp("model") / "encoder.safetensors")
 
 
 @pytest.fixture

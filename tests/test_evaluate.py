@@ -8,7 +8,7 @@ from byolcli.errors import UserError
 from byolcli.evaluate import make_protocol, score
 from byolcli.labels import drop_missing, read_labels
 from byolcli.metrics import knn_scores, linear_probe_scores, summarize
-from conftest import cache_imagenet_weights, noise_image, run_byol, shapes_folder
+from conftest import random_encoder_file, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 
 def blobs(per_class=100, classes=4, dim=16, seed=0):
@@ -133,15 +133,7 @@ def test_binary_file_and_missing_files(labelled):
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    from byolcli.data import MEAN, STD
-    from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
-
-    torch.manual_seed(1)
-    path = tmp_path_factory.mktemp("model") / "encoder.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=32, mean=MEAN, std=STD,
-                 train_images=10, epochs=1, steps=1)
-    return path
+    return random_encoder_file(tmp_path_factory.mktemp("model") / "encoder.safetensors", seed=1)
 
 
 def test_byol_evaluate_end_to_end(tmp_path, encoder_file):

@@ -14,14 +14,12 @@ import pytest
 import torch
 
 from byolcli import embed as e
-from byolcli.data import MEAN, STD
-from byolcli.encoder import save_encoder
 from byolcli.errors import Stopped, UserError, WriteFailed
 from byolcli.labels import read_labels, repeated_warning
-from byolcli.model import BYOL, make_backbone
+from byolcli.model import BYOL
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.report import Reporter
-from conftest import noise_image, run_byol, shapes_folder, wait_for_file
+from conftest import random_encoder_file, noise_image, run_byol, shapes_folder, wait_for_file
 
 TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
 HOSTILE_NAMES = ["new\nline.png", "tab\there.png", "carriage\rreturn.png", os.fsdecode(b"latin1-\xe9t\xe9.png"),
@@ -30,11 +28,7 @@ HOSTILE_NAMES = ["new\nline.png", "tab\there.png", "carriage\rreturn.png", os.fs
 
 @pytest.fixture(scope="module")
 def encoder_file(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "encoder.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=32, mean=MEAN, std=STD,
-                 train_images=10, epochs=1, steps=1, source="test")
-    return path
+    return random_encoder_file(tmp_path_factory.mktemp("model") / "encoder.safetensors")
 
 
 def embed(folder, out, model, batch_size=4):

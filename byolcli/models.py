@@ -1,0 +1,104 @@
+"""What `--model` names, as one encoder that embed, evaluate and export can use.
+
+- a byolcli encoder file (encoder.safetensors): everything is in its metadata;
+- `imagenet`: torchvision's ImageNet weights for `--arch` (ResNet-18 unless told), at
+  `--image-size` (224, ImageNet's, unless told), cached by torchvision after one download;
+- a plain torchvision ResNet state dict in safetensors (no byolcli metadata, `fc.*` keys
+  allowed and dropped): `--arch` and `--image-size` say what it is.
+
+Every one is normalised with ImageNet's mean and std, as torchvision's models are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from byolcli.errors import UserError
+from byolcli.files import RUNS_DIR
+
+IMAGENET = "imagenet"
+IMAGENET_SIZE = 224
+DEFAULT_ARCH = "resnet18"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    kind: str  # "encoder", IMAGENET or "state dict"
+    metadata: dict  # architecture, image_size, mean, std, feature_dim, train_images, source, …
+    description: str  # how messages name it
+    fingerprint: str  # changes whenever the vectors would: the file's SHA-256, or the weights' name
+    path: Path | None = None  # the file, where there is one
+
+    def load(self, device="cpu") -> nn.Module:
+        """The encoder in eval mode on `device`, with `byol_metadata` attached."""
+        from byolcli.encoder import load_encoder, load_plain
+        from byolcli.model import pretrained_backbone
+
+        if self.kind == "encoder":
+            model = load_encoder(self.path, device)
+        elif self.kind == IMAGENET:
+            model = pretrained_backbone(self.metadata["architecture"])
+        else:
+            model = load_plain(self.path, self.metadata["architecture"])
+        model.byol_metadata = self.metadata
+        return model.to(device).eval()
+
+
+def latest_encoder(runs_dir: Path = RUNS_DIR) -> Path:
+    """The most recently written encoder under ./byol-runs/."""
+    found = sorted(runs_dir.glob("*/encoder.safetensors"), key=lambda p: p.stat().st_mtime) if runs_dir.is_dir() else []
+    if not found:
+        raise UserError(f"no encoder found in {runs_dir}/: train one with `byol train FOLDER`, or pass --model PATH")
+    return found[-1]
+
+
+def choose_model(model: str | Path | None = None, arch: str | None = None,
+                 image_size: int | None = None) -> ModelChoice:
+    """Read what `--model` (with `--arch` and `--image-size`) names; UserError when it cannot be used."""
+    from byolcli.data import MEAN, STD
+    from byolcli.encoder import FORMAT, file_metadata, read_metadata
+    from byolcli.model import BACKBONES
+
+    if arch is not None and arch not in BACKBONES:
+        raise UserError(f"--arch {arch}: choose one of {', '.join(BACKBONES)}")
+    if image_size is not None and image_size < 16:
+        raise UserError(f"--image-size {image_size}: must be at least 16")
+    if model is not None and str(model) == IMAGENET and not Path(model).exists():
+        arch, size = arch or DEFAULT_ARCH, image_size or IMAGENET_SIZE
+        metadata = _plain_metadata(arch, size, IMAGENET, MEAN, STD, BACKBONES)
+        return ModelChoice(IMAGENET, metadata, f"torchvision's ImageNet {arch} ({size} px)", f"{IMAGENET}:{arch}")
+
+    path = Path(model) if model is not None else latest_encoder()
+    raw = file_metadata(path)  # one-line error if it is not a safetensors file
+    if raw.get("format") == FORMAT:  # byolcli's own (other tools write {"format": "pt"})
+        metadata = read_metadata(path)
+        if arch is not None and arch != metadata["architecture"]:
+            raise UserError(f"{path} is a {metadata['architecture']} encoder; --arch {arch} does not match it")
+        if image_size is not None:
+            metadata = {**metadata, "image_size": image_size}
+        description = f"{path} ({metadata['architecture']}, {metadata['image_size']} px)"
+        return ModelChoice("encoder", metadata, description, _file_digest(path), path)
+    missing = [flag for flag, value in (("--arch", arch), ("--image-size", image_size)) if value is None]
+    if missing:
+        raise UserError(f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
+                        f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)")
+    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES)
+    return ModelChoice("state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)",
+                       _file_digest(path), path)
+
+
+def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones) -> dict:
+    return {"architecture": arch, "image_size": size, "mean": tuple(mean), "std": tuple(std),
+            "feature_dim": backbones[arch][1], "train_images": 0, "source": source}
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
