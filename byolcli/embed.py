@@ -103,11 +103,12 @@ def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype |
     """bf16 where the hardware computes it natively (GPUs, CPUs with AMX/AVX512-BF16), fp16 on
     older GPUs, else fp32. bf16 keeps ~3 significant digits: cosine similarities move by
     about 1e-4, nothing a kNN or a linear probe notices; --precision fp32 gives exact rows."""
-    from byolcli.plan import cpu_has_bf16
+    from byolcli.plan import cpu_has_bf16, cuda_has_bf16
 
     if precision is None:
         if device.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            index = device.index if device.index is not None else torch.cuda.current_device()
+            precision = "bf16" if cuda_has_bf16(index) else "fp16"
         else:
             precision = "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
@@ -117,12 +118,15 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
                     workers: int | None = None, normalize: bool = False,
                     precision: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
+    from byolcli.plan import use_device
+
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])
     workers = default_workers(device) if workers is None else workers
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None)
     dtype = autocast_dtype(device, precision)
+    use_device(device, "fp32" if dtype is None else str(dtype))
     channels_last = device.type == "cuda" or dtype is not None
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)

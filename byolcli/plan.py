@@ -186,6 +186,15 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_has_bf16(index: int) -> bool:
+    """Whether CUDA device `index` computes bf16 natively: compute capability 8.0 (Ampere) or newer.
+    torch.cuda.is_bf16_supported() also says yes where bf16 is only emulated (T4, V100, P100),
+    far slower than fp16 there, and asks about the current device rather than this one."""
+    import torch
+
+    return torch.cuda.get_device_capability(index) >= (8, 0)
+
+
 def detect_hardware(device: str | None = None) -> Hardware:
     import torch
 
@@ -199,7 +208,7 @@ def detect_hardware(device: str | None = None) -> Hardware:
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         free, total = torch.cuda.mem_get_info(index)
         props = torch.cuda.get_device_properties(index)
-        return Hardware("cuda", props.name, total, free, torch.cuda.is_bf16_supported(), cores, f"cuda:{index}",
+        return Hardware("cuda", props.name, total, free, cuda_has_bf16(index), cores, f"cuda:{index}",
                         system_memory())
     if wanted == "mps" or (not wanted and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
@@ -211,6 +220,20 @@ def detect_hardware(device: str | None = None) -> Hardware:
         raise UserError(f"--device {device}: unknown device (use cuda, cuda:N, mps or cpu)")
     total = system_memory()
     return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total)
+
+
+def use_device(device, precision: str) -> None:
+    """Make `device` the current CUDA device (pinned-memory threads, cuDNN handles and memory
+    checks otherwise use GPU 0), and keep fp32 exact there: cuDNN's convolutions use TF32 on
+    Ampere and newer unless told not to."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    torch.cuda.set_device(device)
+    if precision == "fp32":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
 
 
 # --- the rules -------------------------------------------------------------------
@@ -506,48 +529,77 @@ def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: st
     """
     import torch
 
+    device = torch.device(hw.device)
+    failure = None
+    try:
+        seconds = _time_steps(hw, device, backbone, size, batch, precision, channels_last, steps)
+    except OutOfMemory as exc:
+        failure = str(exc)
+    except RuntimeError as exc:
+        if not is_out_of_memory(exc):
+            raise
+        failure = str(exc).splitlines()[0]
+    # Here, past the except blocks, the failed attempt's traceback and with it its tensors are
+    # gone, so the allocator's cache can actually be handed back before the next try.
+    release_cached_memory(device)
+    if failure is not None:
+        raise OutOfMemory(failure)
+    return seconds
+
+
+# How an allocation failure reads: torch's own, and those of the libraries it calls (MPS raises a plain
+# RuntimeError saying "out of memory" too).
+OUT_OF_MEMORY = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                 "cudnn_status_internal_error", "cudnn_status_execution_failed")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(sign in text for sign in OUT_OF_MEMORY)
+
+
+def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, precision: str,
+                channels_last: bool, steps: int) -> float:
+    import torch
+
     from byolcli.model import BYOL
     from byolcli.optim import LARS, lars_groups
 
-    device = torch.device(hw.device)
-    model = optimizer = None
-    try:
-        model = BYOL(backbone).to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)
-        scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-                 for _ in range(2)]
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        timings = []
-        for _ in range(steps + 1):
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss, _ = model(views[0], views[1])
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            model.update_target(0.99)
-            synchronize(device)
-            timings.append(time.perf_counter() - start)
-        if device.type == "cuda" and torch.cuda.max_memory_allocated(device) > MEMORY_MARGIN * hw.total_memory:
-            raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of GPU memory")
-        return statistics.median(timings[1:])
-    except RuntimeError as exc:  # torch.OutOfMemoryError is a RuntimeError; MPS raises a plain one
-        if "out of memory" in str(exc).lower():
-            raise OutOfMemory(str(exc).splitlines()[0]) from None
-        raise
-    finally:
-        del model, optimizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        elif device.type == "mps":
-            torch.mps.empty_cache()
+    model = BYOL(backbone).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
+             for _ in range(2)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timings = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss, _ = model(views[0], views[1])
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        model.update_target(0.99)
+        synchronize(device)
+        timings.append(time.perf_counter() - start)
+    if device.type == "cuda" and torch.cuda.max_memory_allocated(device) > MEMORY_MARGIN * hw.total_memory:
+        raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of GPU memory")
+    return statistics.median(timings[1:])
+
+
+def release_cached_memory(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    elif device.type == "mps":
+        torch.mps.empty_cache()
 
 
 def synchronize(device) -> None:

@@ -162,7 +162,12 @@ class _TrainColumns(ProgressColumn):
         f = task.fields
         if "loss" not in f:
             return Text("")
-        return Text(f"loss {f['loss']:.4f}  {f['images_per_s']:,.1f} img/s  data wait {f['data_wait']:.0%}")
+        return Text(f"{loss_text(f['loss'])}  {f['images_per_s']:,.1f} img/s  data wait {f['data_wait']:.0%}")
+
+
+def loss_text(loss: float | None) -> str:
+    """None: every step since the last record was an fp16 overflow the loss scaler skipped."""
+    return "loss (steps skipped)" if loss is None else f"loss {loss:.4f}"
 
 
 @contextlib.contextmanager
@@ -175,7 +180,7 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
         def line(record: dict) -> None:
             err.print(
                 f"step {record['step']:,}/{plan.total_steps:,} epoch {record['epoch']:.2f} "
-                f"loss {record['loss']:.4f} {record['images_per_s']:.1f} img/s "
+                f"{loss_text(record['loss'])} {record['images_per_s']:.1f} img/s "
                 f"data wait {record['data_wait']:.0%}", highlight=False, soft_wrap=True,
             )
         yield line

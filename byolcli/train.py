@@ -43,7 +43,7 @@ from byolcli.model import BYOL, pretrained_backbone
 from byolcli.names import read_names, write_names
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
 from byolcli.plan import (Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget,
-                          short_run_warning)
+                          short_run_warning, use_device)
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 
@@ -57,6 +57,10 @@ LOCK = ".lock"
 # With a time budget, the loop is timed over these steps (the first ones run slow
 # while the loader and the kernels warm up) and the run's length re-planned.
 CALIBRATION = (10, 40)
+
+# The loss scaler halves its scale at each fp16 overflow: this many in a row means it cannot
+# find a scale that fits (from its start of 2^16, down to 2^-9), not a passing spike.
+OVERFLOWS_IN_A_ROW = 25
 
 # Normalised projections of a healthy network spread over many directions; a
 # collapsed one maps every image to (nearly) the same point.
@@ -87,12 +91,15 @@ class Trainer:
     stop_requested: int = 0  # the stop signal (SIGINT, SIGTERM) this process saw; 0 for none
     stopping: int = 0  # ... agreed on by every process: stop after this step, exit with this signal
     warned_collapse: bool = field(default=False, repr=False)
+    _batches: object = field(default=None, repr=False)  # the epoch's batch iterator, and the step it is at
+    _batches_at: int = field(default=-1, repr=False)
 
     def __post_init__(self) -> None:
         plan, world = self.plan, self.world
         torch.manual_seed(plan.seed)  # the same initial weights on every rank
         random.seed(plan.seed)
         self.device = torch.device(per_rank_device(plan.device, world))
+        use_device(self.device, plan.precision)
         if self.device.type == "cpu":
             # Loader processes and training threads must not outnumber the
             # cores: OpenMP threads that get preempted stall each other.
@@ -203,13 +210,18 @@ class Trainer:
         accumulation = plan.accumulation
         distributed_run = self.world.size > 1
         next_meeting = self.step + 1  # the first meeting measures the step time
-        loss_sum = torch.zeros((), device=self.device)
+        # Since the last meeting: the sum of the losses and the overflowed micro-steps; and the overflows in a row.
+        totals = torch.zeros(3, device=self.device)
         window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
         last_log = last_checkpoint = time.perf_counter()
         while self.step < until and not self.stopping:
             epoch, offset = divmod(self.step, plan.steps_per_epoch)
-            self.sampler.set_position(epoch, offset * plan.effective_batch)
-            batches = iter(self.loader)
+            # One iterator per epoch, kept across calls (the time-budget calibration stops and goes on):
+            # a new one would throw away what persistent loader workers have prefetched.
+            if self._batches is None or self._batches_at != self.step or offset == 0:
+                self.sampler.set_position(epoch, offset * plan.effective_batch)
+                self._batches = iter(self.loader)
+            batches = self._batches
             for _ in range(plan.steps_per_epoch - offset):
                 lr = learning_rate(self.step, plan.total_steps, plan.warmup_steps, plan.lr)
                 tau = ema_rate(self.step, plan.total_steps, plan.tau_base)
@@ -226,12 +238,13 @@ class Trainer:
                                             enabled=self.autocast_dtype is not None):
                             loss, projections = self.forward(view1, view2)
                         self.scaler.scale(loss / accumulation).backward()
-                    loss_sum += loss.detach()  # stays on the device: no sync per step
+                    self._add_loss(totals, loss.detach())
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.optimizer.zero_grad(set_to_none=True)
                 model.update_target(tau)
                 self.step += 1
+                self._batches_at = self.step
                 window["steps"] += 1
 
                 now = time.perf_counter()
@@ -239,11 +252,11 @@ class Trainer:
                 meet = finished or (self.step >= next_meeting if distributed_run else
                                     now - last_log >= log_every or self.stop_requested)
                 if meet:
-                    loss, step_seconds = self._agree(loss_sum, window["steps"], now - window["start"], lr)
+                    loss, step_seconds, overflowed = self._agree(totals, window["steps"], now - window["start"], lr)
                     next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
                     if on_log:
-                        on_log(self._log_record(loss, window, projections, lr, tau, now))
-                    loss_sum.zero_()
+                        on_log(self._log_record(loss, window, projections, lr, tau, now, overflowed))
+                    totals[:2].zero_()
                     window = {"steps": 0, "wait": 0.0, "start": now}
                     last_log = now
                 if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stopping):
@@ -259,30 +272,48 @@ class Trainer:
         return (first.contiguous(memory_format=self.memory_format),
                 second.contiguous(memory_format=self.memory_format))
 
-    def _agree(self, loss_sum: torch.Tensor, steps: int, seconds: float, lr: float) -> tuple[float, float]:
-        """(mean loss, mean seconds per step) over all ranks since the last meeting; sets `stopping`
-        if any rank saw a stop signal (SIGTERM over SIGINT when ranks saw different ones)."""
+    def _add_loss(self, totals: torch.Tensor, loss: torch.Tensor) -> None:
+        """Count a micro-step's loss, on the device (no sync per step). Under fp16 loss scaling a
+        non-finite loss is an overflow the scaler answers by skipping the step and lowering its
+        scale, so it is counted apart; only a run of nothing but overflows fails (_agree)."""
+        if self.scaler.is_enabled():
+            overflowed = ~torch.isfinite(loss)
+            totals[1] += overflowed
+            totals[2] = (totals[2] + 1) * overflowed
+            loss = loss.masked_fill(overflowed, 0)
+        totals[0] += loss
+
+    def _agree(self, totals: torch.Tensor, steps: int, seconds: float, lr: float) -> tuple[float, float, int]:
+        """(mean loss, mean seconds per step, overflowed micro-steps) over all ranks since the last
+        meeting; sets `stopping` if any rank saw a stop signal (SIGTERM over SIGINT when ranks saw
+        different ones)."""
         seen = [float(self.stop_requested == signum) for signum in (signal.SIGTERM, signal.SIGINT)]
-        shared = torch.stack([loss_sum, *map(loss_sum.new_tensor, [seconds, *seen])])
+        shared = torch.cat([totals, totals.new_tensor([seconds, *seen])])
         distributed.sum_across(self.world, shared)
-        total, seconds_sum, terms, interrupts = shared.tolist()
+        total, overflowed, in_a_row, seconds_sum, terms, interrupts = shared.tolist()
         self.stopping = signal.SIGTERM if terms else signal.SIGINT if interrupts else 0
-        loss = total / (steps * self.plan.accumulation * self.world.size)
+        counted = steps * self.plan.accumulation * self.world.size - overflowed
+        if in_a_row / self.world.size >= OVERFLOWS_IN_A_ROW:
+            loss = math.nan
+        elif not counted:  # a few skipped steps in a row, all of this window's: normal under loss scaling
+            return None, seconds_sum / (self.world.size * steps), int(overflowed)
+        else:
+            loss = total / counted
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss} at step {self.step} (learning rate {lr:.3g}); training stopped and "
                 "the last good checkpoint is kept. Rerun with a lower --lr, or --precision fp32"
             )
-        return loss, seconds_sum / (self.world.size * steps)
+        return loss, seconds_sum / (self.world.size * steps), int(overflowed)
 
-    def _log_record(self, loss, window, projections, lr, tau, now) -> dict:
+    def _log_record(self, loss, window, projections, lr, tau, now, overflowed) -> dict:
         steps = window["steps"]
         elapsed = max(now - window["start"], 1e-9)
         spread, rank = projection_health(projections)
         return {
             "step": self.step,
             "epoch": round(self.step / self.plan.steps_per_epoch, 3),
-            "loss": round(loss, 5),
+            "loss": None if loss is None else round(loss, 5),  # None: every step since the last was skipped
             "lr": round(lr, 6),
             "tau": round(tau, 6),
             "images_per_s": round(steps * self.plan.effective_batch / elapsed, 2),
@@ -290,6 +321,7 @@ class Trainer:
             "projection_std": round(spread, 4),
             "effective_rank": round(rank, 2),
             "collapsed": spread < COLLAPSE_STD or rank < COLLAPSE_RANK,
+            "overflowed_steps": overflowed,  # fp16 steps the loss scaler skipped
             "time": datetime.now().isoformat(timespec="seconds"),
         }
 
