@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from byolcli.data import BLUR_MIN_SIZE, normalize_images
+from byolcli.data import BLUR_MIN_SIZE, constant, normalize_images
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
 
@@ -82,7 +82,7 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
 
 def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     hue, saturation, value = x.unbind(1)
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device)[None, :, None, None] + hue[:, None] * 6) % 6
+    k = (constant((5.0, 3.0, 1.0), x, (1, 3, 1, 1)) + hue[:, None] * 6) % 6
     return value[:, None] - value[:, None] * saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
@@ -145,10 +145,12 @@ def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, sigma=(0.1, 2.0)) -> tor
     return torch.where(apply[:, None, None, None], flat.reshape_as(x), x)
 
 
-def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int) -> tuple[torch.Tensor, torch.Tensor]:
+def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int,
+               select: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both BYOL views of a batch of uint8 canvases (n, 3, C, C) with original (height, width) `sizes`.
 
     View 1: blur p=1.0, no solarize; view 2: blur p=0.1, solarize p=0.2 (Grill et al. 2020, Table 6).
+    `select`: as in color_jitter (by default, the CPU's way on a CPU and the GPU's on a GPU).
     """
     images = canvas.float() / 255
     views = []
@@ -156,7 +158,7 @@ def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int) -> tuple[tor
         n = len(images)
         coin = lambda p: torch.rand(n, device=canvas.device) < p  # noqa: E731
         x = crop_resize(images, sizes, crop_boxes(sizes), coin(0.5), out).clamp(0, 1)
-        x = color_jitter(x, coin(0.8))
+        x = color_jitter(x, coin(0.8), select=select)
         x = torch.where(coin(0.2)[:, None, None, None], grayscale(x), x)
         if out >= BLUR_MIN_SIZE and blur_p > 0:
             x = gaussian_blur(x, coin(blur_p))

@@ -12,6 +12,7 @@ have seen, whatever the number of loader processes.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -34,9 +35,19 @@ def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
     if images.dtype == torch.uint8:
         images = images.float() / 255
-    mean = torch.tensor(mean, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+    shape = (1, 3, 1, 1)
+    return (images - constant(mean, images, shape)) / constant(std, images, shape)
+
+
+def constant(values, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`values` as a tensor of `like`'s device and dtype, made once: a tensor made from Python
+    numbers is copied to the GPU, and that copy waits for the work queued before it."""
+    return _constant(tuple(values), like.device, like.dtype, shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).view(shape).to(device)
 
 
 def byol_view(size: int, blur_p: float, solarize_p: float) -> v2.Compose:

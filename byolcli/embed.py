@@ -88,7 +88,9 @@ class ImageDataset(Dataset):
 
 
 def default_workers(device: torch.device) -> int:
-    cores = os.cpu_count() or 1
+    from byolcli.plan import usable_cores
+
+    cores = usable_cores()
     # On CPU the forward pass needs cores too; on a GPU the host only decodes.
     return max(1, cores // 2) if device.type == "cpu" else max(1, min(cores - 1, 12))
 
@@ -118,7 +120,7 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
                     workers: int | None = None, normalize: bool = False,
                     precision: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
-    from byolcli.plan import use_device
+    from byolcli.plan import mixed_precision, use_device
 
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])
@@ -136,7 +138,7 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
             images = normalize_images(images.to(device, non_blocking=True), meta["mean"], meta["std"])
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with mixed_precision(device.type, dtype):
                 vectors = encoder(images)
             vectors = vectors.float()
             if normalize:

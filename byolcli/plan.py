@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -76,6 +77,9 @@ EFFECTIVE_BATCH = 256
 SYNC_BATCHNORM_BELOW = 128  # per-device batch
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
 IN_MEMORY_SHARE = 0.25  # decoded images may take at most this share of the RAM
+LOADER_PREFETCH = 4  # batches each loader process prepares ahead (the DataLoader's prefetch_factor)
+SHARED_MEMORY_SHARE = 0.8  # loader processes may fill at most this share of /dev/shm
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota: "max" or "QUOTA PERIOD"
 # Measured on cifar10-5k (README, 'What a short CPU run learns'): no run of up to 18 epochs
 # scored better than an untrained ResNet-18 on kNN (at best level with it); a 40-epoch run did.
 USEFUL_EPOCHS = 40
@@ -100,6 +104,7 @@ class Hardware:
     cores: int
     device: str  # the torch device string, e.g. "cuda:0"
     ram: int = 0  # bytes of system memory this process may count on (0: unknown)
+    shared_memory: int = 0  # free bytes in /dev/shm, where loader processes hand over batches (0: unknown)
 
 
 @dataclass
@@ -171,6 +176,26 @@ class Overrides:
 # --- hardware ------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity, and the container's CPU quota
+    (cgroup v2 cpu.max), not the machine's count."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def free_shared_memory() -> int:
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return 0
+
+
 def system_memory() -> int:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -198,7 +223,8 @@ def cuda_has_bf16(index: int) -> bool:
 def detect_hardware(device: str | None = None) -> Hardware:
     import torch
 
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
+    shm = free_shared_memory()
     wanted = (device or "").lower()
     if wanted.startswith("cuda") or (not wanted and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -209,17 +235,27 @@ def detect_hardware(device: str | None = None) -> Hardware:
         free, total = torch.cuda.mem_get_info(index)
         props = torch.cuda.get_device_properties(index)
         return Hardware("cuda", props.name, total, free, cuda_has_bf16(index), cores, f"cuda:{index}",
-                        system_memory())
+                        system_memory(), shm)
     if wanted == "mps" or (not wanted and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
             raise UserError(f"--device {device}: Apple MPS is not available here")
         total = int(torch.mps.recommended_max_memory())
         free = total - int(torch.mps.driver_allocated_memory())
-        return Hardware("mps", "Apple GPU (MPS)", total, free, False, cores, "mps", system_memory())
+        return Hardware("mps", "Apple GPU (MPS)", total, free, False, cores, "mps", system_memory(), shm)
     if wanted not in ("", "cpu"):
         raise UserError(f"--device {device}: unknown device (use cuda, cuda:N, mps or cpu)")
     total = system_memory()
-    return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total)
+    return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total, shm)
+
+
+def mixed_precision(device_type: str, dtype):
+    """torch.autocast for `dtype`, or no context at all for fp32 (dtype None): torch 2.4 raises on
+    torch.autocast("mps", enabled=False) rather than doing nothing."""
+    import contextlib
+
+    import torch
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
 def use_device(device, precision: str) -> None:
@@ -275,6 +311,24 @@ def choose_workers(hw: Hardware) -> tuple[int, str]:
         return hw.cores // 4, f"{hw.cores} cores: a quarter decode, the rest train"
     workers = max(1, min(hw.cores - 1, 12))
     return workers, f"{hw.cores} cores, one left for the training process"
+
+
+def fit_workers_to_shared_memory(workers: int, batch: int, size: int, augment_on: str,
+                                 hw: Hardware) -> tuple[int, str | None]:
+    """Fewer loader processes when the batches they hold in /dev/shm would not fit there (a
+    container's default is 64 MiB): past it, a loader process dies of a bus error mid-run.
+    Returns (workers, why) with `why` None when nothing had to change."""
+    if workers == 0 or hw.shared_memory == 0:
+        return workers, None
+    canvas = size * 3 // 2
+    per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4  # uint8 canvas, 2 views
+    held = LOADER_PREFETCH * batch * per_image  # by each loader process at once
+    fitting = min(workers, int(SHARED_MEMORY_SHARE * hw.shared_memory // held))
+    if fitting == workers:
+        return workers, None
+    return fitting, (f"/dev/shm has {hw.shared_memory / 2**20:,.0f} MiB free and each loader process holds "
+                     f"{held / 2**20:,.0f} MiB there: {fitting} of {workers} (a larger /dev/shm, e.g. "
+                     "docker run --shm-size 8g, allows more)")
 
 
 def decoded_bytes(images: int, size: int) -> int:
@@ -442,6 +496,9 @@ def make_plan(
     else:
         reasons["accumulation"] = "not needed"
 
+    if not in_memory and over.workers is None:
+        workers, why = fit_workers_to_shared_memory(workers, batch, image_size, augment_on, hw)
+        reasons["workers"] = why or reasons["workers"]
     data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
     # Loader processes overlap with the step; without them decoding runs in between.
     micro_step = max(step_seconds, data_seconds) if workers else step_seconds + data_seconds
@@ -579,7 +636,7 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
     timings = []
     for _ in range(steps + 1):
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with mixed_precision(device.type, dtype):
             loss, _ = model(views[0], views[1])
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -588,9 +645,22 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
         model.update_target(0.99)
         synchronize(device)
         timings.append(time.perf_counter() - start)
-    if device.type == "cuda" and torch.cuda.max_memory_allocated(device) > MEMORY_MARGIN * hw.total_memory:
-        raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of GPU memory")
+    if memory_held(device) > MEMORY_MARGIN * hw.total_memory:
+        raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of the device's memory")
     return statistics.median(timings[1:])
+
+
+def memory_held(device) -> int:
+    """Bytes the step kept from the rest of the device: on CUDA what the allocator reserved at its
+    peak (what it allocated, plus the cache it cannot hand out elsewhere); on MPS what the driver
+    holds, since unified memory swaps instead of failing when it runs short."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device)
+    if device.type == "mps":
+        return torch.mps.driver_allocated_memory()
+    return 0
 
 
 def release_cached_memory(device) -> None:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -42,8 +41,8 @@ from byolcli.locks import exclusive
 from byolcli.model import BYOL, pretrained_backbone
 from byolcli.names import read_names, write_names
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
-from byolcli.plan import (Overrides, Plan, detect_hardware, fit_to_world, make_plan, probe_step, refit_to_budget,
-                          short_run_warning, use_device)
+from byolcli.plan import (LOADER_PREFETCH, Overrides, Plan, detect_hardware, fit_to_world, make_plan,
+                          mixed_precision, probe_step, refit_to_budget, short_run_warning, usable_cores, use_device)
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 
@@ -103,7 +102,7 @@ class Trainer:
         if self.device.type == "cpu":
             # Loader processes and training threads must not outnumber the
             # cores: OpenMP threads that get preempted stall each other.
-            cores = max(1, (os.cpu_count() or 1) // world.local_size)
+            cores = max(1, usable_cores() // world.local_size)
             busy_loading = 0 if plan.in_memory else plan.workers  # in memory, workers only decode up front
             torch.set_num_threads(max(1, cores - busy_loading))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
@@ -158,7 +157,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             drop_last=True,
             persistent_workers=workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            prefetch_factor=LOADER_PREFETCH if workers > 0 else None,
             generator=torch.Generator().manual_seed(plan.seed),
         )
 
@@ -229,13 +228,16 @@ class Trainer:
                     group["lr"] = lr
                 for micro in range(accumulation):
                     waited = time.perf_counter()
-                    view1, view2 = self._views(next(batches))
-                    window["wait"] += time.perf_counter() - waited
+                    batch = next(batches)
+                    loaded = time.perf_counter()
+                    view1, view2 = self._views(batch)
+                    # On a GPU the views are queued work, not a wait for data; on a CPU making them is
+                    # time not spent training.
+                    window["wait"] += (loaded if self.device.type == "cuda" else time.perf_counter()) - waited
                     # Gradients are averaged across ranks once per optimizer step, not per micro-batch.
                     last = micro == accumulation - 1
                     with self.forward.no_sync() if distributed_run and not last else nullcontext():
-                        with torch.autocast(self.device.type, dtype=self.autocast_dtype,
-                                            enabled=self.autocast_dtype is not None):
+                        with mixed_precision(self.device.type, self.autocast_dtype):
                             loss, projections = self.forward(view1, view2)
                         self.scaler.scale(loss / accumulation).backward()
                     self._add_loss(totals, loss.detach())
@@ -339,7 +341,8 @@ def projection_health(projections: torch.Tensor) -> tuple[float, float]:
     Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised
     singular values; 1 when every image maps to one direction.
     """
-    z = F.normalize(projections.float(), dim=1)
+    # On the CPU: one small copy per log line, and MPS has no SVD in the torch versions byolcli takes.
+    z = F.normalize(projections.detach().float().cpu(), dim=1)
     spread = z.std(dim=0).mean().item() * math.sqrt(z.shape[1])
     singular = torch.linalg.svdvals(z - z.mean(dim=0))
     p = singular / singular.sum().clamp_min(1e-12)
@@ -424,8 +427,8 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
 def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
     if world.local_size > 1:  # the processes on this machine share its cores and memory
-        hw = replace(hw, ram=hw.ram // world.local_size,
-                     cores=max(1, hw.cores // world.local_size) if hw.kind == "cpu" else hw.cores)
+        hw = replace(hw, ram=hw.ram // world.local_size, cores=max(1, hw.cores // world.local_size),
+                     shared_memory=hw.shared_memory // world.local_size)
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
     plan = make_plan(
         [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,

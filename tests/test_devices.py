@@ -1,9 +1,11 @@
 """The CUDA and fp16 paths, checked on the CPU with fakes of torch.cuda's API."""
 
+import contextlib
 from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from byolcli.embed import autocast_dtype
 from byolcli.errors import TrainingFailed
@@ -146,3 +148,119 @@ def test_a_chosen_gpu_becomes_the_current_one_and_fp32_on_it_is_exact(fake_cuda,
     finally:
         for switches, value in zip(flags, before):
             switches.allow_tf32 = value
+
+
+def test_cores_are_the_ones_this_process_may_use(monkeypatch, tmp_path):
+    from byolcli import plan
+
+    monkeypatch.setattr(plan.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(plan, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert plan.usable_cores() == 6  # no quota file: the affinity
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert plan.usable_cores() == 6
+    (tmp_path / "cpu.max").write_text("250000 100000\n")  # a quota of 2.5 cores
+    assert plan.usable_cores() == 3
+
+
+def test_loader_processes_fit_in_a_small_dev_shm():
+    from byolcli.plan import Hardware, Overrides, make_plan
+
+    def gpu(shm):
+        return Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 32, "cuda:0", 64 * GiB, shm)
+
+    images = [256] * 1_000_000  # too many to keep in memory: loader processes decode them
+    roomy = make_plan(images, 0, gpu(256 * GiB), Overrides(augment_on="cpu"), lambda *a: 0.5)
+    docker = make_plan(images, 0, gpu(64 * 2**20), Overrides(augment_on="cpu"), lambda *a: 0.5)
+    assert roomy.workers == 12 and not roomy.in_memory
+    assert docker.workers < 12 and "/dev/shm has 64 MiB free" in docker.reasons["workers"]
+    held = 4 * docker.batch_size * 2 * 3 * 224 * 224 * 4  # prefetched batches of two fp32 views
+    assert docker.workers * held <= 64 * 2**20
+
+
+class OnMPS(torch.Tensor):
+    """A CPU tensor standing in for an MPS one: torch's MPS backend (up to at least 2.5) has no SVD."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is torch.linalg.svdvals:
+            raise NotImplementedError("The operator 'aten::_linalg_svd.U' is not currently implemented for MPS")
+        if func is torch.Tensor.cpu:
+            return args[0].as_subclass(torch.Tensor).clone()
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_the_collapse_monitor_runs_where_the_device_has_no_svd():
+    from byolcli.train import projection_health
+
+    projections = torch.randn(64, 256)
+    assert projection_health(projections.as_subclass(OnMPS)) == pytest.approx(projection_health(projections))
+
+
+def test_fp32_never_enters_autocast(shapes, monkeypatch):
+    """torch 2.4 raises on torch.autocast("mps", enabled=False): fp32 must not call it at all."""
+    from byolcli import embed, plan
+
+    def refusing_autocast(device_type, dtype=None, enabled=True, **kwargs):
+        raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+
+    monkeypatch.setattr(torch, "autocast", refusing_autocast)
+    trainer = Trainer(tiny_plan(len(shapes), total_steps=1), shapes)
+    trainer.run(1)
+    cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    assert plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False, steps=1) > 0
+    encoder = trainer.model.online_encoder
+    encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    rows = list(embed.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
+    assert rows[0][1].shape == (2, 512)
+
+
+def test_the_probe_counts_what_the_allocator_reserved_and_what_mps_holds(monkeypatch):
+    from byolcli.plan import memory_held
+
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 30 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * GiB)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 12 * GiB)
+    assert memory_held(torch.device("cuda:0")) == 30 * GiB
+    assert memory_held(torch.device("mps")) == 12 * GiB
+    assert memory_held(torch.device("cpu")) == 0
+
+
+class NoHostSync(TorchDispatchMode):
+    """Fails on what makes the host wait for a GPU: reading a value back, ops whose output size
+    depends on the data, and tensors made from Python numbers (copied to the device each time)."""
+
+    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.is_nonzero",
+               "aten.equal", "aten.lift_fresh", "aten.repeat_interleave.Tensor", "aten.index.Tensor")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func)
+        if name.startswith(self.SYNCING) and not (name.startswith("aten.index.Tensor") and not _bool_index(args)):
+            raise AssertionError(f"{name} would make the host wait for the GPU")
+        return func(*args, **(kwargs or {}))
+
+
+def _bool_index(args) -> bool:
+    return any(t is not None and t.dtype == torch.bool for t in args[1])
+
+
+def test_a_gpu_training_step_never_waits_on_the_host(monkeypatch):
+    from byolcli import small_maps
+    from byolcli.augment import byol_views
+    from byolcli.data import constant
+    from byolcli.model import BYOL
+    from byolcli.optim import LARS, lars_groups
+
+    monkeypatch.setattr(small_maps, "dense_layout", lambda *args: None)  # a GPU runs torch's own convolutions
+    canvases = torch.randint(0, 256, (8, 3, 144, 144), dtype=torch.uint8)
+    sizes = torch.tensor([[96, 128]] * 8)
+    model = BYOL("resnet18")
+    optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)
+    for warm_up in (True, False):  # the first step makes the constants it keeps
+        with NoHostSync() if not warm_up else contextlib.nullcontext():
+            view1, view2 = byol_views(canvases, sizes, 96, select=False)  # blur included at 96 px
+            loss, _ = model(view1, view2)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            model.update_target(0.99)
+    assert constant((1.0, 2.0, 3.0), view1, (1, 3, 1, 1)) is constant((1.0, 2.0, 3.0), view1, (1, 3, 1, 1))
