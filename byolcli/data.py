@@ -13,6 +13,8 @@ have seen, whatever the number of loader processes.
 from __future__ import annotations
 
 import functools
+import queue
+import threading
 import warnings
 from pathlib import Path
 
@@ -152,17 +154,64 @@ def decode_canvases(paths: list[Path], size: int, workers: int = 0, progress=Non
 
 class MemoryBatches:
     """Batches of (canvases, sizes) from decoded images in memory, in the sampler's order: a
-    drop-in for the DataLoader over CanvasDataset, minus the decoding."""
+    drop-in for the DataLoader over CanvasDataset, minus the decoding.
 
-    def __init__(self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int) -> None:
+    With `pin` (canvases in CPU memory for a GPU), a background thread gathers each batch into
+    page-locked memory ahead of time, so that its copy to the GPU runs without holding up the
+    host, as the DataLoader's pin_memory does.
+    """
+
+    def __init__(self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int,
+                 pin: bool = False) -> None:
         self.canvases, self.sizes = canvases, sizes
-        self.sampler, self.batch_size = sampler, batch_size
+        self.sampler, self.batch_size, self.pin = sampler, batch_size, pin
 
     def __iter__(self):
+        batches = self._gathered()
+        return prefetched((c.pin_memory(), s.pin_memory()) for c, s in batches) if self.pin else batches
+
+    def _gathered(self):
         order = torch.tensor([index for _, index in self.sampler], dtype=torch.long, device=self.canvases.device)
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.canvases[index], self.sizes[index]
+
+
+def prefetched(items, depth: int = 2):
+    """`items`, produced by a background thread up to `depth` ahead of the consumer; an error in
+    the producer is raised in the consumer, and a consumer that stops early stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:  # False once the consumer has gone
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            put(exc)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 class EpochSampler(Sampler[tuple[int, int]]):

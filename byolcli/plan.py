@@ -77,6 +77,7 @@ EFFECTIVE_BATCH = 256
 SYNC_BATCHNORM_BELOW = 128  # per-device batch
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
 IN_MEMORY_SHARE = 0.25  # decoded images may take at most this share of the RAM
+GPU_RESIDENT_SHARE = 0.1  # decoded images stay on the GPU if they take at most this share of its free memory
 LOADER_PREFETCH = 4  # batches each loader process prepares ahead (the DataLoader's prefetch_factor)
 SHARED_MEMORY_SHARE = 0.8  # loader processes may fill at most this share of /dev/shm
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota: "max" or "QUOTA PERIOD"
@@ -430,8 +431,8 @@ def make_plan(
     data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
     world_size: int = 1,
 ) -> Plan:
-    """Choose everything. `probe(backbone, size, batch, precision, channels_last)` times
-    one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
+    """Choose everything. `probe(backbone, size, batch, precision, channels_last[, augment_on,
+    resident_bytes])` times one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
     measured loader time of one image at that size in one process. With `world_size`
     processes, `hw` is one process's share of the machine and the batch is per device."""
     images = len(short_sides)
@@ -470,18 +471,26 @@ def make_plan(
 
     # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
     cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8 / world_size)))
+    # The probe runs the step as training will: views made where training makes them, beside the
+    # decoded images that a GPU keeps in its memory.
+    resident = decoded_bytes(images, image_size) if in_memory and hw.kind == "cuda" else 0
+    resident = resident if resident < GPU_RESIDENT_SHARE * hw.free_memory else 0
+
+    def timed(batch: int) -> float:
+        return probe(backbone, image_size, batch, precision, channels_last, augment_on, resident)
+
     if over.batch_size is not None:
         batch = over.batch_size
-        step_seconds = probe(backbone, image_size, batch, precision, channels_last)
+        step_seconds = timed(batch)
         reasons["batch_size"] = "set by flag"
     elif hw.kind == "cpu":
         batch = min(CPU_BATCH, cap)
-        step_seconds = probe(backbone, image_size, batch, precision, channels_last)
+        step_seconds = timed(batch)
         reasons["batch_size"] = "CPU runs are time-bound: more optimizer steps beat a larger batch"
     else:
         per_image = BYTES_PER_IMAGE_224[backbone] * (image_size / 224) ** 2 * (0.6 if precision != "fp32" else 1)
-        start = min(cap, power_of_two_at_most(hw.free_memory * MEMORY_MARGIN / per_image))
-        batch, step_seconds = fit_batch(start, cap, lambda b: probe(backbone, image_size, b, precision, channels_last))
+        start = min(cap, power_of_two_at_most(max(0, hw.free_memory - resident) * MEMORY_MARGIN / per_image))
+        batch, step_seconds = fit_batch(start, cap, timed)
         reasons["batch_size"] = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
     if batch * world_size > images:
         raise UserError(f"a batch of {batch} per process × {world_size} processes is more than the {images} images found"
@@ -577,9 +586,11 @@ def format_seconds(seconds: float) -> str:
 # --- measuring on the real device ------------------------------------------------
 
 
-def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: str,
-               channels_last: bool, steps: int = 2) -> float:
-    """Seconds per real BYOL training step at these settings, after one warm-up step.
+def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: str, channels_last: bool,
+               augment_on: str = "cpu", resident: int = 0, steps: int = 2) -> float:
+    """Seconds per real BYOL training step at these settings, after one warm-up step: with the
+    views made on the device when `augment_on` says so, and `resident` bytes held beside it
+    (the decoded images a GPU keeps), under cuDNN's autotuning as in training.
 
     Raises OutOfMemory if the step does not fit, or if its peak memory breaks the
     safety margin (so fragmentation later in the run cannot push it over).
@@ -589,7 +600,8 @@ def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: st
     device = torch.device(hw.device)
     failure = None
     try:
-        seconds = _time_steps(hw, device, backbone, size, batch, precision, channels_last, steps)
+        seconds = _time_steps(hw, device, backbone, size, batch, precision, channels_last, augment_on, resident,
+                              steps)
     except OutOfMemory as exc:
         failure = str(exc)
     except RuntimeError as exc:
@@ -616,12 +628,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, precision: str,
-                channels_last: bool, steps: int) -> float:
+                channels_last: bool, augment_on: str, resident: int, steps: int) -> float:
     import torch
 
+    from byolcli.augment import byol_views
     from byolcli.model import BYOL
     from byolcli.optim import LARS, lars_groups
 
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    held = torch.empty(resident, dtype=torch.uint8, device=device)  # noqa: F841 - occupies what training keeps
     model = BYOL(backbone).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -629,6 +645,10 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if augment_on == "device":
+        canvas = size * 3 // 2  # CanvasDataset's
+        canvases = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8, device=device)
+        sizes = torch.full((batch, 2), canvas, device=device)
     views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
              for _ in range(2)]
     if device.type == "cuda":
@@ -636,6 +656,8 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
     timings = []
     for _ in range(steps + 1):
         start = time.perf_counter()
+        if augment_on == "device":
+            views = [v.contiguous(memory_format=memory_format) for v in byol_views(canvases, sizes, size)]
         with mixed_precision(device.type, dtype):
             loss, _ = model(views[0], views[1])
         optimizer.zero_grad(set_to_none=True)

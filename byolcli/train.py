@@ -41,8 +41,9 @@ from byolcli.locks import exclusive
 from byolcli.model import BYOL, pretrained_backbone
 from byolcli.names import read_names, write_names
 from byolcli.optim import LARS, ema_rate, lars_groups, learning_rate
-from byolcli.plan import (LOADER_PREFETCH, Overrides, Plan, detect_hardware, fit_to_world, make_plan,
-                          mixed_precision, probe_step, refit_to_budget, short_run_warning, usable_cores, use_device)
+from byolcli.plan import (GPU_RESIDENT_SHARE, LOADER_PREFETCH, Overrides, Plan, detect_hardware, fit_to_world,
+                          is_out_of_memory, make_plan, mixed_precision, probe_step, refit_to_budget,
+                          release_cached_memory, short_run_warning, usable_cores, use_device)
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 
@@ -144,9 +145,11 @@ class Trainer:
         plan, workers = self.plan, self.plan.workers
         if plan.in_memory:
             canvases, sizes = decode_canvases(self.paths, plan.image_size, workers, self.decode_progress)
-            if self.device.type == "cuda" and canvases.numel() < 0.1 * torch.cuda.mem_get_info(self.device)[1]:
+            on_gpu = self.device.type == "cuda" and fits_on_gpu(self.device, canvases.numel())
+            if on_gpu:
                 canvases, sizes = canvases.to(self.device), sizes.to(self.device)  # batches never cross the bus
-            return MemoryBatches(canvases, sizes, self.sampler, plan.batch_size)
+            return MemoryBatches(canvases, sizes, self.sampler, plan.batch_size, pin=self.device.type == "cuda"
+                                 and not on_gpu)
         dataset = CanvasDataset(self.paths, plan.image_size) if self.augment_on_device else \
             TwoViewDataset(self.paths, plan.image_size, plan.seed)
         return DataLoader(
@@ -328,6 +331,12 @@ class Trainer:
         }
 
 
+def fits_on_gpu(device: torch.device, nbytes: int) -> bool:
+    """Whether decoded images of `nbytes` may stay in GPU memory: a share of what is free there
+    now (other processes may hold much of it), leaving the rest to training."""
+    return nbytes < GPU_RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
+
+
 def initial_weights(init: str, architecture: str) -> dict:
     """The backbone weights `--init` names: torchvision's ImageNet ones, or an exported encoder's."""
     if init == "imagenet":
@@ -407,11 +416,22 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
 
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
     plan, paths, state, out, root = distributed.share(world, prepare)
-    decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
-    with decoding as progress:
-        trainer = Trainer(plan, paths, world, decode_progress=progress, start_from=state)
-    if trainer.step < plan.total_steps:
-        _train(trainer, out, request, reporter)
+    while True:
+        decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
+        with decoding as progress:
+            trainer = Trainer(plan, paths, world, decode_progress=progress, start_from=state)
+        if trainer.step >= plan.total_steps:
+            break
+        try:
+            _train(trainer, out, request, reporter)
+            break
+        except RuntimeError as exc:
+            if not (is_out_of_memory(exc) and world.size == 1 and plan.batch_size > 1):
+                raise
+        # Past the except block, so that the failed step's tensors are gone with its traceback.
+        trainer = None
+        release_cached_memory(torch.device(plan.device))
+        state = _halve_batch(plan, out, reporter)
 
     encoder_path = out / ENCODER
     if world.is_main:
@@ -443,6 +463,23 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
     (out / METRICS).unlink(missing_ok=True)
     return plan, manifest.absolute_paths()
+
+
+def _halve_batch(plan: Plan, out: Path, reporter) -> dict | None:
+    """After running out of memory mid-run: half the batch, twice the accumulation (the same global
+    batch, so the learning rate, the data order and the checkpoint stay valid). Returns the last
+    checkpoint to continue from."""
+    before = plan.batch_size
+    plan.batch_size //= 2
+    plan.accumulation *= 2
+    plan.reasons["batch_size"] = f"{before} ran out of memory in training; halved"
+    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+    state = _load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    _truncate_metrics(out / METRICS, state["step"] if state else 0)
+    reporter.warn(f"out of memory at a batch of {before}: continuing with {plan.batch_size} × {plan.accumulation} "
+                  f"accumulated (the same global batch of {plan.effective_batch}) from "
+                  + (f"the checkpoint at step {state['step']:,}" if state else "the start"))
+    return state
 
 
 def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:

@@ -264,3 +264,108 @@ def test_a_gpu_training_step_never_waits_on_the_host(monkeypatch):
             optimizer.zero_grad(set_to_none=True)
             model.update_target(0.99)
     assert constant((1.0, 2.0, 3.0), view1, (1, 3, 1, 1)) is constant((1.0, 2.0, 3.0), view1, (1, 3, 1, 1))
+
+
+def test_prefetching_keeps_order_runs_ahead_passes_errors_on_and_stops_with_its_consumer():
+    import threading
+
+    from byolcli.data import prefetched
+
+    made = []
+    ahead = threading.Event()
+
+    def items():
+        for i in range(5):
+            made.append(i)
+            if i == 2:
+                ahead.set()  # produced while the consumer still holds item 0
+            yield i
+
+    stream = prefetched(items(), depth=2)
+    assert next(stream) == 0
+    assert ahead.wait(10) and made[:3] == [0, 1, 2]
+    assert list(stream) == [1, 2, 3, 4]
+
+    def failing():
+        yield 1
+        raise OSError("disk gone")
+
+    stream = prefetched(failing())
+    assert next(stream) == 1
+    with pytest.raises(OSError, match="disk gone"):
+        next(stream)
+
+    endless = prefetched(iter(int, 1), depth=1)  # never ends by itself
+    assert next(endless) == 0
+    endless.close()  # returns only once the producer thread has ended
+
+
+def test_images_kept_in_cpu_memory_for_a_gpu_come_in_page_locked_batches(shapes, monkeypatch):
+    from byolcli.data import EpochSampler, MemoryBatches
+    from byolcli.train import fits_on_gpu
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.shape) or self.clone())
+    canvases, sizes = torch.arange(16 * 3 * 4 * 4, dtype=torch.uint8).view(16, 3, 4, 4), torch.ones(16, 2)
+    sampler = EpochSampler(16, seed=0)
+    plain = list(MemoryBatches(canvases, sizes, sampler, 4))
+    page_locked = list(MemoryBatches(canvases, sizes, sampler, 4, pin=True))
+    assert len(pinned) == 8 and all(torch.equal(a, b) for pair in zip(plain, page_locked) for a, b in zip(*pair))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * GiB, 80 * GiB))  # others hold most
+    assert fits_on_gpu(torch.device("cuda:0"), GiB // 10) and not fits_on_gpu(torch.device("cuda:0"), GiB)
+
+
+def test_the_probe_runs_the_step_training_runs(monkeypatch):
+    from byolcli import augment, plan
+
+    made, probed = [], []
+    real_views = augment.byol_views
+    monkeypatch.setattr(augment, "byol_views", lambda *a, **k: made.append(a[0].shape) or real_views(*a, **k))
+    cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False, augment_on="device", steps=1)
+    assert made == [(4, 3, 48, 48)] * 2  # warm-up and timed step, both making their views from canvases
+
+    def probe(*setting):
+        probed.append(setting)
+        return 0.5
+
+    gpu = plan.Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 16, "cuda:0", 64 * GiB)
+    chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe)
+    assert chosen.in_memory and chosen.augment_on == "device"
+    resident = plan.decoded_bytes(50_000, chosen.image_size)
+    assert all(s[5:] == ("device", resident) for s in probed)  # views on the GPU, decoded images beside them
+
+
+def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_checkpoint(tmp_path, monkeypatch):
+    import json
+
+    from byolcli import train as t
+    from byolcli.encoder import load_encoder
+    from byolcli.plan import Overrides
+    from byolcli.report import Reporter
+
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    real_views = t.Trainer._views
+    seen = []
+
+    def views(self, batch):
+        seen.append((self.plan.batch_size, self.step))
+        if self.plan.batch_size == 8 and self.step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_views(self, batch)
+
+    monkeypatch.setattr(t.Trainer, "_views", views)
+    warnings = []
+    reporter = Reporter(quiet=True)
+    reporter.warn = warnings.append
+    choices = Overrides(image_size=32, batch_size=8, epochs=4, workers=0, precision="fp32")
+    request = t.TrainRequest(folder, choices=choices, out=tmp_path / "run", checkpoint_every=0.0)
+    encoder = t.train_folder(request, reporter)
+
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert (plan["batch_size"], plan["accumulation"], plan["total_steps"]) == (4, 2, 8)
+    assert any("out of memory at a batch of 8: continuing with 4 × 2 accumulated (the same global batch of 8) "
+               "from the checkpoint at step 3" in w for w in warnings)
+    assert (4, 3) in seen and load_encoder(encoder).byol_metadata["steps"] == "8"
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 8

@@ -215,7 +215,7 @@ def gpu(memory_gib, bf16=True, cores=16, kind="cuda"):
 
 
 def fits_below(limit, calls):
-    def probe(backbone, size, batch, precision, channels_last):
+    def probe(backbone, size, batch, precision, channels_last, *setting):
         calls.append(batch)
         if batch > limit:
             raise OutOfMemory(f"batch {batch}")
@@ -280,13 +280,13 @@ def test_sets_that_fit_in_memory_are_decoded_once_and_augmented_in_batches():
 def test_bf16_capable_cpus_get_the_precision_that_measured_faster():
     amx = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, True, 2, "cpu")
     seconds = {"fp32": 0.4, "bf16": 0.5}
-    plan = make_plan([32] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl: seconds[precision])
+    plan = make_plan([32] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl, *setting: seconds[precision])
     assert plan.precision == "fp32" and plan.channels_last and "fp32 160, bf16 128" in plan.reasons["precision"]
     seconds = {"fp32": 0.6, "bf16": 0.3}
-    plan = make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl: seconds[precision])
+    plan = make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, precision, cl, *setting: seconds[precision])
     assert plan.precision == "bf16" and plan.channels_last
     seconds = {"fp32": 0.5, "bf16": 0.46}  # within timing noise: keep fp32
-    assert make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, p, cl: seconds[p]).precision == "fp32"
+    assert make_plan([400] * 5_000, 0, amx, Overrides(), lambda b, s, n, p, cl, *setting: seconds[p]).precision == "fp32"
 
 
 def test_a_run_too_short_to_beat_an_untrained_network_is_called_out_with_what_would_do():
