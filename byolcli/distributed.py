@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from byolcli.errors import PeerFailed, TrainingFailed, UserError
+from byolcli.model import PerViewStatistics
 
 DEFAULT_TIMEOUT = 300.0
 # Rank 0 scans and plans while the others wait: a scan of millions of files can
@@ -203,12 +204,13 @@ class _SumAcrossRanks(torch.autograd.Function):
         return grad
 
 
-class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """SyncBatchNorm for CPU processes: torch's version runs on GPUs only.
+class SyncedBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
+    """Per-view batch norm (model.py) whose statistics cover every rank's batch: the math of one
+    big batch, on CPU (gloo) and GPU (NCCL) alike.
 
-    Batch statistics are per-channel sums over every rank's batch, combined by a
-    differentiable all-reduce, so the backward pass also sums the gradient that
-    flows into the statistics across ranks: the math of one big batch.
+    Each view's per-channel sums travel in one differentiable all-reduce for both views (so the
+    backward pass also sums the gradient that flows into the statistics across ranks), with no
+    value read back to the host: the GPU never waits. Both views still share one pass.
     """
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -218,38 +220,38 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
-            return nn.functional.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias,
-                self.training or self.running_mean is None, self.momentum or 0.0, self.eps)
+            return super().forward(x)
         channels = x.shape[1]
         dims = [0, *range(2, x.dim())]
-        values = x.float()
-        count = values.new_tensor([values.numel() / channels])
-        totals = _SumAcrossRanks.apply(torch.cat([values.sum(dims), (values * values).sum(dims), count]))
+        views = x.float().chunk(2)
+        count = torch.full((1,), views[0].numel() / channels, device=x.device)  # a fill, not a host copy
+        sums = [part for view in views for part in (view.sum(dims), (view * view).sum(dims))]
+        totals = _SumAcrossRanks.apply(torch.cat([*sums, count])).split(channels)
         n = totals[-1]
-        mean = totals[:channels] / n
-        # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
-        var = (totals[channels : 2 * channels] / n - mean * mean).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
         shape = (1, channels) + (1,) * (x.dim() - 2)
-        y = (values - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
+        out = []
+        for view, total, squares in zip(views, totals[0:4:2], totals[1:4:2]):
+            mean = total / n
+            # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
+            var = (squares / n - mean * mean).clamp_min(0)
+            if self.track_running_stats:  # once per view, as per-view batch norm in one process does
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    self.running_mean.lerp_(mean, self.momentum)
+                    self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
+            y = (view - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+            if self.affine:
+                y = y * self.weight.view(shape) + self.bias.view(shape)
+            out.append(y)
+        return torch.cat(out).to(x.dtype)
 
 
-def synchronise_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
-    """Every BatchNorm in `model` computing its statistics over all ranks' batches."""
-    if device_type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def synchronise_batchnorm(model: nn.Module) -> nn.Module:
+    """Every (per-view) BatchNorm in `model` computing its statistics over all ranks' batches."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            synced = GlooSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats)
+            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                     child.track_running_stats)
             # The same Parameter objects, so requires_grad (off in the target network) carries over.
             if child.affine:
                 synced.weight, synced.bias = child.weight, child.bias
@@ -257,7 +259,7 @@ def synchronise_batchnorm(model: nn.Module, device_type: str) -> nn.Module:
             synced.train(child.training)
             setattr(model, name, synced)
         else:
-            synchronise_batchnorm(child, device_type)
+            synchronise_batchnorm(child)
     return model
 
 

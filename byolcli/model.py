@@ -28,7 +28,7 @@ PROJECTION_HIDDEN = 4096
 PROJECTION_DIM = 256
 
 
-class _PerViewStatistics:
+class PerViewStatistics:
     """Batch norm for a batch that stacks two views of the same images, [view 1; view 2].
 
     In training each half is normalised with its own statistics, exactly as when each
@@ -45,11 +45,11 @@ class _PerViewStatistics:
         return torch.cat([super().forward(first), super().forward(second)])
 
 
-class PerViewBatchNorm1d(_PerViewStatistics, nn.BatchNorm1d):
+class PerViewBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
     pass
 
 
-class PerViewBatchNorm2d(_PerViewStatistics, nn.BatchNorm2d):
+class PerViewBatchNorm2d(PerViewStatistics, nn.BatchNorm2d):
     pass
 
 
@@ -118,9 +118,9 @@ class BYOL(nn.Module):
 
     @property
     def joint_pass(self) -> bool:
-        """Both views in one pass needs batch norm that tells them apart. torch's SyncBatchNorm
-        (several processes) cannot, so once batch norm is synchronised each view has its own pass."""
-        return all(isinstance(m, _PerViewStatistics) for m in self.modules()
+        """Both views in one pass needs batch norm that tells them apart (per-view statistics, which
+        byolcli's synchronised batch norm keeps too); with any other, each view has its own pass."""
+        return all(isinstance(m, PerViewStatistics) for m in self.modules()
                    if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
     def online_parameters(self) -> list[nn.Parameter]:

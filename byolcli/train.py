@@ -111,7 +111,7 @@ class Trainer:
         if plan.init and self.start_from is None:
             self.model.start_from(initial_weights(plan.init, plan.backbone))
         if plan.sync_batchnorm and world.size > 1:
-            synchronise_batchnorm(self.model, self.device.type)
+            synchronise_batchnorm(self.model)
         self.model.to(self.device, memory_format=self.memory_format)
         # What the loop calls: the model itself, or DDP around it, which averages the
         # online gradients across ranks (the target has none: it is never trained).

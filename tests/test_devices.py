@@ -369,3 +369,17 @@ def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_c
     assert (4, 3) in seen and load_encoder(encoder).byol_metadata["steps"] == "8"
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_synchronised_batch_norm_is_one_implementation_that_keeps_both_views_in_one_pass():
+    from byolcli.distributed import SyncedBatchNorm, synchronise_batchnorm
+    from byolcli.model import BYOL
+
+    model = BYOL("resnet18")
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+    synchronise_batchnorm(model)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and all(type(m) is SyncedBatchNorm for m in norms)
+    assert model.joint_pass  # on every device: there is no separate GPU version that needs a pass per view
+    assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in model.target_parameters())
