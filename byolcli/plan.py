@@ -432,7 +432,7 @@ def make_plan(
     world_size: int = 1,
 ) -> Plan:
     """Choose everything. `probe(backbone, size, batch, precision, channels_last[, augment_on,
-    resident_bytes])` times one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
+    resident_bytes, gradient_buckets])` times one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
     measured loader time of one image at that size in one process. With `world_size`
     processes, `hw` is one process's share of the machine and the batch is per device."""
     images = len(short_sides)
@@ -477,7 +477,7 @@ def make_plan(
     resident = resident if resident < GPU_RESIDENT_SHARE * hw.free_memory else 0
 
     def timed(batch: int) -> float:
-        return probe(backbone, image_size, batch, precision, channels_last, augment_on, resident)
+        return probe(backbone, image_size, batch, precision, channels_last, augment_on, resident, world_size > 1)
 
     if over.batch_size is not None:
         batch = over.batch_size
@@ -587,10 +587,11 @@ def format_seconds(seconds: float) -> str:
 
 
 def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: str, channels_last: bool,
-               augment_on: str = "cpu", resident: int = 0, steps: int = 2) -> float:
+               augment_on: str = "cpu", resident: int = 0, gradient_buckets: bool = False, steps: int = 2) -> float:
     """Seconds per real BYOL training step at these settings, after one warm-up step: with the
-    views made on the device when `augment_on` says so, and `resident` bytes held beside it
-    (the decoded images a GPU keeps), under cuDNN's autotuning as in training.
+    views made on the device when `augment_on` says so, `resident` bytes held beside it (the
+    decoded images a GPU keeps) and, with `gradient_buckets`, a copy of the gradients
+    (DistributedDataParallel's buckets), under cuDNN's autotuning as in training.
 
     Raises OutOfMemory if the step does not fit, or if its peak memory breaks the
     safety margin (so fragmentation later in the run cannot push it over).
@@ -601,7 +602,7 @@ def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: st
     failure = None
     try:
         seconds = _time_steps(hw, device, backbone, size, batch, precision, channels_last, augment_on, resident,
-                              steps)
+                              gradient_buckets, steps)
     except OutOfMemory as exc:
         failure = str(exc)
     except RuntimeError as exc:
@@ -628,7 +629,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 
 def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, precision: str,
-                channels_last: bool, augment_on: str, resident: int, steps: int) -> float:
+                channels_last: bool, augment_on: str, resident: int, gradient_buckets: bool, steps: int) -> float:
     import torch
 
     from byolcli.augment import byol_views
@@ -639,6 +640,8 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
         torch.backends.cudnn.benchmark = True
     held = torch.empty(resident, dtype=torch.uint8, device=device)  # noqa: F841 - occupies what training keeps
     model = BYOL(backbone).to(device)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    buckets = torch.empty(sum(p.numel() for p in trained) if gradient_buckets else 0, device=device)  # noqa: F841
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)

@@ -333,7 +333,10 @@ def test_the_probe_runs_the_step_training_runs(monkeypatch):
     chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe)
     assert chosen.in_memory and chosen.augment_on == "device"
     resident = plan.decoded_bytes(50_000, chosen.image_size)
-    assert all(s[5:] == ("device", resident) for s in probed)  # views on the GPU, decoded images beside them
+    assert all(s[5:] == ("device", resident, False) for s in probed)  # views on the GPU, decoded images beside
+    probed.clear()
+    plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe, world_size=2)
+    assert probed and all(s[7] is True for s in probed)  # and DistributedDataParallel's gradient buckets
 
 
 def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_checkpoint(tmp_path, monkeypatch):
