@@ -53,5 +53,8 @@ def write_names(names) -> str:
 
 
 def read_names(text: str) -> list[str]:
-    """The names of a list `write_names` wrote (only '\\n' ends a line)."""
-    return [unescape_name(line) for line in text.split("\n")[:-1]] if text else []
+    """The names of a list `write_names` wrote (only '\\n' ends a line; the last may lack it)."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [unescape_name(line) for line in lines]

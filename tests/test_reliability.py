@@ -44,7 +44,7 @@ def test_every_name_survives_the_list_and_ordinary_names_are_written_as_they_are
     text = write_names(names)
     assert len(text.split("\n")) == len(names) + 1 and "\t" not in text and "\r" not in text
     assert len(text.splitlines()) == len(names)  # no separator str.splitlines() breaks on, either
-    assert read_names(text) == names
+    assert read_names(text) == names and read_names(text.rstrip("\n")) == names and read_names("") == []
     assert escape_name("plain.png") == "plain.png" and escape_name("café ü.png") == "café ü.png"
     assert escape_name("new\nline.png") == "new\\nline.png" and escape_name("back\\slash.png") == "back\\\\slash.png"
     # The README's snippet, without byolcli:
@@ -116,9 +116,9 @@ def test_an_image_listed_twice_alike_is_one_row_and_a_warning(tmp_path):
 # --- one process per run folder and per output ---------------------------------------------
 
 
-def _start_training(folder, cwd):
+def _start_training(folder, cwd, epochs=40):
     return subprocess.Popen(
-        [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", "40", *TRAIN_ARGS,
+        [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", str(epochs), *TRAIN_ARGS,
          "--checkpoint-every", "0.01"],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
@@ -168,16 +168,16 @@ def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
 def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
     folder = shapes_folder(tmp_path / "photos", count=16)
     run = tmp_path / "byol-runs" / "photos"
-    process = _start_training(folder, tmp_path)
+    process = _start_training(folder, tmp_path, epochs=12)
     wait_for_file(process, run / "checkpoint.pt")  # the loop runs, with its signal handlers in place
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143 and "Traceback" not in stderr, stderr
     step = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
-    assert 0 < step < 80 and "SIGTERM: stopping after this step to save a checkpoint" in stderr
+    assert 0 < step < 24 and "SIGTERM: stopping after this step to save a checkpoint" in stderr
     assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] == step
 
-    result = run_byol("train", folder, "--epochs", "40", *TRAIN_ARGS, cwd=tmp_path)
+    result = run_byol("train", folder, "--epochs", "12", *TRAIN_ARGS, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert f"resuming the run in byol-runs/photos from step {step}" in result.stderr
 
