@@ -159,7 +159,7 @@ def resident(args) -> dict:
 
 def probe(args) -> dict:
     """The probe's choice for ResNet-50 at 224 px against the largest batch that runs."""
-    from byolcli.plan import MAX_BATCH, OutOfMemory, detect_hardware, probe_step
+    from byolcli.plan import MAX_BATCH, OutOfMemory, StepSetting, detect_hardware, probe_step
 
     chosen_run = args.out / "runs" / "resnet50" / "plan.json"
     if not chosen_run.exists():
@@ -167,11 +167,12 @@ def probe(args) -> dict:
     plan = json.loads(chosen_run.read_text())
     hw = detect_hardware(plan["device"])
     batch, largest = plan["batch_size"], plan["batch_size"]
-    setting = (plan["backbone"], plan["image_size"])
     for factor in (1.25, 1.5, 2, 2.5, 3, 4):
         trial = int(plan["batch_size"] * factor)
+        setting = StepSetting(plan["backbone"], plan["image_size"], trial, plan["precision"], plan["channels_last"],
+                              plan.get("stem", "standard"), plan["augment_on"])
         try:
-            probe_step(hw, *setting, trial, plan["precision"], plan["channels_last"], plan["augment_on"], steps=1)
+            probe_step(hw, setting, steps=1)
         except OutOfMemory:
             break
         largest = trial

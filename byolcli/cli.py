@@ -134,6 +134,7 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Number of epochs (instead of --time).", show_default=False),
     backbone: Optional[str] = typer.Option(None, help="resnet18, resnet34 or resnet50. [default: chosen for the hardware]", show_default=False),
     image_size: Optional[int] = typer.Option(None, help="Training crop size in pixels. [default: chosen from the images and hardware]", show_default=False),
+    stem: Optional[str] = typer.Option(None, help="The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) or small (3x3 stride 1, no max-pool, for images of 32-64 px). [default: small on a GPU up to 64 px]", show_default=False),
     batch_size: Optional[int] = typer.Option(None, help="Images per step on the device. [default: the largest that fits, probed on GPUs]", show_default=False),
     lr: Optional[float] = typer.Option(None, help="Base learning rate for batch 256 (scaled with the batch). [default: from the run length]", show_default=False),
     device: Optional[str] = typer.Option(None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False),
@@ -166,7 +167,7 @@ def train(
         choices = Overrides(
             backbone=backbone, image_size=image_size, batch_size=batch_size, epochs=epochs,
             time_budget=parse_duration(time) if time is not None else None, lr=lr, device=device,
-            workers=workers, precision=precision, augment_on=augment_on, init=init, seed=seed,
+            workers=workers, precision=precision, augment_on=augment_on, init=init, stem=stem, seed=seed,
         )
         request = TrainRequest(folder=folder, choices=choices, out=out, restart=restart,
                                checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"))

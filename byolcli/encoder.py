@@ -2,7 +2,8 @@
 
 The tensors keep torchvision's names, so
     m = torchvision.models.resnet18(); m.fc = torch.nn.Identity(); m.load_state_dict(load_file(path))
-works without byolcli. Loading never unpickles anything.
+works without byolcli (with the small-image stem, after the two lines of model.small_stem).
+Loading never unpickles anything.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from byolcli import __version__
 from byolcli.errors import UserError
 from byolcli.files import atomic_path
-from byolcli.model import BACKBONES, make_backbone
+from byolcli.model import BACKBONES, STEMS, make_backbone, stem_of
 
 FORMAT = "byolcli-encoder"
 FORMAT_VERSION = "1"
@@ -34,6 +35,7 @@ def save_encoder(encoder: nn.Module, path: Path, *, architecture: str, image_siz
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
+        "stem": stem_of(tensors),
         "image_size": str(image_size),
         "mean": json.dumps(list(mean)),
         "std": json.dumps(list(std)),
@@ -71,9 +73,13 @@ def read_metadata(path: str | Path) -> dict:
         raise UserError(f"{path}: encoder format {raw.get('format_version')} is not supported by byolcli {__version__}")
     if raw.get("architecture") not in BACKBONES:
         raise UserError(f"{path}: unknown architecture {raw.get('architecture')!r}")
+    stem = raw.get("stem", "standard")  # encoders written before the small stem existed have none
+    if stem not in STEMS:
+        raise UserError(f"{path}: unknown stem {stem!r}")
     try:
         return {
             **raw,
+            "stem": stem,
             "image_size": int(raw["image_size"]),
             "mean": tuple(json.loads(raw["mean"])),
             "std": tuple(json.loads(raw["std"])),
@@ -90,20 +96,22 @@ def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
     The metadata travels along as `module.byol_metadata` (image size, normalisation, …).
     """
     metadata = read_metadata(path)
-    model = make_backbone(metadata["architecture"])
+    model = make_backbone(metadata["architecture"], stem=metadata["stem"])
     try:
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0][:160]
-        raise UserError(f"{path}: weights do not match a {metadata['architecture']} ({first})") from None
+        raise UserError(f"{path}: weights do not match a {metadata['architecture']} with the {metadata['stem']} "
+                        f"stem ({first})") from None
     model.byol_metadata = metadata
     return model.to(device).eval()
 
 
 def load_plain(path: str | Path, architecture: str) -> nn.Module:
-    """A torchvision ResNet state dict saved as safetensors (its `fc.*` classifier, if any, dropped)."""
-    model = make_backbone(architecture)
+    """A torchvision ResNet state dict saved as safetensors (its `fc.*` classifier, if any, dropped), with
+    whichever stem its first convolution has."""
     state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("fc.")}
+    model = make_backbone(architecture, stem=stem_of(state) if "conv1.weight" in state else "standard")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"

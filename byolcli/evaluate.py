@@ -95,7 +95,7 @@ def embed_labelled(paths: list[Path], encoder, device, batch_size: int, workers:
 
 def random_encoder(metadata: dict, device) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = make_backbone(metadata["architecture"])
+    model = make_backbone(metadata["architecture"], stem=metadata.get("stem", "standard"))
     model.byol_metadata = metadata
     return model.to(device).eval()
 

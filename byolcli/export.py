@@ -55,11 +55,14 @@ class RawImageEncoder(nn.Module):
 
 def stock_backbone(encoder: nn.Module, architecture: str) -> nn.Module:
     """A plain torchvision ResNet with the encoder's weights: none of byolcli's CPU kernels in the graph."""
-    from byolcli.model import BACKBONES
+    from byolcli.model import BACKBONES, small_stem, stem_of
 
     stock = BACKBONES[architecture][0](weights=None)
     stock.fc = nn.Identity()
-    stock.load_state_dict(encoder.state_dict())
+    state = encoder.state_dict()
+    if stem_of(state) == "small":
+        small_stem(stock)
+    stock.load_state_dict(state)
     return stock.eval()
 
 

@@ -24,6 +24,11 @@ BACKBONES = {
     "resnet50": (torchvision.models.resnet50, 2048),
 }
 
+# "standard": torchvision's 7×7 stride-2 convolution and max-pool, a quarter of the image per side
+# before the first residual stage. "small": a 3×3 stride-1 convolution and no max-pool, the
+# CIFAR-style stem, so that 32–64 px images still reach the last stages as maps, not single pixels.
+STEMS = ("standard", "small")
+
 PROJECTION_HIDDEN = 4096
 PROJECTION_DIM = 256
 
@@ -53,19 +58,37 @@ class PerViewBatchNorm2d(PerViewStatistics, nn.BatchNorm2d):
     pass
 
 
-def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d) -> nn.Module:
+def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d, stem: str = "standard") -> nn.Module:
     """A stock torchvision ResNet, randomly initialised, with `fc` replaced by Identity.
 
     Keeping torchvision's module names means the exported weights load into
-    `torchvision.models.<name>()` (with `fc = Identity()`) as they are, whichever
-    batch-norm class trained them. On a CPU its convolutions on maps of a pixel or two run
-    as one matrix product (small_maps.py): same weights, same results.
+    `torchvision.models.<name>()` (with `fc = Identity()`, and for the small stem the two
+    lines of `small_stem`) as they are, whichever batch-norm class trained them. On a CPU
+    its convolutions on maps of a pixel or two run as one matrix product (small_maps.py):
+    same weights, same results.
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    if stem not in STEMS:
+        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
     model = BACKBONES[name][0](weights=None, norm_layer=norm_layer)
     model.fc = nn.Identity()
+    if stem == "small":
+        small_stem(model)
     return use_small_map_convolutions(model)
+
+
+def small_stem(model: nn.Module) -> nn.Module:
+    """Give a torchvision ResNet the small-image stem, in place: only `conv1.weight` changes shape."""
+    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
+    model.maxpool = nn.Identity()
+    return model
+
+
+def stem_of(state: dict) -> str:
+    """Which stem a ResNet state dict was trained with, from its first convolution's kernel."""
+    return "small" if state["conv1.weight"].shape[-1] == 3 else "standard"
 
 
 def pretrained_backbone(name: str) -> nn.Module:
@@ -99,10 +122,10 @@ def regression_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class BYOL(nn.Module):
-    def __init__(self, backbone: str) -> None:
+    def __init__(self, backbone: str, stem: str = "standard") -> None:
         super().__init__()
         feature_dim = BACKBONES[backbone][1]
-        self.online_encoder = make_backbone(backbone, norm_layer=PerViewBatchNorm2d)
+        self.online_encoder = make_backbone(backbone, norm_layer=PerViewBatchNorm2d, stem=stem)
         self.online_projector = mlp(feature_dim)
         self.predictor = mlp(PROJECTION_DIM)
         self.target_encoder = copy.deepcopy(self.online_encoder)

@@ -69,7 +69,7 @@ def choose_model(model: str | Path | None = None, arch: str | None = None,
         raise UserError(f"--image-size {image_size}: must be at least 16")
     if model is not None and str(model) == IMAGENET and not Path(model).exists():
         arch, size = arch or DEFAULT_ARCH, image_size or IMAGENET_SIZE
-        metadata = _plain_metadata(arch, size, IMAGENET, MEAN, STD, BACKBONES)
+        metadata = _plain_metadata(arch, size, IMAGENET, MEAN, STD, BACKBONES, "standard")
         return ModelChoice(IMAGENET, metadata, f"torchvision's ImageNet {arch} ({size} px)", f"{IMAGENET}:{arch}")
 
     path = Path(model) if model is not None else latest_encoder()
@@ -86,14 +86,24 @@ def choose_model(model: str | Path | None = None, arch: str | None = None,
     if missing:
         raise UserError(f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
                         f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)")
-    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES)
+    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, _plain_stem(path))
     return ModelChoice("state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)",
                        _file_digest(path), path)
 
 
-def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones) -> dict:
-    return {"architecture": arch, "image_size": size, "mean": tuple(mean), "std": tuple(std),
+def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones, stem: str) -> dict:
+    return {"architecture": arch, "stem": stem, "image_size": size, "mean": tuple(mean), "std": tuple(std),
             "feature_dim": backbones[arch][1], "train_images": 0, "source": source}
+
+
+def _plain_stem(path: Path) -> str:
+    """The stem of a plain ResNet state dict, read from its first convolution's shape alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        if "conv1.weight" not in f.keys():
+            return "standard"  # load_plain reports the mismatch
+        return "small" if f.get_slice("conv1.weight").get_shape()[-1] == 3 else "standard"
 
 
 def _file_digest(path: Path) -> str:

@@ -89,6 +89,9 @@ WEIGHT_DECAY = 1.5e-6
 # Rough training memory per image at 224 px for BYOL (two views with gradients,
 # target forward), fp32; it only tells the probe where to start searching.
 BYTES_PER_IMAGE_224 = {"resnet18": 60e6, "resnet34": 90e6, "resnet50": 200e6}
+# The small-image stem keeps every feature map 4× larger per side: the strided stem's activations at 4× the size.
+STEM_SCALE = {"standard": 1, "small": 4}
+SMALL_STEM_UP_TO = 64  # px, on GPUs (benchmarks/learning_curve.py)
 
 
 class OutOfMemory(Exception):
@@ -138,6 +141,7 @@ class Plan:
     init: str | None = None  # starting weights: "imagenet", an exported encoder's path, or None (random)
     world_size: int = 1  # processes training together, one per device
     sync_batchnorm: bool = False
+    stem: str = "standard"  # the backbone's first layers (model.STEMS)
 
     @property
     def effective_batch(self) -> int:
@@ -171,7 +175,23 @@ class Overrides:
     precision: str | None = None
     augment_on: str | None = None
     init: str | None = None
+    stem: str | None = None
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class StepSetting:
+    """What one probed training step runs: the network, the batch, and where its data lives."""
+
+    backbone: str
+    image_size: int
+    batch: int
+    precision: str
+    channels_last: bool
+    stem: str = "standard"
+    augment_on: str = "cpu"  # where the views are made
+    resident: int = 0  # bytes held beside the step: the decoded images a GPU keeps
+    gradient_buckets: bool = False  # a copy of the gradients, as DistributedDataParallel keeps
 
 
 # --- hardware ------------------------------------------------------------------
@@ -292,6 +312,14 @@ def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
     if hw.kind == "cpu":
         return "resnet18", "fastest ResNet on CPU (strided stem)"
     return "resnet18", "ResNet-18 learns fastest from small or low-resolution sets"
+
+
+def choose_stem(size: int, hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cpu":
+        return "standard", "a CPU run is bound by time, and the small-image stem costs several times more per step"
+    if size <= SMALL_STEM_UP_TO:
+        return "small", f"at {size} px the strided stem leaves the last stages single pixels; the small stem learns more per epoch"
+    return "standard", f"at {size} px the strided stem still leaves the last stages maps to work on"
 
 
 def choose_precision(hw: Hardware) -> tuple[str, str]:
@@ -427,13 +455,12 @@ def make_plan(
     skipped: int,
     hw: Hardware,
     over: Overrides,
-    probe: Callable[[str, int, int, str, bool], float],
+    probe: Callable[[StepSetting], float],
     data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
     world_size: int = 1,
 ) -> Plan:
-    """Choose everything. `probe(backbone, size, batch, precision, channels_last[, augment_on,
-    resident_bytes, gradient_buckets])` times one training step (seconds) or raises OutOfMemory; `data_cost(size, augment_on)` is the
-    measured loader time of one image at that size in one process. With `world_size`
+    """Choose everything. `probe(setting)` times one training step (seconds) or raises OutOfMemory;
+    `data_cost(size, augment_on)` is the measured loader time of one image at that size in one process. With `world_size`
     processes, `hw` is one process's share of the machine and the batch is per device."""
     images = len(short_sides)
     if images < MIN_IMAGES:
@@ -447,11 +474,12 @@ def make_plan(
 
     image_size = pick("image_size", over.image_size, lambda: choose_image_size(short_sides, hw))
     backbone = pick("backbone", over.backbone, lambda: choose_backbone(images, image_size, hw))
+    stem = pick("stem", over.stem, lambda: choose_stem(image_size, hw))
     precision = pick("precision", over.precision, lambda: choose_precision(hw))
     workers = pick("workers", over.workers, lambda: choose_workers(hw))
     if hw.kind == "cpu" and hw.bf16 and over.precision is None:
         batch = min(CPU_BATCH, max(MIN_BATCH, power_of_two_at_most(images / 8)))
-        timed = {p: probe(backbone, image_size, batch, p, True) for p in ("fp32", "bf16")}
+        timed = {p: probe(StepSetting(backbone, image_size, batch, p, True, stem)) for p in ("fp32", "bf16")}
         # A few timed steps on a busy machine are noisy: fp32, the safer numerics,
         # keeps the job unless bf16 is clearly faster.
         precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
@@ -477,7 +505,8 @@ def make_plan(
     resident = resident if resident < GPU_RESIDENT_SHARE * hw.free_memory else 0
 
     def timed(batch: int) -> float:
-        return probe(backbone, image_size, batch, precision, channels_last, augment_on, resident, world_size > 1)
+        return probe(StepSetting(backbone, image_size, batch, precision, channels_last, stem, augment_on, resident,
+                                 world_size > 1))
 
     if over.batch_size is not None:
         batch = over.batch_size
@@ -488,7 +517,8 @@ def make_plan(
         step_seconds = timed(batch)
         reasons["batch_size"] = "CPU runs are time-bound: more optimizer steps beat a larger batch"
     else:
-        per_image = BYTES_PER_IMAGE_224[backbone] * (image_size / 224) ** 2 * (0.6 if precision != "fp32" else 1)
+        side = image_size * STEM_SCALE[stem] / 224
+        per_image = BYTES_PER_IMAGE_224[backbone] * side**2 * (0.6 if precision != "fp32" else 1)
         start = min(cap, power_of_two_at_most(max(0, hw.free_memory - resident) * MEMORY_MARGIN / per_image))
         batch, step_seconds = fit_batch(start, cap, timed)
         reasons["batch_size"] = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
@@ -541,7 +571,7 @@ def make_plan(
         warmup_steps=warmup, base_lr=base_lr, lr=base_lr * global_batch / 256,
         tau_base=tau_base, weight_decay=WEIGHT_DECAY, seed=over.seed,
         step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on, in_memory=in_memory, init=over.init,
-        world_size=world_size, sync_batchnorm=sync_batchnorm,
+        world_size=world_size, sync_batchnorm=sync_batchnorm, stem=stem,
     )
 
 
@@ -586,12 +616,9 @@ def format_seconds(seconds: float) -> str:
 # --- measuring on the real device ------------------------------------------------
 
 
-def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: str, channels_last: bool,
-               augment_on: str = "cpu", resident: int = 0, gradient_buckets: bool = False, steps: int = 2) -> float:
-    """Seconds per real BYOL training step at these settings, after one warm-up step: with the
-    views made on the device when `augment_on` says so, `resident` bytes held beside it (the
-    decoded images a GPU keeps) and, with `gradient_buckets`, a copy of the gradients
-    (DistributedDataParallel's buckets), under cuDNN's autotuning as in training.
+def probe_step(hw: Hardware, setting: StepSetting, steps: int = 2) -> float:
+    """Seconds per real BYOL training step at this setting, after one warm-up step, under cuDNN's
+    autotuning as in training.
 
     Raises OutOfMemory if the step does not fit, or if its peak memory breaks the
     safety margin (so fragmentation later in the run cannot push it over).
@@ -601,8 +628,7 @@ def probe_step(hw: Hardware, backbone: str, size: int, batch: int, precision: st
     device = torch.device(hw.device)
     failure = None
     try:
-        seconds = _time_steps(hw, device, backbone, size, batch, precision, channels_last, augment_on, resident,
-                              gradient_buckets, steps)
+        seconds = _time_steps(hw, device, setting, steps)
     except OutOfMemory as exc:
         failure = str(exc)
     except RuntimeError as exc:
@@ -628,8 +654,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(sign in text for sign in OUT_OF_MEMORY)
 
 
-def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, precision: str,
-                channels_last: bool, augment_on: str, resident: int, gradient_buckets: bool, steps: int) -> float:
+def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float:
     import torch
 
     from byolcli.augment import byol_views
@@ -638,10 +663,13 @@ def _time_steps(hw: Hardware, device, backbone: str, size: int, batch: int, prec
 
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    held = torch.empty(resident, dtype=torch.uint8, device=device)  # noqa: F841 - occupies what training keeps
-    model = BYOL(backbone).to(device)
+    size, batch, precision, channels_last = setting.image_size, setting.batch, setting.precision, setting.channels_last
+    augment_on = setting.augment_on
+    held = torch.empty(setting.resident, dtype=torch.uint8, device=device)  # noqa: F841 - what training keeps
+    model = BYOL(setting.backbone, setting.stem).to(device)
     trained = [p for p in model.parameters() if p.requires_grad]
-    buckets = torch.empty(sum(p.numel() for p in trained) if gradient_buckets else 0, device=device)  # noqa: F841
+    buckets = torch.empty(sum(p.numel() for p in trained) if setting.gradient_buckets else 0,  # noqa: F841
+                          device=device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=0.1)

@@ -107,7 +107,7 @@ class Trainer:
             busy_loading = 0 if plan.in_memory else plan.workers  # in memory, workers only decode up front
             torch.set_num_threads(max(1, cores - busy_loading))
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
-        self.model = BYOL(plan.backbone)
+        self.model = BYOL(plan.backbone, plan.stem)
         if plan.init and self.start_from is None:
             self.model.start_from(initial_weights(plan.init, plan.backbone))
         if plan.sync_batchnorm and world.size > 1:
@@ -452,7 +452,7 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
     plan = make_plan(
         [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,
-        probe=lambda *args: probe_step(hw, *args),
+        probe=lambda setting: probe_step(hw, setting),
         data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
         world_size=world.size,
     )
@@ -606,7 +606,7 @@ def _move_aside(out: Path, reporter) -> None:
 # Override name -> the Plan field it sets.
 PLANNED_AS = {"time_budget": "time_budget", "backbone": "backbone", "image_size": "image_size",
               "batch_size": "batch_size", "lr": "base_lr", "workers": "workers", "precision": "precision",
-              "augment_on": "augment_on", "init": "init", "seed": "seed"}
+              "augment_on": "augment_on", "init": "init", "stem": "stem", "seed": "seed"}
 
 
 def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
@@ -624,7 +624,7 @@ def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
 
 def _validate(over: Overrides) -> Overrides:
     """Refuse contradictory or impossible flags; returns them with what --init implies filled in."""
-    from byolcli.model import BACKBONES
+    from byolcli.model import BACKBONES, STEMS
 
     if over.backbone is not None and over.backbone not in BACKBONES:
         raise UserError(f"--backbone {over.backbone}: choose one of {', '.join(BACKBONES)}")
@@ -644,11 +644,20 @@ def _validate(over: Overrides) -> Overrides:
         raise UserError(f"--lr {over.lr}: must be positive")
     if over.epochs is not None and over.time_budget is not None:
         raise UserError("--epochs and --time both set: give one")
-    if over.init is not None and over.init != "imagenet":
-        architecture = read_metadata(over.init)["architecture"]  # one-line error if not an encoder
+    if over.stem is not None and over.stem not in STEMS:
+        raise UserError(f"--stem {over.stem}: choose {' or '.join(STEMS)}")
+    if over.init == "imagenet":  # torchvision's weights come with its strided stem
+        if over.stem not in (None, "standard"):
+            raise UserError(f"--init imagenet has the standard stem; --stem {over.stem} does not match it")
+        return replace(over, stem="standard")
+    if over.init is not None:
+        metadata = read_metadata(over.init)  # one-line error if not an encoder
+        architecture, stem = metadata["architecture"], metadata["stem"]
         if over.backbone not in (None, architecture):
             raise UserError(f"--init {over.init} is a {architecture}; --backbone {over.backbone} does not match it")
-        return replace(over, backbone=architecture, init=str(Path(over.init).resolve()))
+        if over.stem not in (None, stem):
+            raise UserError(f"--init {over.init} has the {stem} stem; --stem {over.stem} does not match it")
+        return replace(over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()))
     return over
 
 

@@ -95,12 +95,12 @@ def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees
                         lambda device: freed_while_alive.append(attempt["tensor"]() is not None))
     cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
     with pytest.raises(plan.OutOfMemory, match="CUBLAS_STATUS_ALLOC_FAILED"):
-        plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False)
+        plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False))
     assert freed_while_alive == [False]  # the cache is released once the attempt's tensors are gone
 
     monkeypatch.setattr(BYOL, "forward", lambda self, a, b: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # anything else is a bug, not a full GPU
-        plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False)
+        plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False))
 
 
 class CountingLoader:
@@ -207,7 +207,7 @@ def test_fp32_never_enters_autocast(shapes, monkeypatch):
     trainer = Trainer(tiny_plan(len(shapes), total_steps=1), shapes)
     trainer.run(1)
     cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    assert plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False, steps=1) > 0
+    assert plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False), steps=1) > 0
     encoder = trainer.model.online_encoder
     encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     rows = list(embed.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
@@ -322,10 +322,10 @@ def test_the_probe_runs_the_step_training_runs(monkeypatch):
     real_views = augment.byol_views
     monkeypatch.setattr(augment, "byol_views", lambda *a, **k: made.append(a[0].shape) or real_views(*a, **k))
     cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    plan.probe_step(cpu, "resnet18", 32, 4, "fp32", False, augment_on="device", steps=1)
+    plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False, augment_on="device"), steps=1)
     assert made == [(4, 3, 48, 48)] * 2  # warm-up and timed step, both making their views from canvases
 
-    def probe(*setting):
+    def probe(setting):
         probed.append(setting)
         return 0.5
 
@@ -333,10 +333,10 @@ def test_the_probe_runs_the_step_training_runs(monkeypatch):
     chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe)
     assert chosen.in_memory and chosen.augment_on == "device"
     resident = plan.decoded_bytes(50_000, chosen.image_size)
-    assert all(s[5:] == ("device", resident, False) for s in probed)  # views on the GPU, decoded images beside
+    assert all((s.augment_on, s.resident, s.gradient_buckets) == ("device", resident, False) for s in probed)  # views on the GPU, decoded images beside
     probed.clear()
     plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe, world_size=2)
-    assert probed and all(s[7] is True for s in probed)  # and DistributedDataParallel's gradient buckets
+    assert probed and all(s.gradient_buckets for s in probed)  # and DistributedDataParallel's gradient buckets
 
 
 def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_checkpoint(tmp_path, monkeypatch):

@@ -215,10 +215,10 @@ def gpu(memory_gib, bf16=True, cores=16, kind="cuda"):
 
 
 def fits_below(limit, calls):
-    def probe(backbone, size, batch, precision, channels_last, *setting):
-        calls.append(batch)
-        if batch > limit:
-            raise OutOfMemory(f"batch {batch}")
+    def probe(setting):
+        calls.append(setting.batch)
+        if setting.batch > limit:
+            raise OutOfMemory(f"batch {setting.batch}")
         return 0.5
     return probe
 

@@ -1,0 +1,95 @@
+"""Quality per epoch: train for a fixed number of epochs and score the encoder at several points.
+
+    python benchmarks/learning_curve.py FOLDER --labels LABELS.csv --epochs 30 --at 10,20,30 \
+        [--stem small|standard] [--image-size 32] [--batch-size 64] [--precision bf16] [--device cuda]
+
+Trains as `byol train FOLDER --epochs N` plans it (the same planner, recipe and schedule, with the
+flags given pinned), stops at each epoch of --at to export the encoder and score it with
+`byol evaluate --labels` (weighted kNN and the linear probe, and the random-init encoder of the
+same network), then goes on. The schedule is the one of the whole run, so the scores at epoch 10
+of a 30-epoch curve are those of a run partway through, not of a 10-epoch run. Each curve is
+appended to --record (default benchmarks/learning_curve.json) with its host, device and the
+training wall time up to each point (evaluation excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from common import host_cpu
+
+from byolcli.data import MEAN, STD
+from byolcli.encoder import save_encoder
+from byolcli.evaluate import RANDOM_INIT, evaluate_command
+from byolcli.files import atomic_write_text
+from byolcli.plan import Overrides, detect_hardware, make_plan, probe_step
+from byolcli.report import Reporter
+from byolcli.scan import scan
+from byolcli.train import Trainer
+
+RECORD = Path(__file__).resolve().parent / "learning_curve.json"
+
+
+def scores(report: dict, name: str) -> dict:
+    result = report["results"][name]
+    return {"knn_top1": round(result["knn"]["top1"], 4), "linear_top1": round(result["linear"]["top1"], 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--labels", type=Path, required=True)
+    parser.add_argument("--epochs", type=int, required=True)
+    parser.add_argument("--at", default=None, help="comma-separated epochs to score at [default: the last]")
+    parser.add_argument("--stem", default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--precision", default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--record", type=Path, default=RECORD)
+    args = parser.parse_args()
+    points = sorted({int(e) for e in args.at.split(",")}) if args.at else [args.epochs]
+
+    manifest = scan(args.folder)
+    hw = detect_hardware(args.device)
+    over = Overrides(epochs=args.epochs, stem=args.stem, image_size=args.image_size, batch_size=args.batch_size,
+                     precision=args.precision, device=args.device, seed=args.seed)
+    plan = make_plan([min(i.width, i.height) for i in manifest.images], len(manifest.skipped), hw, over,
+                     probe=lambda setting: probe_step(hw, setting), world_size=1)
+    print(f"{host_cpu()}; {hw.name}; {plan.backbone} ({plan.stem} stem) at {plan.image_size} px, batch "
+          f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps", flush=True)
+    trainer = Trainer(plan, manifest.absolute_paths())
+    curve, trained_seconds, quiet = [], 0.0, Reporter(quiet=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        encoder = Path(scratch) / "encoder.safetensors"
+        for epoch in points:
+            start = time.perf_counter()
+            trainer.run(min(plan.total_steps, epoch * plan.steps_per_epoch))
+            trained_seconds += time.perf_counter() - start
+            save_encoder(trainer.model.online_encoder, encoder, architecture=plan.backbone,
+                         image_size=plan.image_size, mean=MEAN, std=STD, train_images=plan.images,
+                         epochs=epoch, steps=trainer.step)
+            report = evaluate_command(args.labels, encoder, None, args.device, None, quiet)
+            point = {"epoch": epoch, "steps": trainer.step, "train_seconds": round(trained_seconds, 1),
+                     "images_per_second": round(trainer.step * plan.effective_batch / trained_seconds, 1),
+                     **scores(report, "encoder"), "random_init": scores(report, RANDOM_INIT)}
+            curve.append(point)
+            print(json.dumps(point), flush=True)
+    entry = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": host_cpu(),
+             "device": hw.name, "folder": f"{args.folder.resolve().parent.name}/{args.folder.name}",
+             "labels": args.labels.name,
+             "backbone": plan.backbone, "stem": plan.stem, "image_size": plan.image_size,
+             "batch_size": plan.effective_batch, "precision": plan.precision, "epochs": args.epochs,
+             "seed": args.seed, "curve": curve}
+    history = json.loads(args.record.read_text()) if args.record.exists() else []
+    atomic_write_text(args.record, json.dumps([*history, entry], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
