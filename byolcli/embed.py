@@ -321,7 +321,8 @@ class EmbedJob:
         paths.write_text(write_names(images[i].path for i in keep), encoding="utf-8")
         skipped_list.write_text("".join(f"{escape_name(s.path)}\t{s.reason}\n" for s in skipped), encoding="utf-8")
         meta.write_text(json.dumps({**self.settings, "encoder": str(self.model.path or self.model.fingerprint),
-                                    "architecture": self.model.metadata["architecture"], "rows": len(keep),
+                                    "architecture": self.model.metadata["architecture"],
+                                    "stem": self.model.metadata.get("stem", "standard"), "rows": len(keep),
                                     "files": [self.keys[i] for i in keep]}), encoding="utf-8")
         if len(keep) < len(images):  # drop the rows of files that broke since the scan
             array = np.load(files["partial"], mmap_mode="r")
