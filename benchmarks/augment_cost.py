@@ -9,23 +9,11 @@ three warm-up calls.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
+from common import milliseconds
 
 from byolcli.augment import byol_views
-
-
-def milliseconds(fn, rounds: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -19,8 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from embed_throughput import export_random_encoder
-from scan_throughput import build  # same generated folder layout as the scan benchmark
+from common import build_folder, export_random_encoder
 
 WRAPPER = ("import resource, subprocess, sys, json, time; t = time.perf_counter(); "
            "code = subprocess.run(sys.argv[1:]).returncode; "
@@ -45,7 +44,7 @@ def main() -> None:
         model = export_random_encoder(work, 32)
         for count in (args.small, args.large):
             folder = work / f"images-{count}"
-            build(folder, count)
+            build_folder(folder, count)
             result = embed(folder, model, work / f"vecs-{count}.npy")
             assert result["code"] == 0, result
             print(f"{count:>7,} images: peak RSS {result['peak_mb']:7.0f} MB, {result['seconds']:6.1f} s "

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import export_random_encoder
+
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing10"
 
 TRIAL = r"""
@@ -67,21 +69,6 @@ peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss + resource.getrusag
 print(json.dumps({"rows": rows, "seconds": elapsed, "peak_mb": peak_kb / 1024, "workers": workers,
                   "device": str(device)}))
 """
-
-
-def export_random_encoder(folder: Path, image_size: int) -> Path:
-    """A random-init ResNet-18 exported as a byolcli encoder: the same compute as a trained one."""
-    import torch
-
-    from byolcli.data import MEAN, STD
-    from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
-
-    torch.manual_seed(0)
-    path = folder / f"encoder-{image_size}px.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=image_size, mean=MEAN,
-                 std=STD, train_images=0, epochs=0, steps=0)
-    return path
 
 
 def trial(way: str, folder: Path, model: Path) -> dict:

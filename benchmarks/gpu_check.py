@@ -124,7 +124,7 @@ def resident(args) -> dict:
 
     import torch
 
-    from byolcli import train
+    from byolcli import engine
     from byolcli.plan import Plan
     from byolcli.scan import scan
 
@@ -137,8 +137,8 @@ def resident(args) -> dict:
                 weight_decay=1.5e-6, seed=0, step_seconds=0.05, time_budget=None, augment_on="device", in_memory=True)
     figures = {}
     for kept in ("cpu", "gpu"):
-        train.fits_on_gpu = lambda device, nbytes, kept=kept: kept == "gpu"
-        trainer = train.Trainer(plan, paths)
+        engine.fits_on_gpu = lambda device, nbytes, kept=kept: kept == "gpu"
+        trainer = engine.Trainer(plan, paths)
         records = []
         steps = 60 if not args.smoke else 4
         trainer.run(steps, on_log=records.append, log_every=2.0 if not args.smoke else 0.0)
@@ -159,7 +159,9 @@ def resident(args) -> dict:
 
 def probe(args) -> dict:
     """The probe's choice for ResNet-50 at 224 px against the largest batch that runs."""
-    from byolcli.plan import MAX_BATCH, OutOfMemory, StepSetting, detect_hardware, probe_step
+    from byolcli.hardware import detect_hardware
+    from byolcli.probe import OutOfMemory, StepSetting, probe_step
+    from byolcli.rules import MAX_BATCH
 
     chosen_run = args.out / "runs" / "resnet50" / "plan.json"
     if not chosen_run.exists():

@@ -27,10 +27,12 @@ from byolcli.data import MEAN, STD
 from byolcli.encoder import save_encoder
 from byolcli.evaluate import RANDOM_INIT, evaluate_command
 from byolcli.files import atomic_write_text
-from byolcli.plan import Overrides, detect_hardware, make_plan, probe_step
+from byolcli.engine import Trainer
+from byolcli.hardware import detect_hardware
+from byolcli.plan import Overrides, make_plan
+from byolcli.probe import probe_step
 from byolcli.report import Reporter
 from byolcli.scan import scan
-from byolcli.train import Trainer
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"
 

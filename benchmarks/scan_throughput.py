@@ -11,7 +11,6 @@ Reports the median over --runs after one warm-up run of each kind.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import statistics
@@ -19,25 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
+
+from common import build_folder
 
 from byolcli import scan as s
-
-
-def build(folder: Path, files: int) -> None:
-    rng = np.random.default_rng(0)
-    templates = []
-    for i in range(32):
-        buffer = io.BytesIO()
-        pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(buffer, "PNG" if i % 16 == 0 else "JPEG", quality=90)
-        templates.append((buffer.getvalue(), "png" if i % 16 == 0 else "jpg"))
-    for i in range(files):
-        data, ext = templates[i % len(templates)]
-        sub = folder / f"d{i % 100:02d}"
-        sub.mkdir(parents=True, exist_ok=True)
-        (sub / f"{i:06d}.{ext}").write_bytes(data)
 
 
 def timed_scan(folder: Path) -> float:
@@ -59,7 +43,7 @@ def main() -> None:
     os.environ["BYOL_CACHE_DIR"] = str(cache)
     try:
         t0 = time.perf_counter()
-        build(folder, args.files)
+        build_folder(folder, args.files)
         print(f"built {args.files:,} files in {time.perf_counter() - t0:.1f}s; {os.cpu_count()} CPUs")
         cold, cached = [], []
         for run in range(args.runs + 1):  # run 0 is the warm-up

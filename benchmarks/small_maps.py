@@ -14,7 +14,7 @@ import argparse
 import statistics
 
 import torch
-from augment_cost import milliseconds
+from common import milliseconds
 from torch import nn
 
 from byolcli.small_maps import SmallMapConv2d

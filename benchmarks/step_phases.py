@@ -14,22 +14,22 @@ import statistics
 import time
 from pathlib import Path
 
-from train_throughput import DEFAULT, make_plan
+from common import CIFAR_TRAIN, cpu_plan
 
 from byolcli.scan import scan
-from byolcli.train import Trainer
+from byolcli.engine import Trainer
 
 PHASES = ("views", "forward", "backward", "optimizer", "EMA")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("folder", nargs="?", type=Path, default=CIFAR_TRAIN)
     parser.add_argument("--steps", type=int, default=25)
     args = parser.parse_args()
 
     paths = scan(args.folder).absolute_paths()
-    trainer = Trainer(make_plan(len(paths), "fp32", 0, in_memory=True), paths)
+    trainer = Trainer(cpu_plan(len(paths), "fp32", 0, in_memory=True), paths)
     trainer.run(5)
     batches = iter(trainer.loader)
     times = {phase: [] for phase in PHASES}

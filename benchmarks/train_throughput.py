@@ -20,22 +20,13 @@ import statistics
 import time
 from pathlib import Path
 
+from common import CIFAR_TRAIN, cpu_plan
 
-from byolcli.plan import Plan, choose_precision, choose_workers, detect_hardware
+
+from byolcli.engine import Trainer
+from byolcli.hardware import detect_hardware
+from byolcli.rules import choose_precision, choose_workers
 from byolcli.scan import scan
-from byolcli.train import Trainer
-
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "train"
-
-
-def make_plan(images: int, precision: str, workers: int, in_memory: bool = False) -> Plan:
-    return Plan(
-        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=64, accumulation=1,
-        precision=precision, workers=workers, channels_last=True, images=images, skipped=0,  # as planned on CPU
-        steps_per_epoch=images // 64, total_steps=10**6, epochs=0, warmup_steps=100, base_lr=0.45,
-        lr=0.45 / 4, tau_base=0.99, weight_decay=1.5e-6, seed=0, step_seconds=0, time_budget=None,
-        augment_on="device" if in_memory else "cpu", in_memory=in_memory,
-    )
 
 
 def images_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
@@ -47,7 +38,7 @@ def images_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT)
+    parser.add_argument("folder", nargs="?", type=Path, default=CIFAR_TRAIN)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     args = parser.parse_args()
@@ -58,9 +49,9 @@ def main() -> None:
     workers = choose_workers(hw)[0]
     print(f"{len(paths):,} images from {args.folder}; {hw.name}; {workers} loader workers")
     for precision in precisions:
-        plan = make_plan(len(paths), precision, workers)
+        plan = cpu_plan(len(paths), precision, workers)
         from_files = Trainer(plan, paths)
-        in_memory = Trainer(make_plan(len(paths), precision, workers, in_memory=True), paths)
+        in_memory = Trainer(cpu_plan(len(paths), precision, workers, in_memory=True), paths)
         from_tensors = Trainer(plan, paths)
         batch = next(iter(from_tensors.loader))
         from_tensors.loader = [batch] * plan.steps_per_epoch  # the same step, no decoding

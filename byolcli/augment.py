@@ -18,12 +18,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from byolcli.data import BLUR_MIN_SIZE, constant, normalize_images
+from byolcli.data import constant, normalize_images
+from byolcli.recipe import RECIPE
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
 
 
-def crop_boxes(sizes: torch.Tensor, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+def crop_boxes(sizes: torch.Tensor, scale=RECIPE.crop_scale, ratio=RECIPE.crop_ratio) -> torch.Tensor:
     """Per-image crop boxes (x0, y0, w, h), in pixels of each image's original (height, width)."""
     n, device = len(sizes), sizes.device
     height, width = sizes[:, 0:1].float(), sizes[:, 1:2].float()
@@ -86,8 +87,8 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return value[:, None] - value[:, None] * saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1,
-                 select: bool | None = None) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=RECIPE.brightness, contrast=RECIPE.contrast,
+                 saturation=RECIPE.saturation, hue=RECIPE.hue, select: bool | None = None) -> torch.Tensor:
     """torchvision's ColorJitter per image: own strengths, own random order, only where `apply`.
 
     Each of the 4 order slots applies one of 4 ops per image. `select` (the default on
@@ -130,10 +131,9 @@ def _adjust(op: int, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(hsv)
 
 
-def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, sigma=(0.1, 2.0)) -> torch.Tensor:
-    """Separable Gaussian blur, σ drawn per image, kernel ≈ 10% of the side (odd)."""
+def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIPE.blur_sigma) -> torch.Tensor:
+    """Separable Gaussian blur with σ drawn per image."""
     n, channels, size = len(x), x.shape[1], x.shape[-1]
-    kernel = max(3, int(size * 0.1) // 2 * 2 + 1)
     sigmas = torch.empty(n, device=x.device).uniform_(*sigma)
     t = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
     weights = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2))
@@ -149,19 +149,20 @@ def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int,
                select: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Both BYOL views of a batch of uint8 canvases (n, 3, C, C) with original (height, width) `sizes`.
 
-    View 1: blur p=1.0, no solarize; view 2: blur p=0.1, solarize p=0.2 (Grill et al. 2020, Table 6).
+    The two views differ in their blur and solarize probabilities (recipe.py).
     `select`: as in color_jitter (by default, the CPU's way on a CPU and the GPU's on a GPU).
     """
     images = canvas.float() / 255
+    kernel = RECIPE.blur_kernel(out)
     views = []
-    for blur_p, solarize_p in ((1.0, 0.0), (0.1, 0.2)):
+    for blur_p, solarize_p in RECIPE.views():
         n = len(images)
         coin = lambda p: torch.rand(n, device=canvas.device) < p  # noqa: E731
-        x = crop_resize(images, sizes, crop_boxes(sizes), coin(0.5), out).clamp(0, 1)
-        x = color_jitter(x, coin(0.8), select=select)
-        x = torch.where(coin(0.2)[:, None, None, None], grayscale(x), x)
-        if out >= BLUR_MIN_SIZE and blur_p > 0:
-            x = gaussian_blur(x, coin(blur_p))
+        x = crop_resize(images, sizes, crop_boxes(sizes), coin(RECIPE.flip_p), out).clamp(0, 1)
+        x = color_jitter(x, coin(RECIPE.jitter_p), select=select)
+        x = torch.where(coin(RECIPE.grayscale_p)[:, None, None, None], grayscale(x), x)
+        if kernel and blur_p > 0:
+            x = gaussian_blur(x, coin(blur_p), kernel)
         if solarize_p > 0:
             x = torch.where(coin(solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
         views.append(normalize_images(x))

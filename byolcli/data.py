@@ -23,15 +23,11 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
 from byolcli.images import open_rgb
+from byolcli.recipe import RECIPE
 
 # ImageNet statistics: what torchvision backbones and most users expect.
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-# solo-learn's CIFAR recipe drops the blur at small sizes: a 3-pixel kernel
-# mostly erases the little detail a 32-px image has.
-BLUR_MIN_SIZE = 65
-
 
 def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
@@ -52,18 +48,20 @@ def _constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tu
     return torch.tensor(values, dtype=dtype).view(shape).to(device)
 
 
-def byol_view(size: int, blur_p: float, solarize_p: float) -> v2.Compose:
-    """One of BYOL's views (Grill et al. 2020, Table 6), on a uint8 CHW tensor."""
+def byol_view(size: int, blur_p: float, solarize_p: float, recipe=RECIPE) -> v2.Compose:
+    """One of BYOL's views, on a uint8 CHW tensor."""
+    jitter = v2.ColorJitter(brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation,
+                            hue=recipe.hue)
     steps = [
-        v2.RandomResizedCrop(size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), antialias=True),
-        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True),
+        v2.RandomHorizontalFlip(p=recipe.flip_p),
         # ColorJitter applies its four adjustments in a random order, as in the paper.
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
+        v2.RandomApply([jitter], p=recipe.jitter_p),
+        v2.RandomGrayscale(p=recipe.grayscale_p),
     ]
-    if size >= BLUR_MIN_SIZE and blur_p > 0:
-        kernel = max(3, int(size * 0.1) // 2 * 2 + 1)  # ≈10% of the side, odd
-        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=blur_p))
+    kernel = recipe.blur_kernel(size)
+    if kernel and blur_p > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel, sigma=recipe.blur_sigma)], p=blur_p))
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
@@ -77,8 +75,9 @@ class TwoViewDataset(Dataset):
         self.paths = [str(p) for p in paths]
         self.size = size
         self.seed = seed
-        self.view1 = byol_view(size, blur_p=1.0, solarize_p=0.0)
-        self.view2 = byol_view(size, blur_p=0.1, solarize_p=0.2)
+        (blur1, solarize1), (blur2, solarize2) = RECIPE.views()
+        self.view1 = byol_view(size, blur_p=blur1, solarize_p=solarize1)
+        self.view2 = byol_view(size, blur_p=blur2, solarize_p=solarize2)
         self.to_tensor = v2.PILToTensor()
 
     def __len__(self) -> int:

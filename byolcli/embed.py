@@ -88,7 +88,7 @@ class ImageDataset(Dataset):
 
 
 def default_workers(device: torch.device) -> int:
-    from byolcli.plan import usable_cores
+    from byolcli.hardware import usable_cores
 
     cores = usable_cores()
     # On CPU the forward pass needs cores too; on a GPU the host only decodes.
@@ -96,7 +96,7 @@ def default_workers(device: torch.device) -> int:
 
 
 def pick_device(device: str | None) -> torch.device:
-    from byolcli.plan import detect_hardware
+    from byolcli.hardware import detect_hardware
 
     return torch.device(detect_hardware(device).device)
 
@@ -105,7 +105,7 @@ def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype |
     """bf16 where the hardware computes it natively (GPUs, CPUs with AMX/AVX512-BF16), fp16 on
     older GPUs, else fp32. bf16 keeps ~3 significant digits: cosine similarities move by
     about 1e-4, nothing a kNN or a linear probe notices; --precision fp32 gives exact rows."""
-    from byolcli.plan import cpu_has_bf16, cuda_has_bf16
+    from byolcli.hardware import cpu_has_bf16, cuda_has_bf16
 
     if precision is None:
         if device.type == "cuda":
@@ -120,7 +120,7 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
                     workers: int | None = None, normalize: bool = False,
                     precision: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
-    from byolcli.plan import mixed_precision, use_device
+    from byolcli.hardware import mixed_precision, use_device
 
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])

@@ -15,6 +15,7 @@ import torchvision
 from torch import nn
 
 from byolcli.errors import UserError
+from byolcli.recipe import RECIPE
 from byolcli.small_maps import use_small_map_convolutions
 
 # name -> (torchvision constructor, feature dimension after global pooling)
@@ -29,8 +30,6 @@ BACKBONES = {
 # CIFAR-style stem, so that 32–64 px images still reach the last stages as maps, not single pixels.
 STEMS = ("standard", "small")
 
-PROJECTION_HIDDEN = 4096
-PROJECTION_DIM = 256
 
 
 class PerViewStatistics:
@@ -106,7 +105,7 @@ def pretrained_backbone(name: str) -> nn.Module:
     return model
 
 
-def mlp(in_dim: int, hidden: int = PROJECTION_HIDDEN, out_dim: int = PROJECTION_DIM) -> nn.Sequential:
+def mlp(in_dim: int, hidden: int = RECIPE.projection_hidden, out_dim: int = RECIPE.projection_dim) -> nn.Sequential:
     """Linear → BN → ReLU → Linear: BYOL's projector and predictor (their batch norm per view)."""
     return nn.Sequential(
         nn.Linear(in_dim, hidden),
@@ -127,7 +126,7 @@ class BYOL(nn.Module):
         feature_dim = BACKBONES[backbone][1]
         self.online_encoder = make_backbone(backbone, norm_layer=PerViewBatchNorm2d, stem=stem)
         self.online_projector = mlp(feature_dim)
-        self.predictor = mlp(PROJECTION_DIM)
+        self.predictor = mlp(RECIPE.projection_dim)
         self.target_encoder = copy.deepcopy(self.online_encoder)
         self.target_projector = copy.deepcopy(self.online_projector)
         for p in self.target_parameters():

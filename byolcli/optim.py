@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from byolcli.recipe import RECIPE
+
 
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and layer-wise trust ratio (You et al. 2017), as BYOL uses it.
@@ -17,8 +19,8 @@ class LARS(torch.optim.Optimizer):
     weight decay, as in the paper and DeepMind's code. A step overwrites the gradients.
     """
 
-    def __init__(self, groups, lr: float, momentum: float = 0.9, weight_decay: float = 1.5e-6,
-                 trust_coefficient: float = 1e-3) -> None:
+    def __init__(self, groups, lr: float, momentum: float = RECIPE.lars_momentum,
+                 weight_decay: float = RECIPE.weight_decay, trust_coefficient: float = RECIPE.lars_trust) -> None:
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
                         trust_coefficient=trust_coefficient, lars=True)
         super().__init__(groups, defaults)
@@ -33,14 +35,12 @@ class LARS(torch.optim.Optimizer):
             buffers = [self._momentum(p) for p in params]
             torch._foreach_mul_(buffers, group["momentum"])
             if group["lars"]:
-                # The gradients become the updates, in place: a fresh copy of BYOL's 16M
-                # gradients made this step 49 ms instead of 34 on a 2-core CPU, mostly in
-                # page faults. The trainer discards gradients after each step anyway.
+                # The gradients become the updates, in place: a fresh copy of BYOL's gradients
+                # costs page faults every step, and the trainer discards gradients after it anyway.
                 torch._foreach_add_(grads, params, alpha=group["weight_decay"])
                 updates = grads
                 # All trust ratios in a handful of vector ops, on the device: no .item(),
-                # no host sync, and no chain of small ops per layer (on a 2-core CPU that
-                # chain cost ~11 ms of a ~450 ms ResNet-18 step at 32 px).
+                # no host sync, and no chain of small ops per layer.
                 w_norms = torch.stack(torch._foreach_norm(params))
                 u_norms = torch.stack(torch._foreach_norm(updates))
                 ratios = torch.where((w_norms > 0) & (u_norms > 0),

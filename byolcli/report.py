@@ -121,7 +121,7 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     """The plan as the user sees it before training: every choice and why."""
     if reporter.quiet:
         return
-    from byolcli.plan import format_seconds
+    from byolcli.rules import format_seconds
 
     table = Table(title="training plan", title_justify="left", show_lines=False)
     table.add_column("")

@@ -12,7 +12,7 @@ import torch
 from byolcli import distributed
 from byolcli.data import TwoViewDataset
 from byolcli.plan import Plan
-from byolcli.train import Trainer
+from byolcli.engine import Trainer
 
 
 def main(plan_file: str, folder: str, out: str, steps: str) -> None:

@@ -1,9 +1,11 @@
 import math
 
+import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
 from byolcli import augment as A
+from byolcli.recipe import RECIPE
 
 
 def test_crop_boxes_follow_random_resized_crop():
@@ -57,7 +59,7 @@ def test_jitter_and_blur_leave_unselected_images_alone():
     x = torch.rand(4, 3, 96, 96)
     apply = torch.tensor([True, False, True, False])
     jittered = A.color_jitter(x, apply)
-    blurred = A.gaussian_blur(x, apply)
+    blurred = A.gaussian_blur(x, apply, RECIPE.blur_kernel(96))
     for out in (jittered, blurred):
         assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
         assert not torch.allclose(out[0], x[0])
@@ -85,3 +87,25 @@ def test_views_are_drawn_per_image_and_normalised():
     assert len({tuple(v.flatten()[:50].tolist()) for v in view1}) == 8
     assert not torch.allclose(view1, view2)
     assert math.isfinite(view1.sum().item()) and -3 < view1.mean().item() < 3
+
+
+def test_both_augmentation_paths_read_one_recipe(monkeypatch):
+    import dataclasses
+
+    from torchvision.transforms import v2
+
+    from byolcli import data
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        RECIPE.blur_p = (0.5, 0.5)
+    view = data.byol_view(96, *RECIPE.views()[0])
+    jitter = next(t for t in view.transforms if isinstance(t, v2.RandomApply)).transforms[0]
+    assert jitter.brightness == (1 - RECIPE.brightness, 1 + RECIPE.brightness)
+    blur = next(t for t in view.transforms if isinstance(t, v2.RandomApply) and
+                isinstance(t.transforms[0], v2.GaussianBlur)).transforms[0]
+    assert list(blur.kernel_size) == [RECIPE.blur_kernel(96)] * 2
+    # The batched path asks the same recipe for its kernel and its view probabilities.
+    seen = []
+    monkeypatch.setattr(A, "gaussian_blur", lambda x, apply, kernel, **k: seen.append(kernel) or x)
+    A.byol_views(torch.randint(0, 256, (4, 3, 144, 144), dtype=torch.uint8), torch.full((4, 2), 144), 96)
+    assert seen == [RECIPE.blur_kernel(96)] * 2

@@ -9,9 +9,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from byolcli.embed import autocast_dtype
 from byolcli.errors import TrainingFailed
-from byolcli.plan import GiB, choose_precision, detect_hardware
-from byolcli.train import OVERFLOWS_IN_A_ROW, Trainer
-from conftest import shapes_folder, tiny_plan
+from byolcli.engine import OVERFLOWS_IN_A_ROW, Trainer
+from byolcli.hardware import GiB, detect_hardware
+from byolcli.rules import choose_precision
+from helpers import shapes_folder, tiny_plan
 
 # (name, compute capability, memory): what torch.cuda reports for each fake device.
 GPUS = [("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GiB), ("Tesla T4", (7, 5), 15 * GiB)]
@@ -47,25 +48,25 @@ def shapes(tmp_path_factory):
 
 def overflowing(trainer: Trainer, steps) -> None:
     """Make the loss of the given micro-steps (counted from 1) overflow, as fp16 does."""
-    real, calls = trainer.forward, []
+    real, calls = trainer.byol_step.forward, []
 
     def forward(view1, view2):
         loss, projections = real(view1, view2)
         calls.append(1)
         return (loss * float("inf") if len(calls) in steps else loss), projections
 
-    trainer.forward = forward
+    trainer.byol_step.forward = forward
 
 
 def test_an_fp16_overflow_is_a_skipped_step_not_the_end_of_the_run(shapes):
     trainer = Trainer(tiny_plan(len(shapes), precision="fp16", total_steps=6), shapes)
-    scale = trainer.scaler.get_scale()
+    scale = trainer.byol_step.scaler.get_scale()
     overflowing(trainer, steps={3})
     records = []
     trainer.run(6, on_log=records.append, log_every=0)
     assert trainer.step == 6 and [r["overflowed_steps"] for r in records] == [0, 0, 1, 0, 0, 0]
     assert records[2]["loss"] is None and all(r["loss"] > 0 for i, r in enumerate(records) if i != 2)
-    assert trainer.scaler.get_scale() < scale  # the scaler saw it and backed off
+    assert trainer.byol_step.scaler.get_scale() < scale  # the scaler saw it and backed off
 
 
 def test_fp16_overflows_that_never_stop_end_the_run(shapes):
@@ -79,7 +80,8 @@ def test_fp16_overflows_that_never_stop_end_the_run(shapes):
 def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees_before_retrying(monkeypatch):
     import weakref
 
-    from byolcli import plan
+    from byolcli import probe
+    from byolcli.hardware import Hardware
     from byolcli.model import BYOL
 
     attempt = {}
@@ -91,16 +93,16 @@ def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees
 
     freed_while_alive = []
     monkeypatch.setattr(BYOL, "forward", failing_forward)
-    monkeypatch.setattr(plan, "release_cached_memory",
+    monkeypatch.setattr(probe, "release_cached_memory",
                         lambda device: freed_while_alive.append(attempt["tensor"]() is not None))
-    cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    with pytest.raises(plan.OutOfMemory, match="CUBLAS_STATUS_ALLOC_FAILED"):
-        plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False))
+    cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    with pytest.raises(probe.OutOfMemory, match="CUBLAS_STATUS_ALLOC_FAILED"):
+        probe.probe_step(cpu, probe.StepSetting("resnet18", 32, 4, "fp32", False))
     assert freed_while_alive == [False]  # the cache is released once the attempt's tensors are gone
 
     monkeypatch.setattr(BYOL, "forward", lambda self, a, b: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
     with pytest.raises(RuntimeError, match="shape mismatch"):  # anything else is a bug, not a full GPU
-        plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False))
+        probe.probe_step(cpu, probe.StepSetting("resnet18", 32, 4, "fp32", False))
 
 
 class CountingLoader:
@@ -130,7 +132,7 @@ def test_training_in_several_calls_keeps_the_epochs_iterator_and_trains_the_same
 
 
 def test_a_chosen_gpu_becomes_the_current_one_and_fp32_on_it_is_exact(fake_cuda, monkeypatch):
-    from byolcli.plan import use_device
+    from byolcli.hardware import use_device
 
     current = []
     monkeypatch.setattr(torch.cuda, "set_device", current.append)
@@ -151,19 +153,20 @@ def test_a_chosen_gpu_becomes_the_current_one_and_fp32_on_it_is_exact(fake_cuda,
 
 
 def test_cores_are_the_ones_this_process_may_use(monkeypatch, tmp_path):
-    from byolcli import plan
+    from byolcli import hardware
 
-    monkeypatch.setattr(plan.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
-    monkeypatch.setattr(plan, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
-    assert plan.usable_cores() == 6  # no quota file: the affinity
+    monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
+    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    assert hardware.usable_cores() == 6  # no quota file: the affinity
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert plan.usable_cores() == 6
+    assert hardware.usable_cores() == 6
     (tmp_path / "cpu.max").write_text("250000 100000\n")  # a quota of 2.5 cores
-    assert plan.usable_cores() == 3
+    assert hardware.usable_cores() == 3
 
 
 def test_loader_processes_fit_in_a_small_dev_shm():
-    from byolcli.plan import Hardware, Overrides, make_plan
+    from byolcli.hardware import Hardware
+    from byolcli.plan import Overrides, make_plan
 
     def gpu(shm):
         return Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 32, "cuda:0", 64 * GiB, shm)
@@ -190,7 +193,7 @@ class OnMPS(torch.Tensor):
 
 
 def test_the_collapse_monitor_runs_where_the_device_has_no_svd():
-    from byolcli.train import projection_health
+    from byolcli.engine import projection_health
 
     projections = torch.randn(64, 256)
     assert projection_health(projections.as_subclass(OnMPS)) == pytest.approx(projection_health(projections))
@@ -198,7 +201,9 @@ def test_the_collapse_monitor_runs_where_the_device_has_no_svd():
 
 def test_fp32_never_enters_autocast(shapes, monkeypatch):
     """torch 2.4 raises on torch.autocast("mps", enabled=False): fp32 must not call it at all."""
-    from byolcli import embed, plan
+    from byolcli import embed
+    from byolcli.hardware import Hardware
+    from byolcli.probe import StepSetting, probe_step
 
     def refusing_autocast(device_type, dtype=None, enabled=True, **kwargs):
         raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
@@ -206,8 +211,8 @@ def test_fp32_never_enters_autocast(shapes, monkeypatch):
     monkeypatch.setattr(torch, "autocast", refusing_autocast)
     trainer = Trainer(tiny_plan(len(shapes), total_steps=1), shapes)
     trainer.run(1)
-    cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    assert plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False), steps=1) > 0
+    cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    assert probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False), steps=1) > 0
     encoder = trainer.model.online_encoder
     encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     rows = list(embed.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
@@ -215,7 +220,7 @@ def test_fp32_never_enters_autocast(shapes, monkeypatch):
 
 
 def test_the_probe_counts_what_the_allocator_reserved_and_what_mps_holds(monkeypatch):
-    from byolcli.plan import memory_held
+    from byolcli.hardware import memory_held
 
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device=None: 30 * GiB)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 20 * GiB)
@@ -302,7 +307,7 @@ def test_prefetching_keeps_order_runs_ahead_passes_errors_on_and_stops_with_its_
 
 def test_images_kept_in_cpu_memory_for_a_gpu_come_in_page_locked_batches(shapes, monkeypatch):
     from byolcli.data import EpochSampler, MemoryBatches
-    from byolcli.train import fits_on_gpu
+    from byolcli.engine import fits_on_gpu
 
     pinned = []
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: pinned.append(self.shape) or self.clone())
@@ -317,22 +322,25 @@ def test_images_kept_in_cpu_memory_for_a_gpu_come_in_page_locked_batches(shapes,
 
 def test_the_probe_runs_the_step_training_runs(monkeypatch):
     from byolcli import augment, plan
+    from byolcli.hardware import Hardware
+    from byolcli.probe import StepSetting, probe_step
+    from byolcli.rules import decoded_bytes
 
     made, probed = [], []
     real_views = augment.byol_views
     monkeypatch.setattr(augment, "byol_views", lambda *a, **k: made.append(a[0].shape) or real_views(*a, **k))
-    cpu = plan.Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    plan.probe_step(cpu, plan.StepSetting("resnet18", 32, 4, "fp32", False, augment_on="device"), steps=1)
+    cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False, augment_on="device"), steps=1)
     assert made == [(4, 3, 48, 48)] * 2  # warm-up and timed step, both making their views from canvases
 
     def probe(setting):
         probed.append(setting)
         return 0.5
 
-    gpu = plan.Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 16, "cuda:0", 64 * GiB)
+    gpu = Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 16, "cuda:0", 64 * GiB)
     chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe)
     assert chosen.in_memory and chosen.augment_on == "device"
-    resident = plan.decoded_bytes(50_000, chosen.image_size)
+    resident = decoded_bytes(50_000, chosen.image_size)
     assert all((s.augment_on, s.resident, s.gradient_buckets) == ("device", resident, False) for s in probed)  # views on the GPU, decoded images beside
     probed.clear()
     plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe, world_size=2)

@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from byolcli.data import EpochSampler
 from byolcli.errors import UserError
 from byolcli.plan import fit_to_world
-from byolcli.train import Trainer
-from conftest import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file
+from byolcli.engine import Trainer
+from helpers import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file
 
 STEPS = 5
 CLI_ARGS = ("--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision", "fp32")

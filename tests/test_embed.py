@@ -9,7 +9,7 @@ from byolcli import embed as e
 from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import load_encoder
 from byolcli.report import Reporter
-from conftest import random_encoder_file, noise_image, run_byol, shapes_folder
+from helpers import random_encoder_file, noise_image, run_byol, shapes_folder
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from byolcli.errors import UserError
 from byolcli.evaluate import make_protocol, score
 from byolcli.labels import drop_missing, read_labels
 from byolcli.metrics import knn_scores, linear_probe_scores, summarize
-from conftest import random_encoder_file, cache_imagenet_weights, noise_image, run_byol, shapes_folder
+from helpers import random_encoder_file, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 
 def blobs(per_class=100, classes=4, dim=16, seed=0):

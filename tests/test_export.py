@@ -16,7 +16,7 @@ from byolcli.errors import UserError
 from byolcli.model import make_backbone
 from byolcli.names import read_names
 from byolcli.report import Reporter
-from conftest import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, shapes_folder
+from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")

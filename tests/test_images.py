@@ -2,7 +2,7 @@ import numpy as np
 from PIL import Image
 
 from byolcli.images import open_rgb
-from conftest import noise_image
+from helpers import noise_image
 
 
 def test_alpha_modes_composite_on_white(tmp_path):

@@ -19,7 +19,7 @@ from byolcli.labels import read_labels, repeated_warning
 from byolcli.model import BYOL
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.report import Reporter
-from conftest import random_encoder_file, noise_image, run_byol, shapes_folder, wait_for_file
+from helpers import random_encoder_file, noise_image, run_byol, shapes_folder, wait_for_file
 
 TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
 HOSTILE_NAMES = ["new\nline.png", "tab\there.png", "carriage\rreturn.png", os.fsdecode(b"latin1-\xe9t\xe9.png"),
@@ -183,8 +183,8 @@ def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
 
 
 def test_sigterm_finishes_the_step_in_progress_and_checkpoints_it(tmp_path, monkeypatch):
-    from byolcli import train as t
-    from conftest import tiny_plan
+    from byolcli import engine as t
+    from helpers import tiny_plan
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     trainer = t.Trainer(tiny_plan(16, total_steps=10), sorted(folder.iterdir()))
@@ -302,8 +302,8 @@ def test_disk_full_during_an_embed_keeps_the_previous_vectors(tmp_path, small_di
 
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from conftest import tiny_plan
-    from byolcli.train import Trainer
+    from helpers import tiny_plan
+    from byolcli.engine import Trainer
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     trainer = Trainer(tiny_plan(16, total_steps=2), sorted(folder.iterdir()))
@@ -358,7 +358,7 @@ def hostile_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     from PIL import Image
 
     from byolcli import scan as s
-    from conftest import bomb_png, good_images
+    from helpers import bomb_png, good_images
 
     good = set(good_images(folder))
     rotated = noise_image((48, 32), seed=3)

@@ -7,7 +7,7 @@ import pytest
 
 from byolcli import scan as s
 from byolcli.errors import UserError
-from conftest import SHARED_DATA, broken_files, deny_read, good_images, litter, noise_image, run_byol
+from helpers import SHARED_DATA, broken_files, deny_read, good_images, litter, noise_image, run_byol
 
 
 @pytest.fixture

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 from byolcli.encoder import load_encoder, read_metadata, save_encoder
 from byolcli.errors import UserError
 from byolcli.model import BYOL, make_backbone, stem_of
-from byolcli.plan import GiB, Hardware, Overrides, make_plan
+from byolcli.hardware import GiB, Hardware
+from byolcli.plan import Overrides, make_plan
 
 SMALL = dict(architecture="resnet18", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, train_images=10,
              epochs=1, steps=1)

@@ -14,9 +14,11 @@ from byolcli.data import TwoViewDataset
 from byolcli.encoder import load_encoder, save_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.model import BYOL, PerViewBatchNorm1d, PerViewBatchNorm2d, regression_loss
-from byolcli.plan import GiB, Hardware, OutOfMemory, Overrides, make_plan
-from byolcli.train import Trainer
-from conftest import cache_imagenet_weights, noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
+from byolcli.engine import Trainer
+from byolcli.hardware import GiB, Hardware
+from byolcli.plan import Overrides, make_plan
+from byolcli.probe import OutOfMemory
+from helpers import cache_imagenet_weights, noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +180,7 @@ def test_resume_restores_the_exact_state_and_continues_identically(shapes, tmp_p
     first.run(4)  # stops mid-epoch
     first.save(tmp_path / "checkpoint.pt")
     saved = {k: v.clone() for k, v in first.model.state_dict().items()}
-    momenta = lambda t: [s["momentum"].clone() for s in t.optimizer.state.values()]  # noqa: E731
+    momenta = lambda t: [s["momentum"].clone() for s in t.byol_step.optimizer.state.values()]  # noqa: E731
     saved_momenta = momenta(first)
     first.run(7)
     uninterrupted = [p.detach().clone() for p in first.model.parameters()]

@@ -1,0 +1,249 @@
+"""The planning rules, one function each: from the images and the hardware to a choice and the
+reason the user reads for it. The README's planning table states them with their measurements."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+from typing import Callable
+
+from byolcli.errors import UserError
+from byolcli.hardware import GiB, Hardware
+from byolcli.probe import MEMORY_MARGIN, OutOfMemory, StepSetting
+
+SIZES = (32, 64, 96, 128, 160, 192, 224)
+MAX_SIZE = {"cpu": 64, "mps": 128, "cuda": 224}
+MAX_BATCH = 512
+CPU_BATCH = 64
+MIN_BATCH = 8
+BF16_MARGIN = 1.15
+EFFECTIVE_BATCH = 256
+SYNC_BATCHNORM_BELOW = 128  # per-device batch
+IN_MEMORY_SHARE = 0.25  # decoded images may take at most this share of the RAM
+GPU_RESIDENT_SHARE = 0.1  # decoded images stay on the GPU if they take at most this share of its free memory
+LOADER_PREFETCH = 4  # batches each loader process prepares ahead (the DataLoader's prefetch_factor)
+SHARED_MEMORY_SHARE = 0.8  # loader processes may fill at most this share of /dev/shm
+DEFAULT_EPOCHS = 100
+# Rough training memory per image at 224 px for BYOL (two views with gradients,
+# target forward), fp32; it only tells the probe where to start searching.
+BYTES_PER_IMAGE_224 = {"resnet18": 60e6, "resnet34": 90e6, "resnet50": 200e6}
+# The small-image stem keeps every feature map 4× larger per side: the strided stem's activations at 4× the size.
+STEM_SCALE = {"standard": 1, "small": 4}
+SMALL_STEM_UP_TO = 64  # px, on GPUs (benchmarks/learning_curve.py)
+
+
+def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
+    median = int(statistics.median(short_sides))
+    fitting = [s for s in SIZES if s <= max(median, SIZES[0])]
+    size = min(fitting[-1], MAX_SIZE[hw.kind])
+    why = f"images' median short side is {median} px"
+    if size < fitting[-1]:
+        why += f"; {size} px is the most a {hw.kind.upper()} trains in reasonable time"
+    return size, why
+
+
+def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cuda" and hw.total_memory >= 16 * GiB and images >= 50_000 and size >= 128:
+        return "resnet50", f"{images:,} images at {size} px on a {hw.total_memory / GiB:.0f} GiB GPU feed a ResNet-50"
+    if hw.kind == "cpu":
+        return "resnet18", "fastest ResNet on CPU (strided stem)"
+    return "resnet18", "ResNet-18 learns fastest from small or low-resolution sets"
+
+
+def choose_stem(size: int, hw: Hardware) -> tuple[str, str]:
+    if hw.kind == "cpu":
+        return "standard", "a CPU run is bound by time, and the small-image stem costs several times more per step"
+    if size <= SMALL_STEM_UP_TO:
+        return "small", f"at {size} px the strided stem leaves the last stages single pixels; the small stem learns more per epoch"
+    return "standard", f"at {size} px the strided stem still leaves the last stages maps to work on"
+
+
+def choose_precision(hw: Hardware) -> tuple[str, str]:
+    """The precision for a device; on a bf16-capable CPU make_plan times both instead."""
+    if hw.kind == "cuda":
+        return ("bf16", "GPU computes bf16 natively") if hw.bf16 else ("fp16", "GPU lacks bf16; fp16 with loss scaling")
+    if hw.kind == "cpu" and hw.bf16:
+        return "bf16", "CPU has AVX512-BF16/AMX"
+    if hw.kind == "cpu":
+        return "fp32", "CPU lacks native bf16 (emulated bf16 is ~20x slower)"
+    return "fp32", "autocast on MPS is not reliable enough for training yet"
+
+
+def choose_workers(hw: Hardware) -> tuple[int, str]:
+    if hw.kind == "cpu":
+        if hw.cores <= 2:
+            return 0, "with 2 cores, a loader process only competes with the training threads"
+        return hw.cores // 4, f"{hw.cores} cores: a quarter decode, the rest train"
+    workers = max(1, min(hw.cores - 1, 12))
+    return workers, f"{hw.cores} cores, one left for the training process"
+
+
+def fit_workers_to_shared_memory(workers: int, batch: int, size: int, augment_on: str,
+                                 hw: Hardware) -> tuple[int, str | None]:
+    """Fewer loader processes when the batches they hold in /dev/shm would not fit there (a
+    container's default is 64 MiB): past it, a loader process dies of a bus error mid-run.
+    Returns (workers, why) with `why` None when nothing had to change."""
+    if workers == 0 or hw.shared_memory == 0:
+        return workers, None
+    canvas = size * 3 // 2
+    per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4  # uint8 canvas, 2 views
+    held = LOADER_PREFETCH * batch * per_image  # by each loader process at once
+    fitting = min(workers, int(SHARED_MEMORY_SHARE * hw.shared_memory // held))
+    if fitting == workers:
+        return workers, None
+    return fitting, (f"/dev/shm has {hw.shared_memory / 2**20:,.0f} MiB free and each loader process holds "
+                     f"{held / 2**20:,.0f} MiB there: {fitting} of {workers} (a larger /dev/shm, e.g. "
+                     "docker run --shm-size 8g, allows more)")
+
+
+def decoded_bytes(images: int, size: int) -> int:
+    canvas = size * 3 // 2  # data.CanvasDataset's canvas
+    return images * 3 * canvas * canvas
+
+
+def choose_in_memory(images: int, size: int, hw: Hardware) -> tuple[bool, str]:
+    need, budget = decoded_bytes(images, size), IN_MEMORY_SHARE * hw.ram
+    if need <= budget:
+        return True, f"{need / GiB:.2f} GiB decoded: fits in memory, so images are decoded once, not every epoch"
+    return False, f"{need / GiB:.1f} GiB decoded would exceed {budget / GiB:.1f} GiB (a quarter of the RAM)"
+
+
+def choose_augment_on(size: int, hw: Hardware, in_memory: bool) -> tuple[str, str]:
+    if in_memory:
+        return "device", "images are in memory: both views are made in batches where the model trains"
+    if hw.kind == "cuda" and size >= 96:
+        return "device", f"at {size} px CPU workers cannot make two views as fast as a GPU trains"
+    if hw.kind == "cpu":
+        return "cpu", "paper-faithful torchvision transforms; --augment-on device batches them (~15% faster here)"
+    return "cpu", "loader processes keep up at this size"
+
+
+def base_lr_for(epochs: float) -> float:
+    return 0.45 if epochs < 300 else 0.3 if epochs <= 1000 else 0.2
+
+
+def tau_for(epochs: float, total_steps: int) -> tuple[float, str]:
+    tau = 0.97 if epochs < 100 else 0.99 if epochs <= 1000 else 0.996
+    why = f"{epochs:.3g} epochs"
+    ceiling = 1 - 10 / max(total_steps, 1)
+    if tau > ceiling:
+        tau = max(0.9, round(ceiling, 4))
+        why += f"; only {total_steps} steps, so the target must move faster"
+    return tau, why
+
+
+def fit_batch(start: int, cap: int, probe: Callable[[int], float], floor: int = 2) -> tuple[int, float]:
+    """The largest power-of-two batch ≤ `cap` whose probed step fits, searched from `start`:
+    halving while it does not fit, else doubling until it would not. Returns (batch, seconds)."""
+    batch = start
+    while True:
+        try:
+            seconds = probe(batch)
+            break
+        except OutOfMemory:
+            batch //= 2
+            if batch < floor:
+                raise UserError(f"not even a batch of {floor} images fits in the device's memory; "
+                                "try a smaller --image-size or --backbone") from None
+    if batch < start:
+        return batch, seconds
+    while batch * 2 <= cap:
+        try:
+            seconds, batch = probe(batch * 2), batch * 2
+        except OutOfMemory:
+            break
+    return batch, seconds
+
+
+def choose_sync_batchnorm(batch: int, world_size: int) -> tuple[bool, str]:
+    if world_size == 1:
+        return False, "one process"
+    if batch < SYNC_BATCHNORM_BELOW:
+        return True, f"{batch} images per device give noisy statistics; computed over all {world_size} processes"
+    return False, f"{batch} images per device are enough for batch statistics"
+
+
+def power_of_two_at_most(n: float) -> int:
+    return 2 ** int(math.floor(math.log2(max(n, 1))))
+
+
+def time_precisions(setting: StepSetting, probe: Callable[[StepSetting], float]) -> tuple[str, str]:
+    """On a CPU with native bf16: both precisions timed, bf16 kept only if clearly faster (a few timed
+    steps on a busy machine are noisy, and fp32 has the safer numerics)."""
+    timed = {p: probe(replace(setting, precision=p)) for p in ("fp32", "bf16")}
+    precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
+    batch = setting.batch
+    return precision, (f"timed on this CPU: fp32 {batch / timed['fp32']:.0f}, bf16 {batch / timed['bf16']:.0f} "
+                       f"images/s (bf16 must win by {BF16_MARGIN - 1:.0%})")
+
+
+def resident_bytes(images: int, size: int, in_memory: bool, hw: Hardware) -> int:
+    """What a GPU holds beside training: the decoded images, when they stay in its memory."""
+    resident = decoded_bytes(images, size) if in_memory and hw.kind == "cuda" else 0
+    return resident if resident < GPU_RESIDENT_SHARE * hw.free_memory else 0
+
+
+def choose_batch(setting: StepSetting, images: int, hw: Hardware, pinned: int | None,
+                 probe: Callable[[StepSetting], float], world_size: int) -> tuple[int, float, int, str]:
+    """The per-device batch (`pinned` by flag, or chosen) and its probed step time; returns
+    (batch, seconds, cap, why)."""
+    # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
+    cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8 / world_size)))
+
+    def timed(batch: int) -> float:
+        return probe(replace(setting, batch=batch))
+
+    if pinned is not None:
+        batch, why = pinned, "set by flag"
+        step_seconds = timed(batch)
+    elif hw.kind == "cpu":
+        batch, why = min(CPU_BATCH, cap), "CPU runs are time-bound: more optimizer steps beat a larger batch"
+        step_seconds = timed(batch)
+    else:
+        side = setting.image_size * STEM_SCALE[setting.stem] / 224
+        per_image = BYTES_PER_IMAGE_224[setting.backbone] * side**2 * (0.6 if setting.precision != "fp32" else 1)
+        free = max(0, hw.free_memory - setting.resident)
+        start = min(cap, power_of_two_at_most(free * MEMORY_MARGIN / per_image))
+        batch, step_seconds = fit_batch(start, cap, timed)
+        why = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
+    if batch * world_size > images:
+        raise UserError(f"a batch of {batch} per process × {world_size} processes is more than the {images} images found"
+                        if world_size > 1 else f"--batch-size {batch} is larger than the {images} images found")
+    return batch, step_seconds, cap, why
+
+
+def choose_accumulation(batch: int, cap: int, images: int, hw: Hardware, pinned: bool,
+                        world_size: int) -> tuple[int, str]:
+    devices_batch = batch * world_size
+    if hw.kind == "cpu" or devices_batch >= 128 or pinned or batch >= cap:
+        return 1, "not needed"
+    accumulation = max(1, min(EFFECTIVE_BATCH // devices_batch, images // devices_batch // 8 or 1))
+    return accumulation, (f"memory allows {devices_batch} per step; accumulate to "
+                          f"{devices_batch * accumulation} (BYOL degrades below 256)")
+
+
+def choose_length(epochs: int | None, time_budget: float | None, steps_per_epoch: int,
+                  seconds_per_step: float) -> tuple[int, str]:
+    """The run's optimizer steps: from --epochs, from --time at the measured speed, or the default."""
+    if epochs is not None:
+        return epochs * steps_per_epoch, "set by flag"
+    if time_budget is not None:
+        return (max(1, int(time_budget / seconds_per_step)),
+                f"what fits in the {format_seconds(time_budget)} budget at the measured step time")
+    return DEFAULT_EPOCHS * steps_per_epoch, f"default {DEFAULT_EPOCHS} epochs (set --time or --epochs)"
+
+
+def warmup_for(steps_per_epoch: int, total_steps: int) -> int:
+    return max(1, min(10 * steps_per_epoch, total_steps // 10))
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 90:
+        return f"{seconds}s"
+    minutes, s = divmod(seconds, 60)
+    if minutes < 90:
+        return f"{minutes}m{s:02d}s"
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m"
