@@ -25,9 +25,11 @@ def main() -> None:
         canvas = torch.randint(0, 256, (64, 3, size * 3 // 2, size * 3 // 2), dtype=torch.uint8)
         sizes = torch.full((64, 2), size)
         images = torch.rand(64, 3, size, size)
-        print(f"{size} px: byol_views {milliseconds(lambda: byol_views(canvas, sizes, size), args.rounds):.1f} ms; "
-              f"max(1)+min(1) {milliseconds(lambda: (images.max(1), images.min(1)), args.rounds):.2f} ms, "
-              f"amax(1)+amin(1) {milliseconds(lambda: (images.amax(1), images.amin(1)), args.rounds):.2f} ms")
+        print(
+            f"{size} px: byol_views {milliseconds(lambda: byol_views(canvas, sizes, size), args.rounds):.1f} ms; "
+            f"max(1)+min(1) {milliseconds(lambda: (images.max(1), images.min(1)), args.rounds):.2f} ms, "
+            f"amax(1)+amin(1) {milliseconds(lambda: (images.amax(1), images.amin(1)), args.rounds):.2f} ms"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ def host_cpu() -> str:
     """The CPU this ran on: the project's machine is a virtual one whose host changes between
     days, and the peers' speed depends on it far more than byolcli's (README, Figures)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.processor() or "unknown CPU")
+    model = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{model} ({vector}, {os.cpu_count()} cores)"
@@ -65,8 +67,17 @@ def export_random_encoder(folder: Path, image_size: int) -> Path:
 
     torch.manual_seed(0)
     path = folder / f"encoder-{image_size}px.safetensors"
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=image_size, mean=MEAN,
-                 std=STD, train_images=0, epochs=0, steps=0)
+    save_encoder(
+        make_backbone("resnet18"),
+        path,
+        architecture="resnet18",
+        image_size=image_size,
+        mean=MEAN,
+        std=STD,
+        train_images=0,
+        epochs=0,
+        steps=0,
+    )
     return path
 
 
@@ -78,9 +89,91 @@ def cpu_plan(images: int, precision: str, workers: int, in_memory: bool = False)
     from byolcli.plan import Plan
 
     return Plan(
-        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=64, accumulation=1,
-        precision=precision, workers=workers, channels_last=True, images=images, skipped=0,  # as planned on CPU
-        steps_per_epoch=images // 64, total_steps=10**6, epochs=0, warmup_steps=100, base_lr=0.45,
-        lr=0.45 / 4, tau_base=0.99, weight_decay=1.5e-6, seed=0, step_seconds=0, time_budget=None,
-        augment_on="device" if in_memory else "cpu", in_memory=in_memory,
+        device="cpu",
+        device_name="CPU",
+        backbone="resnet18",
+        image_size=32,
+        batch_size=64,
+        accumulation=1,
+        precision=precision,
+        workers=workers,
+        channels_last=True,
+        images=images,
+        skipped=0,  # as planned on CPU
+        steps_per_epoch=images // 64,
+        total_steps=10**6,
+        epochs=0,
+        warmup_steps=100,
+        base_lr=0.45,
+        lr=0.45 / 4,
+        tau_base=0.99,
+        weight_decay=1.5e-6,
+        seed=0,
+        step_seconds=0,
+        time_budget=None,
+        augment_on="device" if in_memory else "cpu",
+        in_memory=in_memory,
     )
+
+
+# --- tables of stored results (benchmarks/tables.py writes them into benchmarks/README.md) ---------------
+
+PEERS = ("lightly", "byol-pytorch")
+
+
+def peers_tables(results: dict) -> str:
+    """Markdown: each host's throughput round by round, then kNN by training budget."""
+    parts = []
+    for host, measured in results.get("throughput_by_host", {}).items():
+        systems = measured["systems"]
+        fastest_peer = max(systems[p]["median"] for p in PEERS if p in systems)
+        rows = [
+            f"**{host}** ({measured['date']}), training images/s:",
+            "",
+            "| system | rounds | median | × the faster peer |",
+            "|---|---|---|---|",
+        ]
+        for name, value in systems.items():
+            ratio = "" if name in PEERS else f"{value['median'] / fastest_peer:.2f}×"
+            rounds = ", ".join(f"{r:.1f}" for r in value["runs"])
+            rows.append(f"| {name} | {rounds} | {value['median']:.1f} | {ratio} |")
+        parts.append("\n".join(rows))
+    runs = results.get("quality", {})
+    budgets = sorted({r["minutes"] for r in runs.values()})
+    systems = sorted({r["system"] for r in runs.values()}, key=lambda s: (not s.startswith("byolcli"), s))
+    rows = [
+        "kNN top-1 on the cifar10-5k test split by wall-clock training budget (optimizer steps in brackets; "
+        "host where recorded):",
+        "",
+        "| system |" + "".join(f" {m:g} min |" for m in budgets),
+        "|---" * (1 + len(budgets)) + "|",
+    ]
+    for system in systems:
+        cells = []
+        for m in budgets:
+            run = runs.get(f"{system}@{m:g}")
+            host = f", {run['host']}" if run and run.get("host") else ""
+            cells.append(f"{run['knn_top1']:.1%} ({run['steps']:,}{host})" if run else "–")
+        rows.append(f"| {system} |" + "".join(f" {c} |" for c in cells))
+    for name, value in results.get("baselines", {}).items():
+        rows.append(f"| {name}, no training |" + "".join(f" {value:.1%} |" for _ in budgets))
+    parts.append("\n".join(rows))
+    return "\n\n".join(parts)
+
+
+def learning_curve_table(curves: list[dict]) -> str:
+    """Markdown: each recorded curve's scores at its points, next to the random-init network's."""
+    rows = [
+        "| data | stem | size | batch | precision | host, device | epoch | kNN top-1 | linear top-1 | "
+        "random init kNN / linear | training time | images/s |",
+        "|---" * 12 + "|",
+    ]
+    for c in curves:
+        for p in c["curve"]:
+            rows.append(
+                f"| {c['folder']} | {c['stem']} | {c['image_size']} px | {c['batch_size']} | {c['precision']} | "
+                f"{c['host']}, {c['device']} | {p['epoch']} | {p['knn_top1']:.1%} | {p['linear_top1']:.1%} | "
+                f"{p['random_init']['knn_top1']:.1%} / {p['random_init']['linear_top1']:.1%} | "
+                f"{p['train_seconds'] / 60:.1f} min | {p['images_per_second']:.0f} |"
+            )
+    return "\n".join(rows)

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from common import build_folder, export_random_encoder
 
-WRAPPER = ("import resource, subprocess, sys, json, time; t = time.perf_counter(); "
-           "code = subprocess.run(sys.argv[1:]).returncode; "
-           "print(json.dumps({'code': code, 'seconds': time.perf_counter() - t, "
-           "'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))")
+WRAPPER = (
+    "import resource, subprocess, sys, json, time; t = time.perf_counter(); "
+    "code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(json.dumps({'code': code, 'seconds': time.perf_counter() - t, "
+    "'peak_mb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))"
+)
 
 
 def embed(folder: Path, model: Path, out: Path) -> dict:
@@ -47,8 +49,11 @@ def main() -> None:
             build_folder(folder, count)
             result = embed(folder, model, work / f"vecs-{count}.npy")
             assert result["code"] == 0, result
-            print(f"{count:>7,} images: peak RSS {result['peak_mb']:7.0f} MB, {result['seconds']:6.1f} s "
-                  f"({count / result['seconds']:,.0f} images/s)", flush=True)
+            print(
+                f"{count:>7,} images: peak RSS {result['peak_mb']:7.0f} MB, {result['seconds']:6.1f} s "
+                f"({count / result['seconds']:,.0f} images/s)",
+                flush=True,
+            )
             shutil.rmtree(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)

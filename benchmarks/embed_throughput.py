@@ -72,8 +72,9 @@ print(json.dumps({"rows": rows, "seconds": elapsed, "peak_mb": peak_kb / 1024, "
 
 
 def trial(way: str, folder: Path, model: Path) -> dict:
-    result = subprocess.run([sys.executable, "-c", TRIAL, way, str(folder), str(model)],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", TRIAL, way, str(folder), str(model)], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -86,8 +87,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or export_random_encoder(Path(tmp), 64)
         trial("byolcli", args.folder, model)  # warm-up: page cache, scan cache
-        names = {"plain": "plain torchvision", "byolcli": "byolcli", "byolcli-fp32": "byolcli fp32",
-                 "decode": "byolcli decode only"}
+        names = {
+            "plain": "plain torchvision",
+            "byolcli": "byolcli",
+            "byolcli-fp32": "byolcli fp32",
+            "decode": "byolcli decode only",
+        }
         results: dict[str, list[dict]] = {name: [] for name in names.values()}
         for _ in range(args.rounds):
             for way, name in names.items():
@@ -96,13 +101,17 @@ def main() -> None:
     for name, runs in results.items():
         per_second = [r["rows"] / r["seconds"] for r in runs]
         rates[name] = statistics.median(per_second)
-        print(f"{name:>17}: median {rates[name]:7.1f} images/s, peak memory {max(r['peak_mb'] for r in runs):6.0f} MB "
-              f"(rounds: {', '.join(f'{v:.1f}' for v in per_second)}; {runs[0]['rows']:,} images, "
-              f"{runs[0]['workers']} workers)")
-    print(f"device {results['byolcli'][0]['device']}; byolcli / plain = "
-          f"{rates['byolcli'] / rates['plain torchvision']:.2f}x (fp32: "
-          f"{rates['byolcli fp32'] / rates['plain torchvision']:.2f}x); decoding alone takes "
-          f"{rates['byolcli'] / rates['byolcli decode only']:.0%} of byolcli's embedding time")
+        print(
+            f"{name:>17}: median {rates[name]:7.1f} images/s, peak memory {max(r['peak_mb'] for r in runs):6.0f} MB "
+            f"(rounds: {', '.join(f'{v:.1f}' for v in per_second)}; {runs[0]['rows']:,} images, "
+            f"{runs[0]['workers']} workers)"
+        )
+    print(
+        f"device {results['byolcli'][0]['device']}; byolcli / plain = "
+        f"{rates['byolcli'] / rates['plain torchvision']:.2f}x (fp32: "
+        f"{rates['byolcli fp32'] / rates['plain torchvision']:.2f}x); decoding alone takes "
+        f"{rates['byolcli'] / rates['byolcli decode only']:.0%} of byolcli's embedding time"
+    )
 
 
 if __name__ == "__main__":

@@ -42,19 +42,38 @@ PARTS = ("environment", "quality", "resnet50", "loader_fp16", "resident", "probe
 
 
 def byol(*args, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "byolcli", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return subprocess.run(
+        [sys.executable, "-m", "byolcli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
 
 
 def run_figures(run: Path) -> dict:
     plan = json.loads((run / "plan.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rows = rows[2:] or rows  # past start-up
-    keys = ("device_name", "backbone", "image_size", "batch_size", "accumulation", "precision", "workers",
-            "in_memory", "augment_on", "total_steps", "epochs")
-    return {"plan": {k: plan[k] for k in keys},
-            "images_per_s": statistics.median(r["images_per_s"] for r in rows) if rows else None,
-            "data_wait": statistics.median(r["data_wait"] for r in rows) if rows else None}
+    keys = (
+        "device_name",
+        "backbone",
+        "image_size",
+        "batch_size",
+        "accumulation",
+        "precision",
+        "workers",
+        "in_memory",
+        "augment_on",
+        "total_steps",
+        "epochs",
+    )
+    return {
+        "plan": {k: plan[k] for k in keys},
+        "images_per_s": statistics.median(r["images_per_s"] for r in rows) if rows else None,
+        "data_wait": statistics.median(r["data_wait"] for r in rows) if rows else None,
+    }
 
 
 def trained(args, run: Path, folder: Path, seconds: str, *flags) -> dict:
@@ -73,12 +92,20 @@ def trained(args, run: Path, folder: Path, seconds: str, *flags) -> dict:
 def environment(args) -> dict:
     import torch
 
-    figures = {"torch": torch.__version__, "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-               "cpu_cores": os.cpu_count()}
+    figures = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "cpu_cores": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        figures.update(gpu=props.name, gpus=torch.cuda.device_count(), memory_gib=round(props.total_memory / 2**30, 1),
-                       capability=list(torch.cuda.get_device_capability(0)))
+        figures.update(
+            gpu=props.name,
+            gpus=torch.cuda.device_count(),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            capability=list(torch.cuda.get_device_capability(0)),
+        )
     return figures
 
 
@@ -88,34 +115,71 @@ def quality(args) -> dict:
     figures = trained(args, run, cifar / "train", args.seconds(180))
     vectors = args.out / "runs" / "cifar-test.npy"
     start = time.perf_counter()
-    embedded = byol("embed", cifar / "test", "--out", vectors, "--model", run / "encoder.safetensors",
-                    *args.device_flag, timeout=args.limit)
+    embedded = byol(
+        "embed",
+        cifar / "test",
+        "--out",
+        vectors,
+        "--model",
+        run / "encoder.safetensors",
+        *args.device_flag,
+        timeout=args.limit,
+    )
     figures["embed"] = {"exit_code": embedded.returncode, "seconds": round(time.perf_counter() - start, 1)}
     if embedded.returncode:
         figures["embed"]["stderr_tail"] = embedded.stderr[-500:]
     scores = args.out / "runs" / "cifar-scores.json"
-    evaluated = byol("evaluate", "--labels", cifar / "labels.csv", "--model", run / "encoder.safetensors",
-                     "--json", scores, *args.device_flag, timeout=args.limit)
+    evaluated = byol(
+        "evaluate",
+        "--labels",
+        cifar / "labels.csv",
+        "--model",
+        run / "encoder.safetensors",
+        "--json",
+        scores,
+        *args.device_flag,
+        timeout=args.limit,
+    )
     figures["evaluate_exit_code"] = evaluated.returncode
     if scores.exists():
         results = json.loads(scores.read_text())["results"]
-        figures["top1"] = {name: {"knn": r["knn"]["top1"], "linear": r["linear"]["top1"]} for name, r in results.items()}
+        figures["top1"] = {
+            name: {"knn": r["knn"]["top1"], "linear": r["linear"]["top1"]} for name, r in results.items()
+        }
     return figures
 
 
 def resnet50(args) -> dict:
     photos = args.out / "photos"
     if not photos.is_dir():
-        subprocess.run([sys.executable, str(HERE / "make_images.py"), str(photos), "--count", str(args.photos)],
-                       check=True, timeout=args.limit)
-    return trained(args, args.out / "runs" / "resnet50", photos, args.seconds(60), "--backbone", "resnet50",
-                   "--image-size", "224" if not args.smoke else "64")
+        subprocess.run(
+            [sys.executable, str(HERE / "make_images.py"), str(photos), "--count", str(args.photos)],
+            check=True,
+            timeout=args.limit,
+        )
+    return trained(
+        args,
+        args.out / "runs" / "resnet50",
+        photos,
+        args.seconds(60),
+        "--backbone",
+        "resnet50",
+        "--image-size",
+        "224" if not args.smoke else "64",
+    )
 
 
 def loader_fp16(args) -> dict:
     precision = ("--precision", "fp16") if not args.smoke else ()
-    return trained(args, args.out / "runs" / "loader-fp16", args.data / "cifar10-5k" / "train", args.seconds(25),
-                   "--augment-on", "cpu", *precision)
+    return trained(
+        args,
+        args.out / "runs" / "loader-fp16",
+        args.data / "cifar10-5k" / "train",
+        args.seconds(25),
+        "--augment-on",
+        "cpu",
+        *precision,
+    )
 
 
 def resident(args) -> dict:
@@ -130,11 +194,32 @@ def resident(args) -> dict:
 
     paths = scan(args.data / "cifar10-5k" / "train").absolute_paths()
     cuda = torch.cuda.is_available()
-    plan = Plan(device="cuda:0" if cuda else "cpu", device_name="", backbone="resnet18", image_size=32,
-                batch_size=256 if cuda else 16, accumulation=1, precision="bf16" if cuda else "fp32", workers=4,
-                channels_last=True, images=len(paths), skipped=0, steps_per_epoch=len(paths) // (256 if cuda else 16),
-                total_steps=1000, epochs=1, warmup_steps=10, base_lr=0.45, lr=0.45, tau_base=0.99,
-                weight_decay=1.5e-6, seed=0, step_seconds=0.05, time_budget=None, augment_on="device", in_memory=True)
+    plan = Plan(
+        device="cuda:0" if cuda else "cpu",
+        device_name="",
+        backbone="resnet18",
+        image_size=32,
+        batch_size=256 if cuda else 16,
+        accumulation=1,
+        precision="bf16" if cuda else "fp32",
+        workers=4,
+        channels_last=True,
+        images=len(paths),
+        skipped=0,
+        steps_per_epoch=len(paths) // (256 if cuda else 16),
+        total_steps=1000,
+        epochs=1,
+        warmup_steps=10,
+        base_lr=0.45,
+        lr=0.45,
+        tau_base=0.99,
+        weight_decay=1.5e-6,
+        seed=0,
+        step_seconds=0.05,
+        time_budget=None,
+        augment_on="device",
+        in_memory=True,
+    )
     figures = {}
     for kept in ("cpu", "gpu"):
         engine.fits_on_gpu = lambda device, nbytes, kept=kept: kept == "gpu"
@@ -145,7 +230,8 @@ def resident(args) -> dict:
         later = records[1:] or records
         figures[f"images_in_{kept}_memory"] = {
             "images_per_s": statistics.median(r["images_per_s"] for r in later),
-            "data_wait": statistics.median(r["data_wait"] for r in later)}
+            "data_wait": statistics.median(r["data_wait"] for r in later),
+        }
     if cuda:
         torch.cuda.set_sync_debug_mode("warn")
         with warnings.catch_warnings(record=True) as caught:
@@ -171,23 +257,45 @@ def probe(args) -> dict:
     batch, largest = plan["batch_size"], plan["batch_size"]
     for factor in (1.25, 1.5, 2, 2.5, 3, 4):
         trial = int(plan["batch_size"] * factor)
-        setting = StepSetting(plan["backbone"], plan["image_size"], trial, plan["precision"], plan["channels_last"],
-                              plan.get("stem", "standard"), plan["augment_on"])
+        setting = StepSetting(
+            plan["backbone"],
+            plan["image_size"],
+            trial,
+            plan["precision"],
+            plan["channels_last"],
+            plan.get("stem", "standard"),
+            plan["augment_on"],
+        )
         try:
             probe_step(hw, setting, steps=1)
         except OutOfMemory:
             break
         largest = trial
-    return {"chosen": batch, "largest_that_runs": largest, "ratio": round(batch / largest, 3),
-            "capped_at_max_batch": batch == MAX_BATCH}
+    return {
+        "chosen": batch,
+        "largest_that_runs": largest,
+        "ratio": round(batch / largest, 3),
+        "capped_at_max_batch": batch == MAX_BATCH,
+    }
 
 
 def embedding(args) -> dict:
     model = args.out / "runs" / "cifar" / "encoder.safetensors"
-    command = [sys.executable, str(HERE / "embed_throughput.py"), str(args.data / "cifar10-5k" / "test"),
-               "--rounds", "2" if not args.smoke else "1"] + (["--model", str(model)] if model.exists() else [])
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.limit, cwd=REPO,
-                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    command = [
+        sys.executable,
+        str(HERE / "embed_throughput.py"),
+        str(args.data / "cifar10-5k" / "test"),
+        "--rounds",
+        "2" if not args.smoke else "1",
+    ] + (["--model", str(model)] if model.exists() else [])
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=args.limit,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     return {"exit_code": done.returncode, "report": done.stdout.strip().splitlines(), "stderr_tail": done.stderr[-500:]}
 
 
@@ -196,8 +304,16 @@ def sync_batchnorm(args) -> dict:
 
     if torch.cuda.device_count() < 2:
         return {"skipped": "one GPU: synchronised batch norm needs two processes on two GPUs"}
-    return trained(args, args.out / "runs" / "sync-bn", args.data / "cifar10-5k" / "train", args.seconds(30),
-                   "--gpus", "2", "--batch-size", "64")
+    return trained(
+        args,
+        args.out / "runs" / "sync-bn",
+        args.data / "cifar10-5k" / "train",
+        args.seconds(30),
+        "--gpus",
+        "2",
+        "--batch-size",
+        "64",
+    )
 
 
 # --- the driver --------------------------------------------------------------------------------
@@ -229,11 +345,19 @@ def main() -> None:
             continue
         command = [sys.executable, __file__, "--part", part, "--out", str(args.out), "--data", str(args.data)]
         try:
-            done = subprocess.run(command + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
-                                  timeout=left, env=dict(os.environ, PYTHONPATH=str(REPO)))
+            done = subprocess.run(
+                command + (["--smoke"] if args.smoke else []),
+                capture_output=True,
+                text=True,
+                timeout=left,
+                env=dict(os.environ, PYTHONPATH=str(REPO)),
+            )
             lines = done.stdout.strip().splitlines()
-            report[part] = json.loads(lines[-1]) if done.returncode == 0 and lines else \
-                {"failed": done.returncode, "stderr_tail": done.stderr[-2000:]}
+            report[part] = (
+                json.loads(lines[-1])
+                if done.returncode == 0 and lines
+                else {"failed": done.returncode, "stderr_tail": done.stderr[-2000:]}
+            )
         except subprocess.TimeoutExpired:
             report[part] = {"failed": "timed out"}
         report[part]["seconds"] = round(time.monotonic() - part_started, 1)

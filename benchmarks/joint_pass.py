@@ -58,8 +58,10 @@ def main() -> None:
         "joint, mixed BN": (mixed, mixed_loss),
         "joint, per-view BN, NCHW": (per_view_nchw, lambda m: m(*nchw)[0]),
     }
-    optimizers = {name: LARS(lars_groups(m.online_encoder, m.online_projector, m.predictor), lr=0.1)
-                  for name, (m, _) in variants.items()}
+    optimizers = {
+        name: LARS(lars_groups(m.online_encoder, m.online_projector, m.predictor), lr=0.1)
+        for name, (m, _) in variants.items()
+    }
 
     def images_per_second(name: str) -> float:
         model, loss_of = variants[name]
@@ -71,6 +73,7 @@ def main() -> None:
             loss.backward()
             optimizer.step()
             model.update_target(0.99)
+
         for _ in range(3):
             step()
         start = time.perf_counter()
@@ -85,8 +88,10 @@ def main() -> None:
     base = statistics.median(results["separate passes"])
     for name, values in results.items():
         median = statistics.median(values)
-        print(f"{name:>24}: median {median:6.1f} images/s, {median / base:.2f}x "
-              f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
+        print(
+            f"{name:>24}: median {median:6.1f} images/s, {median / base:.2f}x "
+            f"(rounds: {', '.join(f'{v:.1f}' for v in values)})"
+        )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ flags given pinned), stops at each epoch of --at to export the encoder and score
 `byol evaluate --labels` (weighted kNN and the linear probe, and the random-init encoder of the
 same network), then goes on. The schedule is the one of the whole run, so the scores at epoch 10
 of a 30-epoch curve are those of a run partway through, not of a 10-epoch run. Each curve is
-appended to --record (default benchmarks/learning_curve.json) with its host, device and the
-training wall time up to each point (evaluation excluded).
+written to --record (default benchmarks/learning_curve.json) after each point, with its host,
+device and the training wall time up to each point (evaluation excluded).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from common import host_cpu
 
 from byolcli.data import MEAN, STD
 from byolcli.encoder import save_encoder
+from byolcli.engine import Trainer
 from byolcli.evaluate import RANDOM_INIT, evaluate_command
 from byolcli.files import atomic_write_text
-from byolcli.engine import Trainer
 from byolcli.hardware import detect_hardware
 from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
@@ -60,36 +60,82 @@ def main() -> None:
 
     manifest = scan(args.folder)
     hw = detect_hardware(args.device)
-    over = Overrides(epochs=args.epochs, stem=args.stem, image_size=args.image_size, batch_size=args.batch_size,
-                     precision=args.precision, device=args.device, seed=args.seed)
-    plan = make_plan([min(i.width, i.height) for i in manifest.images], len(manifest.skipped), hw, over,
-                     probe=lambda setting: probe_step(hw, setting), world_size=1)
-    print(f"{host_cpu()}; {hw.name}; {plan.backbone} ({plan.stem} stem) at {plan.image_size} px, batch "
-          f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps", flush=True)
+    over = Overrides(
+        epochs=args.epochs,
+        stem=args.stem,
+        image_size=args.image_size,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        device=args.device,
+        seed=args.seed,
+    )
+    plan = make_plan(
+        [min(i.width, i.height) for i in manifest.images],
+        len(manifest.skipped),
+        hw,
+        over,
+        probe=lambda setting: probe_step(hw, setting),
+        world_size=1,
+    )
+    print(
+        f"{host_cpu()}; {hw.name}; {plan.backbone} ({plan.stem} stem) at {plan.image_size} px, batch "
+        f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps",
+        flush=True,
+    )
     trainer = Trainer(plan, manifest.absolute_paths())
     curve, trained_seconds, quiet = [], 0.0, Reporter(quiet=True)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as scratch:
         encoder = Path(scratch) / "encoder.safetensors"
         for epoch in points:
             start = time.perf_counter()
             trainer.run(min(plan.total_steps, epoch * plan.steps_per_epoch))
             trained_seconds += time.perf_counter() - start
-            save_encoder(trainer.model.online_encoder, encoder, architecture=plan.backbone,
-                         image_size=plan.image_size, mean=MEAN, std=STD, train_images=plan.images,
-                         epochs=epoch, steps=trainer.step)
+            save_encoder(
+                trainer.model.online_encoder,
+                encoder,
+                architecture=plan.backbone,
+                image_size=plan.image_size,
+                mean=MEAN,
+                std=STD,
+                train_images=plan.images,
+                epochs=epoch,
+                steps=trainer.step,
+            )
             report = evaluate_command(args.labels, encoder, None, args.device, None, quiet)
-            point = {"epoch": epoch, "steps": trainer.step, "train_seconds": round(trained_seconds, 1),
-                     "images_per_second": round(trainer.step * plan.effective_batch / trained_seconds, 1),
-                     **scores(report, "encoder"), "random_init": scores(report, RANDOM_INIT)}
+            point = {
+                "epoch": epoch,
+                "steps": trainer.step,
+                "train_seconds": round(trained_seconds, 1),
+                "images_per_second": round(trainer.step * plan.effective_batch / trained_seconds, 1),
+                **scores(report, "encoder"),
+                "random_init": scores(report, RANDOM_INIT),
+            }
             curve.append(point)
             print(json.dumps(point), flush=True)
-    entry = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": host_cpu(),
-             "device": hw.name, "folder": f"{args.folder.resolve().parent.name}/{args.folder.name}",
-             "labels": args.labels.name,
-             "backbone": plan.backbone, "stem": plan.stem, "image_size": plan.image_size,
-             "batch_size": plan.effective_batch, "precision": plan.precision, "epochs": args.epochs,
-             "seed": args.seed, "curve": curve}
+            record(args, plan, hw, curve, started)
+
+
+def record(args, plan, hw, curve: list, started: str) -> None:
+    """Write the curve so far into --record, replacing this run's earlier entry: a run stopped
+    before its last point keeps the points it reached."""
+    entry = {
+        "date": started,
+        "host": host_cpu(),
+        "device": hw.name,
+        "folder": f"{args.folder.resolve().parent.name}/{args.folder.name}",
+        "labels": args.labels.name,
+        "backbone": plan.backbone,
+        "stem": plan.stem,
+        "image_size": plan.image_size,
+        "batch_size": plan.effective_batch,
+        "precision": plan.precision,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "curve": curve,
+    }
     history = json.loads(args.record.read_text()) if args.record.exists() else []
+    history = [e for e in history if e["date"] != started]
     atomic_write_text(args.record, json.dumps([*history, entry], indent=1) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Write N photo-sized JPEGs (gradients and shapes, so they compress like photos) for device checks.
 
-    python benchmarks/make_images.py FOLDER [--count 20000] [--size 533x400]
+python benchmarks/make_images.py FOLDER [--count 20000] [--size 533x400]
 """
 
 from __future__ import annotations

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime
 import torch
+from common import host_cpu
 
 from byolcli.embed import iter_embeddings, load_for_embedding
 from byolcli.export import export_onnx
 from byolcli.models import choose_model
 from byolcli.report import Reporter
 from byolcli.scan import scan
-from common import host_cpu
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "test"
 BATCH = 64
@@ -44,8 +44,9 @@ def onnx_rows(session, paths: list[Path], size: int) -> np.ndarray:
 
 
 def byol_rows(encoder, paths: list[Path], precision: str | None) -> np.ndarray:
-    return np.concatenate([rows for _, rows, _ in iter_embeddings(paths, encoder, torch.device("cpu"), BATCH, 0,
-                                                                  precision=precision)])
+    return np.concatenate(
+        [rows for _, rows, _ in iter_embeddings(paths, encoder, torch.device("cpu"), BATCH, 0, precision=precision)]
+    )
 
 
 def measure(encoder_path: Path, paths: list[Path], rounds: int) -> dict:
@@ -66,10 +67,12 @@ def measure(encoder_path: Path, paths: list[Path], rounds: int) -> dict:
             result[f"max_diff_{precision}"] = diff
             result[f"max_diff_{precision}_relative"] = diff / scale
 
-        runs = {"byolcli fp32": lambda: byol_rows(encoder, paths, "fp32"),
-                "byolcli default precision": lambda: byol_rows(encoder, paths, None),
-                "onnxruntime fp32": lambda: onnx_rows(sessions["fp32"], paths, size),
-                "onnxruntime fp16": lambda: onnx_rows(sessions["fp16"], paths, size)}
+        runs = {
+            "byolcli fp32": lambda: byol_rows(encoder, paths, "fp32"),
+            "byolcli default precision": lambda: byol_rows(encoder, paths, None),
+            "onnxruntime fp32": lambda: onnx_rows(sessions["fp32"], paths, size),
+            "onnxruntime fp16": lambda: onnx_rows(sessions["fp16"], paths, size),
+        }
         times = {name: [] for name in runs}
         for round_ in range(rounds + 1):  # round 0 warms up
             for name, run in runs.items():
@@ -78,8 +81,9 @@ def measure(encoder_path: Path, paths: list[Path], rounds: int) -> dict:
                 if round_:
                     times[name].append(time.perf_counter() - start)
     result["images_per_s"] = {name: round(len(paths) / statistics.median(t), 1) for name, t in times.items()}
-    result["onnx_fp32_over_byolcli_fp32"] = round(statistics.median(
-        b / o for b, o in zip(times["byolcli fp32"], times["onnxruntime fp32"])), 3)
+    result["onnx_fp32_over_byolcli_fp32"] = round(
+        statistics.median(b / o for b, o in zip(times["byolcli fp32"], times["onnxruntime fp32"])), 3
+    )
     return result
 
 

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from common import build_folder
 
 from byolcli import scan as s
@@ -55,8 +54,10 @@ def main() -> None:
                 cached.append(w)
         for name, times in (("cold", cold), ("cached", cached)):
             median = statistics.median(times)
-            print(f"{name:>6}: median {median:6.2f}s = {args.files / median:9,.0f} files/s  "
-                  f"(runs: {', '.join(f'{t:.2f}' for t in times)})")
+            print(
+                f"{name:>6}: median {median:6.2f}s = {args.files / median:9,.0f} files/s  "
+                f"(runs: {', '.join(f'{t:.2f}' for t in times)})"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -51,7 +51,10 @@ def main() -> None:
             for method, module in (("convolution", convolution), ("matrix product", matrix_product)):
                 times[method].append(milliseconds(lambda: step(module), args.calls))
         conv_ms, matrix_ms = (statistics.median(t) for t in times.values())
-        print(f"{name:>36}: convolution {conv_ms:5.2f} ms, matrix product {matrix_ms:5.2f} ms ({conv_ms / matrix_ms:.1f}×)")
+        print(
+            f"{name:>36}: convolution {conv_ms:5.2f} ms, matrix product {matrix_ms:5.2f} ms "
+            f"({conv_ms / matrix_ms:.1f}×)"
+        )
 
 
 if __name__ == "__main__":

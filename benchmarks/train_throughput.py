@@ -2,15 +2,14 @@
 
     python benchmarks/train_throughput.py [FOLDER] [--rounds 3] [--steps 20]
 
-ResNet-18, 32 px, batch 64, with the loader workers `byol train` picks on this
-machine (none on 2 cores: decoding runs in the training process). Each round runs, alternately,
-(A) byolcli's Trainer reading FOLDER (decode + per-image augmentation in the
-loader), (B) the Trainer with the images decoded once into memory and both views
-made in batches (what `byol train` plans when the set fits in memory) and (C) the
-same Trainer fed tensors made beforehand, so that the gaps are the data
-pipeline's cost. Both in fp32 (the issue's setting) and in the precision the
-plan picks on this machine, channels-last as `byol train` plans on a CPU. Medians over the rounds, after one warm-up step
-sequence per measurement.
+ResNet-18, 32 px, batch 64, with the loader workers `byol train` picks on this machine
+(none on 2 cores: decoding runs in the training process). Each round runs, alternately,
+(A) byolcli's Trainer reading FOLDER (decode + per-image augmentation in the loader),
+(B) the Trainer with the images decoded once into memory and both views made in batches
+(what `byol train` plans when the set fits in memory) and (C) the same Trainer fed tensors
+made beforehand, so that the gaps are the data pipeline's cost. Both in fp32 and in the
+precision the plan picks on this machine, channels-last as `byol train` plans on a CPU.
+Medians over the rounds, after one warm-up step sequence per measurement.
 """
 
 from __future__ import annotations
@@ -22,10 +21,9 @@ from pathlib import Path
 
 from common import CIFAR_TRAIN, cpu_plan
 
-
 from byolcli.engine import Trainer
 from byolcli.hardware import detect_hardware
-from byolcli.rules import choose_precision, choose_workers
+from byolcli.rules import choose_workers, device_precision
 from byolcli.scan import scan
 
 
@@ -45,7 +43,7 @@ def main() -> None:
 
     paths = scan(args.folder).absolute_paths()
     hw = detect_hardware("cpu")
-    precisions = ["fp32"] + ([choose_precision(hw)[0]] if choose_precision(hw)[0] != "fp32" else [])
+    precisions = ["fp32"] + ([device_precision(hw)[0]] if device_precision(hw)[0] != "fp32" else [])
     workers = choose_workers(hw)[0]
     print(f"{len(paths):,} images from {args.folder}; {hw.name}; {workers} loader workers")
     for precision in precisions:
@@ -62,8 +60,10 @@ def main() -> None:
             results["pre-made tensors"].append(images_per_second(from_tensors, args.steps))
         medians = {k: statistics.median(v) for k, v in results.items()}
         for name, values in results.items():
-            print(f"{precision:>5} {name:>17}: median {medians[name]:6.1f} images/s  "
-                  f"(rounds: {', '.join(f'{v:.1f}' for v in values)})")
+            print(
+                f"{precision:>5} {name:>17}: median {medians[name]:6.1f} images/s  "
+                f"(rounds: {', '.join(f'{v:.1f}' for v in values)})"
+            )
         for name in ("JPEG folder", "in memory"):
             share = 1 - medians[name] / medians["pre-made tensors"]
             print(f"{precision:>5} {name}: the data pipeline costs {share:.0%} of the pre-made-tensor speed")

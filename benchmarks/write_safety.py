@@ -22,10 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import host_cpu
 
 from byolcli.embed import allocated_memmap
 from byolcli.model import BYOL
-from common import host_cpu
 
 
 def checkpoint_state() -> dict:
@@ -72,11 +72,17 @@ def main() -> None:
                 if round_:
                     times[name][0].append(new_s)
                     times[name][1].append(old_s)
-        result = {"host": host_cpu(), "rounds": args.rounds,
-                  "checkpoint_mb": round((folder / "by_path.pt").stat().st_size / 1e6, 1)}
+        result = {
+            "host": host_cpu(),
+            "rounds": args.rounds,
+            "checkpoint_mb": round((folder / "by_path.pt").stat().st_size / 1e6, 1),
+        }
         for name, (new, old) in times.items():
-            result[name] = {"safe_s": round(statistics.median(new), 4), "plain_s": round(statistics.median(old), 4),
-                            "ratio_median": round(statistics.median(n / o for n, o in zip(new, old)), 3)}
+            result[name] = {
+                "safe_s": round(statistics.median(new), 4),
+                "plain_s": round(statistics.median(old), 4),
+                "ratio_median": round(statistics.median(n / o for n, o in zip(new, old)), 3),
+            }
         print(json.dumps(result))
 
 

@@ -40,7 +40,11 @@ def crop_boxes(sizes: torch.Tensor, scale=RECIPE.crop_scale, ratio=RECIPE.crop_r
     w, h = w.gather(1, pick).squeeze(1), h.gather(1, pick).squeeze(1)
     # Fallback when no attempt fits: the largest centred box within the ratio range.
     in_ratio = (width / height).squeeze(1)
-    fw = torch.where(in_ratio < ratio[0], width.squeeze(1), torch.where(in_ratio > ratio[1], (height.squeeze(1) * ratio[1]).round(), width.squeeze(1)))
+    fw = torch.where(
+        in_ratio < ratio[0],
+        width.squeeze(1),
+        torch.where(in_ratio > ratio[1], (height.squeeze(1) * ratio[1]).round(), width.squeeze(1)),
+    )
     fh = torch.where(in_ratio < ratio[0], (width.squeeze(1) / ratio[0]).round(), height.squeeze(1))
     fallback = first < 0
     w, h = torch.where(fallback, fw, w), torch.where(fallback, fh, h)
@@ -51,7 +55,9 @@ def crop_boxes(sizes: torch.Tensor, scale=RECIPE.crop_scale, ratio=RECIPE.crop_r
     return torch.stack([x0, y0, w, h], dim=1)
 
 
-def crop_resize(canvas: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out: int) -> torch.Tensor:
+def crop_resize(
+    canvas: torch.Tensor, sizes: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor, out: int
+) -> torch.Tensor:
     """Cut each box out of its canvas and resize it to out × out (bilinear), mirrored where `flip`."""
     height, width = sizes[:, 0].float(), sizes[:, 1].float()
     x0, y0, w, h = boxes.unbind(1)
@@ -75,9 +81,13 @@ def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     high, low = x.amax(1), x.amin(1)  # max(1)/min(1) also find indices: ~20x slower (benchmarks/augment_cost.py)
     span = high - low
     safe = torch.where(span > 0, span, torch.ones_like(span))
-    hue = torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    hue = (
+        torch.where(high == r, ((g - b) / safe) % 6, torch.where(high == g, (b - r) / safe + 2, (r - g) / safe + 4)) / 6
+    )
     hue = torch.where(span > 0, hue, torch.zeros_like(hue))
-    saturation = torch.where(high > 0, span / torch.where(high > 0, high, torch.ones_like(high)), torch.zeros_like(high))
+    saturation = torch.where(
+        high > 0, span / torch.where(high > 0, high, torch.ones_like(high)), torch.zeros_like(high)
+    )
     return torch.stack([hue, saturation, high], 1)
 
 
@@ -87,8 +97,15 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
     return value[:, None] - value[:, None] * saturation[:, None] * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=RECIPE.brightness, contrast=RECIPE.contrast,
-                 saturation=RECIPE.saturation, hue=RECIPE.hue, select: bool | None = None) -> torch.Tensor:
+def color_jitter(
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    brightness=RECIPE.brightness,
+    contrast=RECIPE.contrast,
+    saturation=RECIPE.saturation,
+    hue=RECIPE.hue,
+    select: bool | None = None,
+) -> torch.Tensor:
     """torchvision's ColorJitter per image: own strengths, own random order, only where `apply`.
 
     Each of the 4 order slots applies one of 4 ops per image. `select` (the default on
@@ -99,12 +116,15 @@ def color_jitter(x: torch.Tensor, apply: torch.Tensor, brightness=RECIPE.brightn
     n, device = len(x), x.device
     if select is None:
         select = device.type == "cpu"
-    factors = torch.stack([
-        torch.empty(n, device=device).uniform_(1 - brightness, 1 + brightness),
-        torch.empty(n, device=device).uniform_(1 - contrast, 1 + contrast),
-        torch.empty(n, device=device).uniform_(1 - saturation, 1 + saturation),
-        torch.empty(n, device=device).uniform_(-hue, hue),
-    ], 1)[:, :, None, None, None]
+    factors = torch.stack(
+        [
+            torch.empty(n, device=device).uniform_(1 - brightness, 1 + brightness),
+            torch.empty(n, device=device).uniform_(1 - contrast, 1 + contrast),
+            torch.empty(n, device=device).uniform_(1 - saturation, 1 + saturation),
+            torch.empty(n, device=device).uniform_(-hue, hue),
+        ],
+        1,
+    )[:, :, None, None, None]
     order = torch.rand(n, 4, device=device).argsort(1)
     for slot in range(4):
         for op in range(4):
@@ -145,8 +165,9 @@ def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIP
     return torch.where(apply[:, None, None, None], flat.reshape_as(x), x)
 
 
-def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int,
-               select: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def byol_views(
+    canvas: torch.Tensor, sizes: torch.Tensor, out: int, select: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Both BYOL views of a batch of uint8 canvases (n, 3, C, C) with original (height, width) `sizes`.
 
     The two views differ in their blur and solarize probabilities (recipe.py).
@@ -154,10 +175,13 @@ def byol_views(canvas: torch.Tensor, sizes: torch.Tensor, out: int,
     """
     images = canvas.float() / 255
     kernel = RECIPE.blur_kernel(out)
+    n = len(images)
+
+    def coin(p: float) -> torch.Tensor:
+        return torch.rand(n, device=canvas.device) < p
+
     views = []
     for blur_p, solarize_p in RECIPE.views():
-        n = len(images)
-        coin = lambda p: torch.rand(n, device=canvas.device) < p  # noqa: E731
         x = crop_resize(images, sizes, crop_boxes(sizes), coin(RECIPE.flip_p), out).clamp(0, 1)
         x = color_jitter(x, coin(RECIPE.jitter_p), select=select)
         x = torch.where(coin(RECIPE.grayscale_p)[:, None, None, None], grayscale(x), x)

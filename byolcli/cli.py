@@ -9,8 +9,9 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
@@ -96,13 +97,23 @@ def parse_duration(text: str, flag: str = "--time") -> float:
 
 
 FOLDER = typer.Argument(..., help="Folder of images (searched recursively). Never written to.", show_default=False)
-MODEL_HELP = ("An exported encoder.safetensors; 'imagenet' for torchvision's ImageNet weights (--arch, --image-size); "
-              "or a plain torchvision ResNet state dict in safetensors (with --arch and --image-size).")
+MODEL_HELP = (
+    "An exported encoder.safetensors; 'imagenet' for torchvision's ImageNet weights (--arch, --image-size); "
+    "or a plain torchvision ResNet state dict in safetensors (with --arch and --image-size)."
+)
 MODEL = typer.Option(None, help=f"{MODEL_HELP} [default: the most recent run's encoder]", show_default=False)
-ARCH = typer.Option(None, help="resnet18, resnet34 or resnet50: the architecture of --model imagenet (default "
-                    "resnet18) or of a plain state dict.", show_default=False)
-IMAGE_SIZE = typer.Option(None, help="Input size in pixels: for --model imagenet (default 224) or a plain state dict; "
-                          "for an encoder file, instead of the size it was trained at.", show_default=False)
+ARCH = typer.Option(
+    None,
+    help="resnet18, resnet34 or resnet50: the architecture of --model imagenet (default "
+    "resnet18) or of a plain state dict.",
+    show_default=False,
+)
+IMAGE_SIZE = typer.Option(
+    None,
+    help="Input size in pixels: for --model imagenet (default 224) or a plain state dict; "
+    "for an encoder file, instead of the size it was trained at.",
+    show_default=False,
+)
 
 
 @app.command()
@@ -129,23 +140,83 @@ def scan(
 @app.command()
 def train(
     folder: Path = FOLDER,
-    out: Optional[Path] = typer.Option(None, help="Run folder for plan, checkpoints, metrics and the encoder. [default: ./byol-runs/<folder name>]", show_default=False),
-    time: Optional[str] = typer.Option(None, "--time", help="Wall-clock budget, e.g. 30m or 2h; the plan picks the epochs to fit it.", show_default=False),
+    out: Optional[Path] = typer.Option(
+        None,
+        help="Run folder for plan, checkpoints, metrics and the encoder. [default: ./byol-runs/<folder name>]",
+        show_default=False,
+    ),
+    time: Optional[str] = typer.Option(
+        None,
+        "--time",
+        help="Wall-clock budget, e.g. 30m or 2h; the plan picks the epochs to fit it.",
+        show_default=False,
+    ),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs (instead of --time).", show_default=False),
-    backbone: Optional[str] = typer.Option(None, help="resnet18, resnet34 or resnet50. [default: chosen for the hardware]", show_default=False),
-    image_size: Optional[int] = typer.Option(None, help="Training crop size in pixels. [default: chosen from the images and hardware]", show_default=False),
-    stem: Optional[str] = typer.Option(None, help="The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) or small (3x3 stride 1, no max-pool, for images of 32-64 px). [default: small on a GPU up to 64 px]", show_default=False),
-    batch_size: Optional[int] = typer.Option(None, help="Images per step on the device. [default: the largest that fits, probed on GPUs]", show_default=False),
-    lr: Optional[float] = typer.Option(None, help="Base learning rate for batch 256 (scaled with the batch). [default: from the run length]", show_default=False),
-    device: Optional[str] = typer.Option(None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False),
-    workers: Optional[int] = typer.Option(None, help="Data-loading processes. [default: from the CPU cores]", show_default=False),
-    precision: Optional[str] = typer.Option(None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False),
-    augment_on: Optional[str] = typer.Option(None, help="Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image parameters). [default: device on CUDA at >= 96 px]", show_default=False),
-    init: Optional[str] = typer.Option(None, help="Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once) or an exported encoder.safetensors.", show_default=False),
+    backbone: Optional[str] = typer.Option(
+        None, help="resnet18, resnet34 or resnet50. [default: chosen for the hardware]", show_default=False
+    ),
+    image_size: Optional[int] = typer.Option(
+        None, help="Training crop size in pixels. [default: chosen from the images and hardware]", show_default=False
+    ),
+    stem: Optional[str] = typer.Option(
+        None,
+        help=(
+            "The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) "
+            "or small (3x3 stride 1, no max-pool, for images of 32-64 px). [default: small on a GPU up to"
+            " 64 px]"
+        ),
+        show_default=False,
+    ),
+    batch_size: Optional[int] = typer.Option(
+        None, help="Images per step on the device. [default: the largest that fits, probed on GPUs]", show_default=False
+    ),
+    lr: Optional[float] = typer.Option(
+        None,
+        help="Base learning rate for batch 256 (scaled with the batch). [default: from the run length]",
+        show_default=False,
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False
+    ),
+    workers: Optional[int] = typer.Option(
+        None, help="Data-loading processes. [default: from the CPU cores]", show_default=False
+    ),
+    precision: Optional[str] = typer.Option(
+        None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False
+    ),
+    augment_on: Optional[str] = typer.Option(
+        None,
+        help=(
+            "Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image "
+            "parameters). [default: device on CUDA at >= 96 px]"
+        ),
+        show_default=False,
+    ),
+    init: Optional[str] = typer.Option(
+        None,
+        help=(
+            "Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once)"
+            " or an exported encoder.safetensors."
+        ),
+        show_default=False,
+    ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
-    restart: bool = typer.Option(False, "--restart", help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted)."),
-    checkpoint_every: str = typer.Option("5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C or SIGTERM)."),
-    gpus: Optional[str] = typer.Option(None, help="Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several machines, launch with torchrun (see README).", show_default=False),
+    restart: bool = typer.Option(
+        False,
+        "--restart",
+        help="Start over in a run folder that already holds a run (the old run is moved aside, not deleted).",
+    ),
+    checkpoint_every: str = typer.Option(
+        "5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C or SIGTERM)."
+    ),
+    gpus: Optional[str] = typer.Option(
+        None,
+        help=(
+            "Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several "
+            "machines, launch with torchrun (see README)."
+        ),
+        show_default=False,
+    ),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
 
@@ -165,12 +236,27 @@ def train(
         from byolcli.train import TrainRequest, train_folder
 
         choices = Overrides(
-            backbone=backbone, image_size=image_size, batch_size=batch_size, epochs=epochs,
-            time_budget=parse_duration(time) if time is not None else None, lr=lr, device=device,
-            workers=workers, precision=precision, augment_on=augment_on, init=init, stem=stem, seed=seed,
+            backbone=backbone,
+            image_size=image_size,
+            batch_size=batch_size,
+            epochs=epochs,
+            time_budget=parse_duration(time) if time is not None else None,
+            lr=lr,
+            device=device,
+            workers=workers,
+            precision=precision,
+            augment_on=augment_on,
+            init=init,
+            stem=stem,
+            seed=seed,
         )
-        request = TrainRequest(folder=folder, choices=choices, out=out, restart=restart,
-                               checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"))
+        request = TrainRequest(
+            folder=folder,
+            choices=choices,
+            out=out,
+            restart=restart,
+            checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"),
+        )
         train_folder(request, _reporter())
 
 
@@ -190,16 +276,31 @@ def _without_option(argv: list[str], name: str) -> list[str]:
 @app.command()
 def embed(
     folder: Path = FOLDER,
-    out: Path = typer.Option(..., help="Where to write the vectors (.npy); beside it go <name>.paths.txt (row order), <name>.skipped.txt and <name>.meta.json.", show_default=False),
+    out: Path = typer.Option(
+        ...,
+        help=(
+            "Where to write the vectors (.npy); beside it go <name>.paths.txt (row order), "
+            "<name>.skipped.txt and <name>.meta.json."
+        ),
+        show_default=False,
+    ),
     model: Optional[Path] = MODEL,
     arch: Optional[str] = ARCH,
     image_size: Optional[int] = IMAGE_SIZE,
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each row."),
     dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(None, help="Decoding processes. [default: from the CPU cores]", show_default=False),
-    device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
-    precision: Optional[str] = typer.Option(None, help="fp32 (exact), bf16 or fp16. [default: bf16 where the hardware computes it natively, else fp32]", show_default=False),
+    workers: Optional[int] = typer.Option(
+        None, help="Decoding processes. [default: from the CPU cores]", show_default=False
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="cuda, mps or cpu. [default: the best available]", show_default=False
+    ),
+    precision: Optional[str] = typer.Option(
+        None,
+        help="fp32 (exact), bf16 or fp16. [default: bf16 where the hardware computes it natively, else fp32]",
+        show_default=False,
+    ),
 ) -> None:
     """Embed every image of FOLDER with an encoder: one row per image in OUT.
 
@@ -213,23 +314,70 @@ def embed(
     with user_errors():
         from byolcli.embed import embed_command
 
-        embed_command(folder, out, model, normalize, dtype, batch_size, workers, device, _reporter(), precision,
-                      arch=arch, image_size=image_size)
+        embed_command(
+            folder,
+            out,
+            model,
+            normalize,
+            dtype,
+            batch_size,
+            workers,
+            device,
+            _reporter(),
+            precision,
+            arch=arch,
+            image_size=image_size,
+        )
 
 
 @app.command()
 def evaluate(
-    labels: Path = typer.Option(..., help="CSV with a header: an image path column (path/file/filename/image) and a label column (label/class/category); optional split column.", show_default=False),
+    labels: Path = typer.Option(
+        ...,
+        help=(
+            "CSV with a header: an image path column (path/file/filename/image) and a label column "
+            "(label/class/category); optional split column."
+        ),
+        show_default=False,
+    ),
     model: Optional[Path] = MODEL,
     arch: Optional[str] = ARCH,
     image_size: Optional[int] = IMAGE_SIZE,
-    root: Optional[Path] = typer.Option(None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False),
-    embeddings: Optional[Path] = typer.Option(None, help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.", show_default=False),
-    baseline: Optional[Path] = typer.Option(None, help="Another encoder file to compare against, side by side, or 'imagenet' for torchvision's pretrained weights of the same architecture.", show_default=False),
-    skip_missing: bool = typer.Option(False, "--skip-missing", help="Evaluate the rows whose files exist (and decode) instead of stopping at the first problem."),
-    device: Optional[str] = typer.Option(None, help="cuda, mps or cpu. [default: the best available]", show_default=False),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results as JSON here.", show_default=False),
-    report: Optional[Path] = typer.Option(None, help="Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images per class, and the confusion matrix.", show_default=False),
+    root: Optional[Path] = typer.Option(
+        None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False
+    ),
+    embeddings: Optional[Path] = typer.Option(
+        None,
+        help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.",
+        show_default=False,
+    ),
+    baseline: Optional[Path] = typer.Option(
+        None,
+        help=(
+            "Another encoder file to compare against, side by side, or 'imagenet' for torchvision's "
+            "pretrained weights of the same architecture."
+        ),
+        show_default=False,
+    ),
+    skip_missing: bool = typer.Option(
+        False,
+        "--skip-missing",
+        help="Evaluate the rows whose files exist (and decode) instead of stopping at the first problem.",
+    ),
+    device: Optional[str] = typer.Option(
+        None, help="cuda, mps or cpu. [default: the best available]", show_default=False
+    ),
+    json_out: Optional[Path] = typer.Option(
+        None, "--json", help="Also write the results as JSON here.", show_default=False
+    ),
+    report: Optional[Path] = typer.Option(
+        None,
+        help=(
+            "Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images "
+            "per class, and the confusion matrix."
+        ),
+        show_default=False,
+    ),
 ) -> None:
     """How good is the encoder on the images you labelled, compared with an untrained one?
 
@@ -242,9 +390,20 @@ def evaluate(
     with user_errors():
         from byolcli.evaluate import evaluate_command
 
-        evaluate_command(labels, model, root, device, json_out, _reporter(),
-                         embeddings=embeddings, baseline=baseline, skip_missing=skip_missing, report_dir=report,
-                         arch=arch, image_size=image_size)
+        evaluate_command(
+            labels,
+            model,
+            root,
+            device,
+            json_out,
+            _reporter(),
+            embeddings=embeddings,
+            baseline=baseline,
+            skip_missing=skip_missing,
+            report_dir=report,
+            arch=arch,
+            image_size=image_size,
+        )
 
 
 @app.command()
@@ -252,12 +411,13 @@ def export(
     model: Path = typer.Argument(..., help=MODEL_HELP, show_default=False),
     onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX model.", show_default=False),
     batch: str = typer.Option("1", help="Images per call the model takes: a number, or 'dynamic' for any."),
-    fp16: bool = typer.Option(False, "--fp16", help="Weights and arithmetic in float16 (half the file); "
-                              "the output stays float32."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="Weights and arithmetic in float16 (half the file); the output stays float32."
+    ),
     arch: Optional[str] = ARCH,
     image_size: Optional[int] = IMAGE_SIZE,
 ) -> None:
-    """Export an encoder as ONNX, for onnxruntime, TensorRT, a browser, a phone or C++.
+    r"""Export an encoder as ONNX, for onnxruntime, TensorRT, a browser, a phone or C++.
 
     The model takes uint8 RGB images, shape (batch, 3, size, size), resized on the short side and
     centre-cropped as `byol embed` does, and returns float32 embeddings, shape (batch, features):

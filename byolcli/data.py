@@ -29,6 +29,7 @@ from byolcli.recipe import RECIPE
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 
+
 def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
     if images.dtype == torch.uint8:
@@ -50,8 +51,9 @@ def _constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tu
 
 def byol_view(size: int, blur_p: float, solarize_p: float, recipe=RECIPE) -> v2.Compose:
     """One of BYOL's views, on a uint8 CHW tensor."""
-    jitter = v2.ColorJitter(brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation,
-                            hue=recipe.hue)
+    jitter = v2.ColorJitter(
+        brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation, hue=recipe.hue
+    )
     steps = [
         v2.RandomResizedCrop(size, scale=recipe.crop_scale, ratio=recipe.crop_ratio, antialias=True),
         v2.RandomHorizontalFlip(p=recipe.flip_p),
@@ -139,8 +141,9 @@ def decode_canvases(paths: list[Path], size: int, workers: int = 0, progress=Non
     dataset = CanvasDataset(paths, size)
     canvases = torch.empty(len(paths), 3, dataset.canvas, dataset.canvas, dtype=torch.uint8)
     sizes = torch.empty(len(paths), 2, dtype=torch.long)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=256, num_workers=workers,
-                                         sampler=[(0, i) for i in range(len(paths))])
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=256, num_workers=workers, sampler=[(0, i) for i in range(len(paths))]
+    )
     done = 0
     for batch, batch_sizes in loader:
         canvases[done : done + len(batch)] = batch
@@ -160,8 +163,9 @@ class MemoryBatches:
     host, as the DataLoader's pin_memory does.
     """
 
-    def __init__(self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int,
-                 pin: bool = False) -> None:
+    def __init__(
+        self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int, pin: bool = False
+    ) -> None:
         self.canvases, self.sizes = canvases, sizes
         self.sampler, self.batch_size, self.pin = sampler, batch_size, pin
 

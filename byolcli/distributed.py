@@ -44,13 +44,14 @@ class World:
         return self.rank == 0
 
     @classmethod
-    def from_env(cls) -> "World":
+    def from_env(cls) -> World:
         env = os.environ
         if "RANK" not in env or "WORLD_SIZE" not in env:
             return cls()
         size = int(env["WORLD_SIZE"])
-        return cls(int(env["RANK"]), size, int(env.get("LOCAL_RANK", env["RANK"])),
-                   int(env.get("LOCAL_WORLD_SIZE", size)))
+        return cls(
+            int(env["RANK"]), size, int(env.get("LOCAL_RANK", env["RANK"])), int(env.get("LOCAL_WORLD_SIZE", size))
+        )
 
 
 def timeout() -> timedelta:
@@ -136,8 +137,10 @@ def collective_errors(world: World):
 def gpu_processes(text: str, device: str | None) -> int:
     """How many processes `--gpus TEXT` asks for on this machine ('all' or a count)."""
     if "WORLD_SIZE" in os.environ:
-        raise UserError(f"--gpus {text}: this process was started by a launcher (torchrun) already; "
-                        "let the launcher set the number of processes and drop --gpus")
+        raise UserError(
+            f"--gpus {text}: this process was started by a launcher (torchrun) already; "
+            "let the launcher set the number of processes and drop --gpus"
+        )
     if device is not None and not device.startswith("cuda"):
         raise UserError(f"--gpus {text}: trains on CUDA GPUs, but --device is {device}")
     available = torch.cuda.device_count()
@@ -170,8 +173,14 @@ def launch_local(processes: int, argv: list[str]) -> int:
         if name.startswith("torch.distributed.elastic"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(
-        min_nodes=1, max_nodes=1, nproc_per_node=processes, run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=1,
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=processes,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+        monitor_interval=1,
     )
     try:
         elastic_launch(config, sys.executable)("-m", "byolcli", *argv)
@@ -250,8 +259,9 @@ def synchronise_batchnorm(model: nn.Module) -> nn.Module:
     """Every (per-view) BatchNorm in `model` computing its statistics over all ranks' batches."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
-            synced = SyncedBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats)
+            synced = SyncedBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             # The same Parameter objects, so requires_grad (off in the target network) carries over.
             if child.affine:
                 synced.weight, synced.bias = child.weight, child.bias

@@ -21,10 +21,10 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -116,17 +116,28 @@ def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype |
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.device, batch_size: int = 256,
-                    workers: int | None = None, normalize: bool = False,
-                    precision: str | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+def iter_embeddings(
+    paths: list[Path],
+    encoder: torch.nn.Module,
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int | None = None,
+    normalize: bool = False,
+    precision: str | None = None,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
     from byolcli.hardware import mixed_precision, use_device
 
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])
     workers = default_workers(device) if workers is None else workers
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     dtype = autocast_dtype(device, precision)
     use_device(device, "fp32" if dtype is None else str(dtype))
     channels_last = device.type == "cuda" or dtype is not None
@@ -147,10 +158,19 @@ def iter_embeddings(paths: list[Path], encoder: torch.nn.Module, device: torch.d
             row += len(images)
 
 
-def embed_folder(folder: str | Path, model: str | Path | None = None, *, batch_size: int = 256,
-                 workers: int | None = None, device: str | None = None, normalize: bool = False,
-                 precision: str | None = None, progress: Callable[[int, int], None] | None = None,
-                 arch: str | None = None, image_size: int | None = None) -> Embeddings:
+def embed_folder(
+    folder: str | Path,
+    model: str | Path | None = None,
+    *,
+    batch_size: int = 256,
+    workers: int | None = None,
+    device: str | None = None,
+    normalize: bool = False,
+    precision: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+) -> Embeddings:
     """Embed every usable image of `folder` in memory (the notebook API).
 
     `model`, `arch` and `image_size` are what `byol embed`'s flags of those names take.
@@ -163,8 +183,9 @@ def embed_folder(folder: str | Path, model: str | Path | None = None, *, batch_s
     paths = [image.path for image in manifest.images]
     vectors = np.zeros((len(paths), encoder.byol_metadata["feature_dim"]), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
-    for start, batch, ok in iter_embeddings(manifest.absolute_paths(), encoder, torch_device, batch_size, workers,
-                                            normalize, precision):
+    for start, batch, ok in iter_embeddings(
+        manifest.absolute_paths(), encoder, torch_device, batch_size, workers, normalize, precision
+    ):
         vectors[start : start + len(batch)] = batch
         good[start : start + len(batch)] = ok
         if progress:
@@ -188,9 +209,20 @@ def sidecars(out: Path) -> dict[str, Path]:
     }
 
 
-def embed_command(folder: Path, out: Path, model: str | Path | None, normalize: bool, dtype: str, batch_size: int,
-                  workers: int | None, device: str | None, reporter, precision: str | None = None,
-                  arch: str | None = None, image_size: int | None = None) -> None:
+def embed_command(
+    folder: Path,
+    out: Path,
+    model: str | Path | None,
+    normalize: bool,
+    dtype: str,
+    batch_size: int,
+    workers: int | None,
+    device: str | None,
+    reporter,
+    precision: str | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+) -> None:
     if precision not in (None, "fp32", "bf16", "fp16"):
         raise UserError(f"--precision {precision}: choose fp32, bf16 or fp16")
     if dtype not in DTYPES:
@@ -208,15 +240,27 @@ def embed_command(folder: Path, out: Path, model: str | Path | None, normalize: 
     check_outside_input(out, manifest.root)
     files = sidecars(out)
     with exclusive(files["lock"], out):
-        reporter.info(f"using encoder {choice.description} trained on {metadata['train_images']:,} images from "
-                      f"{metadata.get('source') or '?'} at {metadata.get('created', '?')}" if choice.kind == "encoder"
-                      else f"using {choice.description}")
+        reporter.info(
+            f"using encoder {choice.description} trained on {metadata['train_images']:,} images from "
+            f"{metadata.get('source') or '?'} at {metadata.get('created', '?')}"
+            if choice.kind == "encoder"
+            else f"using {choice.description}"
+        )
         exactness = str(autocast_dtype(torch_device, precision) or "fp32").replace("torch.", "")
-        settings = {"model": choice.fingerprint, "image_size": metadata["image_size"], "normalize": normalize,
-                    "dtype": dtype, "precision": exactness, "folder": str(manifest.root)}
+        settings = {
+            "model": choice.fingerprint,
+            "image_size": metadata["image_size"],
+            "normalize": normalize,
+            "dtype": dtype,
+            "precision": exactness,
+            "folder": str(manifest.root),
+        }
         job = EmbedJob(manifest, out, files, choice, settings, metadata["feature_dim"])
-        with StopRequests(lambda signum: reporter.warn(
-                f"{signal.Signals(signum).name}: stopping after this batch to save what is embedded")) as stop:
+        with StopRequests(
+            lambda signum: reporter.warn(
+                f"{signal.Signals(signum).name}: stopping after this batch to save what is embedded"
+            )
+        ) as stop:
             good = job.embed(encoder, torch_device, batch_size, workers, normalize, precision, reporter, stop)
         job.publish(good, reporter)
 
@@ -237,8 +281,9 @@ class EmbedJob:
         self.keys = [[image.size, image.mtime_ns] for image in self.images]
         self.dtype = DTYPES[self.settings["dtype"]]
 
-    def embed(self, encoder, device, batch_size, workers, normalize, precision, reporter,
-              stop: StopRequests) -> np.ndarray:
+    def embed(
+        self, encoder, device, batch_size, workers, normalize, precision, reporter, stop: StopRequests
+    ) -> np.ndarray:
         """Fill the partial array (reusing rows of an earlier output, continuing an interrupted run);
         returns which rows decoded. Raises Stopped, with the progress saved, if asked to stop."""
         files, images, rows = self.files, self.images, len(self.images)
@@ -277,8 +322,9 @@ class EmbedJob:
 
         with reporter.progress("embedding", unit="images") as progress:
             progress(done, len(todo))
-            for start, batch, ok in iter_embeddings([absolute[i] for i in remaining], encoder, device,
-                                                    batch_size, workers, normalize, precision):
+            for start, batch, ok in iter_embeddings(
+                [absolute[i] for i in remaining], encoder, device, batch_size, workers, normalize, precision
+            ):
                 target = remaining[start : start + len(batch)]
                 array[target] = batch.astype(self.dtype)
                 good[target] = ok
@@ -286,8 +332,9 @@ class EmbedJob:
                 progress(done_now, len(todo))
                 if stop.signum is not None and done_now < len(todo):
                     save_progress(done_now)
-                    reporter.info(f"stopped after {done_now:,} of {len(todo):,} images; "
-                                  "run the same command again to continue")
+                    reporter.info(
+                        f"stopped after {done_now:,} of {len(todo):,} images; run the same command again to continue"
+                    )
                     raise Stopped(stop.signum)
                 if done_now - last_saved >= SAVE_EVERY_ROWS:
                     save_progress(done_now)
@@ -303,27 +350,40 @@ class EmbedJob:
         keep = np.flatnonzero(good)
         skipped = self.manifest.skipped + broken
         with ExitStack() as writes:
-            targets = [writes.enter_context(atomic_path(path))
-                       for path in (self.out, files["paths"], files["skipped"], files["meta"])]
+            targets = [
+                writes.enter_context(atomic_path(path))
+                for path in (self.out, files["paths"], files["skipped"], files["meta"])
+            ]
             try:
                 self._write(*targets, keep, skipped)
             except OSError as exc:  # named once, here: the atomic writes then pass it on as it is
                 raise write_failed(self.out, exc) from exc
         files["partial"].unlink(missing_ok=True)
         files["progress"].unlink(missing_ok=True)
-        reporter.info(f"wrote {len(keep):,} × {self.dim} {self.settings['dtype']} to {self.out}; row order in "
-                      f"{files['paths']}" + (f"; {len(skipped):,} files skipped, listed in {files['skipped']}"
-                                             if skipped else ""))
+        reporter.info(
+            f"wrote {len(keep):,} × {self.dim} {self.settings['dtype']} to {self.out}; row order in "
+            f"{files['paths']}" + (f"; {len(skipped):,} files skipped, listed in {files['skipped']}" if skipped else "")
+        )
 
-    def _write(self, vectors: Path, paths: Path, skipped_list: Path, meta: Path, keep: np.ndarray,
-               skipped: list[Skipped]) -> None:
+    def _write(
+        self, vectors: Path, paths: Path, skipped_list: Path, meta: Path, keep: np.ndarray, skipped: list[Skipped]
+    ) -> None:
         images, files = self.images, self.files
         paths.write_text(write_names(images[i].path for i in keep), encoding="utf-8")
         skipped_list.write_text("".join(f"{escape_name(s.path)}\t{s.reason}\n" for s in skipped), encoding="utf-8")
-        meta.write_text(json.dumps({**self.settings, "encoder": str(self.model.path or self.model.fingerprint),
-                                    "architecture": self.model.metadata["architecture"],
-                                    "stem": self.model.metadata.get("stem", "standard"), "rows": len(keep),
-                                    "files": [self.keys[i] for i in keep]}), encoding="utf-8")
+        meta.write_text(
+            json.dumps(
+                {
+                    **self.settings,
+                    "encoder": str(self.model.path or self.model.fingerprint),
+                    "architecture": self.model.metadata["architecture"],
+                    "stem": self.model.metadata.get("stem", "standard"),
+                    "rows": len(keep),
+                    "files": [self.keys[i] for i in keep],
+                }
+            ),
+            encoding="utf-8",
+        )
         if len(keep) < len(images):  # drop the rows of files that broke since the scan
             array = np.load(files["partial"], mmap_mode="r")
             final = allocated_memmap(vectors, self.dtype, (len(keep), self.dim))

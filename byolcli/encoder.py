@@ -27,9 +27,19 @@ FORMAT = "byolcli-encoder"
 FORMAT_VERSION = "1"
 
 
-def save_encoder(encoder: nn.Module, path: Path, *, architecture: str, image_size: int,
-                 mean: tuple, std: tuple, train_images: int, epochs: float, steps: int,
-                 source: str = "") -> None:
+def save_encoder(
+    encoder: nn.Module,
+    path: Path,
+    *,
+    architecture: str,
+    image_size: int,
+    mean: tuple,
+    std: tuple,
+    train_images: int,
+    epochs: float,
+    steps: int,
+    source: str = "",
+) -> None:
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -101,8 +111,9 @@ def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
         model.load_state_dict(load_file(str(path)))
     except (RuntimeError, SafetensorError) as exc:
         first = str(exc).splitlines()[0][:160]
-        raise UserError(f"{path}: weights do not match a {metadata['architecture']} with the {metadata['stem']} "
-                        f"stem ({first})") from None
+        raise UserError(
+            f"{path}: weights do not match a {metadata['architecture']} with the {metadata['stem']} stem ({first})"
+        ) from None
     model.byol_metadata = metadata
     return model.to(device).eval()
 
@@ -116,6 +127,7 @@ def load_plain(path: str | Path, architecture: str) -> nn.Module:
         model.load_state_dict(state)
     except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise UserError(f"{path}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); "
-                        "check --arch") from None
+        raise UserError(
+            f"{path}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); check --arch"
+        ) from None
     return model

@@ -17,11 +17,11 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +92,8 @@ class Trainer:
         forward = None
         if world.size > 1:
             forward = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
         self.byol_step = ByolStep(self.model, plan.precision, self.device.type, plan.lr, plan.weight_decay, forward)
         self.sampler = EpochSampler(len(self.paths), plan.seed, world.rank, world.size)
         self.augment_on_device = plan.augment_on == "device"
@@ -117,10 +118,14 @@ class Trainer:
             on_gpu = self.device.type == "cuda" and fits_on_gpu(self.device, canvases.numel())
             if on_gpu:
                 canvases, sizes = canvases.to(self.device), sizes.to(self.device)  # batches never cross the bus
-            return MemoryBatches(canvases, sizes, self.sampler, plan.batch_size, pin=self.device.type == "cuda"
-                                 and not on_gpu)
-        dataset = CanvasDataset(self.paths, plan.image_size) if self.augment_on_device else \
-            TwoViewDataset(self.paths, plan.image_size, plan.seed)
+            return MemoryBatches(
+                canvases, sizes, self.sampler, plan.batch_size, pin=self.device.type == "cuda" and not on_gpu
+            )
+        dataset = (
+            CanvasDataset(self.paths, plan.image_size)
+            if self.augment_on_device
+            else TwoViewDataset(self.paths, plan.image_size, plan.seed)
+        )
         return DataLoader(
             dataset,
             batch_size=plan.batch_size,
@@ -165,8 +170,9 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------
 
-    def run(self, until: int, on_log=None, on_checkpoint=None, log_every: float = 10.0,
-            checkpoint_every: float = 300.0) -> None:
+    def run(
+        self, until: int, on_log=None, on_checkpoint=None, log_every: float = 10.0, checkpoint_every: float = 300.0
+    ) -> None:
         """Train up to optimizer step `until`. `on_log(record)` gets a metrics dict;
         `on_checkpoint(step)` is called whenever it is time to save.
 
@@ -189,8 +195,9 @@ class Trainer:
                 lr, tau, projections = self._train_step(batches, totals, window)
                 now = time.perf_counter()
                 finished = self.step >= until
-                meet = finished or (self.step >= next_meeting if distributed_run else
-                                    now - last_log >= log_every or self.stop_requested)
+                meet = finished or (
+                    self.step >= next_meeting if distributed_run else now - last_log >= log_every or self.stop_requested
+                )
                 if meet:
                     loss, step_seconds, overflowed = self._agree(totals, window["steps"], now - window["start"], lr)
                     next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
@@ -244,8 +251,7 @@ class Trainer:
         first, second = (t.to(self.device, non_blocking=True) for t in batch)
         if self.augment_on_device:  # first: uint8 canvases, second: original sizes
             first, second = byol_views(first, second, self.plan.image_size)
-        return (first.contiguous(memory_format=self.memory_format),
-                second.contiguous(memory_format=self.memory_format))
+        return (first.contiguous(memory_format=self.memory_format), second.contiguous(memory_format=self.memory_format))
 
     def _add_loss(self, totals: torch.Tensor, loss: torch.Tensor) -> None:
         """Count a micro-step's loss, on the device (no sync per step). Under fp16 loss scaling a
@@ -339,5 +345,6 @@ def load_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
-        raise UserError(f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:120]}); "
-                        "use --restart to start over") from None
+        raise UserError(
+            f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:120]}); use --restart to start over"
+        ) from None

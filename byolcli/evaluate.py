@@ -20,10 +20,10 @@ from byolcli.embed import iter_embeddings, pick_device
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
-from byolcli.names import read_names
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
 from byolcli.model import make_backbone
 from byolcli.models import IMAGENET, choose_model
+from byolcli.names import read_names
 
 MAX_FOLDS = 5
 RANDOM_INIT = "random init"
@@ -44,7 +44,9 @@ def make_protocol(data: LabelledImages, y: torch.Tensor, csv_path: Path) -> Prot
     lonely = [label for label, n in counts.items() if n < 2]
     if lonely:
         line = data.rows[data.labels.index(lonely[0])]
-        raise UserError(f"{csv_path}: line {line}: class {lonely[0]!r} has only one image; every class needs two or more")
+        raise UserError(
+            f"{csv_path}: line {line}: class {lonely[0]!r} has only one image; every class needs two or more"
+        )
     if data.splits is not None:
         split = np.array(data.splits)
         train, val, test = (torch.from_numpy(np.flatnonzero(split == s)) for s in ("train", "val", "test"))
@@ -52,7 +54,11 @@ def make_protocol(data: LabelledImages, y: torch.Tensor, csv_path: Path) -> Prot
             test, val = val, torch.empty(0, dtype=torch.long)
         if len(train) == 0 or len(test) == 0:
             raise UserError(f"{csv_path}: the split column needs both train and test (or val) rows")
-        name = f"split column: {len(train):,} train" + (f", {len(val):,} val" if len(val) else "") + f", {len(test):,} test"
+        name = (
+            f"split column: {len(train):,} train"
+            + (f", {len(val):,} val" if len(val) else "")
+            + f", {len(test):,} test"
+        )
         return Protocol(name, [(train, test, val if len(val) else None)])
     k = min(MAX_FOLDS, min(counts.values()))
     fold = stratified_folds(y, k)
@@ -68,7 +74,10 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     for train, test, val in protocol.folds:
         knn_votes.append(knn_scores(features[train], y[train], features[test], classes))
         logits, decay = linear_probe_scores(
-            features[train], y[train], features[test], classes,
+            features[train],
+            y[train],
+            features[test],
+            classes,
             *((features[val], y[val]) if val is not None else (None, None)),
         )
         linear_logits.append(logits)
@@ -80,8 +89,9 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
 
 
-def embed_labelled(paths: list[Path], encoder, device, batch_size: int, workers: int | None,
-                   progress=None) -> tuple[torch.Tensor, np.ndarray]:
+def embed_labelled(
+    paths: list[Path], encoder, device, batch_size: int, workers: int | None, progress=None
+) -> tuple[torch.Tensor, np.ndarray]:
     dim = encoder.byol_metadata["feature_dim"]
     features = np.zeros((len(paths), dim), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
@@ -127,7 +137,9 @@ def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Ten
     files = sidecars(vectors_path)
     for required in (vectors_path, files["paths"], files["meta"]):
         if not required.is_file():
-            raise UserError(f"{required}: not found (--embeddings needs the .npy with the files `byol embed` writes beside it)")
+            raise UserError(
+                f"{required}: not found (--embeddings needs the .npy with the files `byol embed` writes beside it)"
+            )
     try:
         vectors = np.load(vectors_path, mmap_mode="r")
         meta = json.loads(files["meta"].read_text(encoding="utf-8"))
@@ -143,10 +155,46 @@ def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Ten
     return torch.from_numpy(features), good, meta
 
 
-def evaluate_command(labels: Path, model: Path | None, root: Path | None, device: str | None, json_out: Path | None,
-                     reporter, embeddings: Path | None = None, baseline: Path | None = None,
-                     skip_missing: bool = False, batch_size: int = 256, workers: int | None = None,
-                     report_dir: Path | None = None, arch: str | None = None, image_size: int | None = None) -> dict:
+def keep_usable(
+    data: LabelledImages, encoders: dict, good: np.ndarray, labels: Path, unmatched: str, skip_missing: bool, reporter
+) -> tuple[LabelledImages, dict]:
+    """The rows every encoder could embed; the others stop the evaluation unless --skip-missing."""
+    if good.all():
+        return data, encoders
+    bad = [(data.rows[i], data.paths[i]) for i in np.flatnonzero(~good)]
+    if not skip_missing:
+        shown = ", ".join(f"line {line}: {path}" for line, path in bad[:5])
+        raise UserError(
+            f"{labels}: {len(bad)} listed images {unmatched} ({shown}); pass --skip-missing to evaluate the rest"
+        )
+    reporter.warn(f"{len(bad)} listed images {unmatched}; evaluating the other {int(good.sum()):,}")
+    keep = np.flatnonzero(good)
+    data = LabelledImages(
+        [data.paths[i] for i in keep],
+        [data.labels[i] for i in keep],
+        [data.splits[i] for i in keep] if data.splits is not None else None,
+        [data.rows[i] for i in keep],
+        [],
+    )
+    return data, {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
+
+
+def evaluate_command(
+    labels: Path,
+    model: Path | None,
+    root: Path | None,
+    device: str | None,
+    json_out: Path | None,
+    reporter,
+    embeddings: Path | None = None,
+    baseline: Path | None = None,
+    skip_missing: bool = False,
+    batch_size: int = 256,
+    workers: int | None = None,
+    report_dir: Path | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+) -> dict:
     data = read_labels(labels, root)
     if warning := repeated_warning(data, labels):
         reporter.warn(warning)
@@ -168,57 +216,66 @@ def evaluate_command(labels: Path, model: Path | None, root: Path | None, device
         metadata = choice.metadata
     other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
     if embeddings is None:
-        reporter.info(f"evaluating {choice.description} on {len(data.paths):,} labelled images, "
-                      f"{len(classes)} classes")
+        reporter.info(f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(classes)} classes")
         with reporter.progress("embedding (encoder)", unit="images") as progress:
             features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
         encoders["encoder"] = features
         good &= ok
         unmatched = "could not be decoded"
-    if other is not None:
-        with reporter.progress("embedding (baseline)", unit="images") as progress:
-            features, ok = embed_labelled(data.paths, other, torch_device, batch_size, workers, progress)
-        encoders["baseline"] = features
-        good &= ok
-    if metadata is not None:
-        with reporter.progress("embedding (random init)", unit="images") as progress:
-            features, ok = embed_labelled(data.paths, random_encoder(metadata, torch_device), torch_device,
-                                          batch_size, workers, progress)
-        encoders[RANDOM_INIT] = features
-        good &= ok
+    compared = {"baseline": other, RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None}
+    for name, network in compared.items():
+        if network is not None:
+            with reporter.progress(f"embedding ({name})", unit="images") as progress:
+                encoders[name], ok = embed_labelled(data.paths, network, torch_device, batch_size, workers, progress)
+            good &= ok
 
-    if not good.all():
-        bad = [(data.rows[i], data.paths[i]) for i in np.flatnonzero(~good)]
-        if not skip_missing:
-            shown = ", ".join(f"line {line}: {path}" for line, path in bad[:5])
-            raise UserError(f"{labels}: {len(bad)} listed images {unmatched} ({shown}); pass --skip-missing to evaluate the rest")
-        reporter.warn(f"{len(bad)} listed images {unmatched}; evaluating the other {int(good.sum()):,}")
-        keep = np.flatnonzero(good)
-        data = LabelledImages([data.paths[i] for i in keep], [data.labels[i] for i in keep],
-                              [data.splits[i] for i in keep] if data.splits is not None else None,
-                              [data.rows[i] for i in keep], [])
-        encoders = {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
-        classes = data.classes
+    data, encoders = keep_usable(data, encoders, good, labels, unmatched, skip_missing, reporter)
+    classes = data.classes
 
     index = {label: i for i, label in enumerate(classes)}
     y = torch.tensor([index[label] for label in data.labels], device=torch_device)
     protocol = make_protocol(data, y, labels)
     results = {name: score(f.to(torch_device), y, len(classes), protocol) for name, f in encoders.items()}
-    sources = {"embeddings": str(embeddings), "encoder": None if embeddings else str(choice.path or choice.description),
-               "baseline": str(baseline), "random init": f"{metadata['architecture']}, seed 0" if metadata else None}
-    report = {"labels": str(labels), "protocol": protocol.name, "images": len(data.paths), "classes": classes,
-              "sources": {name: sources[name] for name in encoders}, "results": results}
+    sources = {
+        "embeddings": str(embeddings),
+        "encoder": None if embeddings else str(choice.path or choice.description),
+        "baseline": str(baseline),
+        "random init": f"{metadata['architecture']}, seed 0" if metadata else None,
+    }
+    report = {
+        "labels": str(labels),
+        "protocol": protocol.name,
+        "images": len(data.paths),
+        "classes": classes,
+        "sources": {name: sources[name] for name in encoders},
+        "results": results,
+    }
     from byolcli.report import evaluation_report
 
     evaluation_report(report)
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(report, indent=2))
     if report_dir is not None:
-        from byolcli.gallery import write_gallery
-
-        name = next(iter(encoders))
-        train, test, _ = protocol.folds[0]
-        page = write_gallery(report_dir, f"{name} on {labels.name}", data.paths, data.labels, encoders[name],
-                             train, test, classes, results[name]["knn"]["confusion"])
-        reporter.info(f"neighbours and confusion matrix: {page}")
+        _write_page(report_dir, labels, data, encoders, protocol, results, reporter)
     return report
+
+
+def _write_page(
+    report_dir: Path, labels: Path, data: LabelledImages, encoders: dict, protocol: Protocol, results: dict, reporter
+) -> None:
+    from byolcli.gallery import write_gallery
+
+    name = next(iter(encoders))
+    train, test, _ = protocol.folds[0]
+    page = write_gallery(
+        report_dir,
+        f"{name} on {labels.name}",
+        data.paths,
+        data.labels,
+        encoders[name],
+        train,
+        test,
+        data.classes,
+        results[name]["knn"]["confusion"],
+    )
+    reporter.info(f"neighbours and confusion matrix: {page}")

@@ -66,8 +66,9 @@ def stock_backbone(encoder: nn.Module, architecture: str) -> nn.Module:
     return stock.eval()
 
 
-def export_onnx(model, out: Path, batch: str, fp16: bool, reporter, arch: str | None = None,
-                image_size: int | None = None) -> dict:
+def export_onnx(
+    model, out: Path, batch: str, fp16: bool, reporter, arch: str | None = None, image_size: int | None = None
+) -> dict:
     """Write `out`; returns its metadata (what the file's metadata_props hold)."""
     try:
         import onnx
@@ -90,20 +91,28 @@ def export_onnx(model, out: Path, batch: str, fp16: bool, reporter, arch: str | 
     size = meta["image_size"]
     # torch.export fixes a dimension of size 1, so a dynamic batch is traced at 2.
     example = torch.randint(0, 256, (2 if dynamic else int(batch), 3, size, size), dtype=torch.uint8)
-    reporter.info(f"exporting {choice.description} to ONNX ({'fp16' if fp16 else 'fp32'}, "
-                  f"batch {'dynamic' if dynamic else batch}) …")
+    reporter.info(
+        f"exporting {choice.description} to ONNX ({'fp16' if fp16 else 'fp32'}, "
+        f"batch {'dynamic' if dynamic else batch}) …"
+    )
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):  # the exporter's own progress lines
         program = torch.onnx.export(
-            wrapped, (example,), dynamo=True, verbose=False, input_names=[INPUT], output_names=[OUTPUT],
+            wrapped,
+            (example,),
+            dynamo=True,
+            verbose=False,
+            input_names=[INPUT],
+            output_names=[OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None,
         )
     proto = program.model_proto
     description = {
         **_as_text(meta),
         "input": f"{INPUT}: uint8 RGB, shape (batch, 3, {size}, {size}); each image resized on its short side to "
-                 f"{size} px (bilinear) and centre-cropped; normalisation is inside the model",
+        f"{size} px (bilinear) and centre-cropped; normalisation is inside the model",
         "output": f"{OUTPUT}: float32, shape (batch, {meta['feature_dim']})",
-        "batch": "dynamic" if dynamic else str(batch), "precision": "fp16" if fp16 else "fp32",
+        "batch": "dynamic" if dynamic else str(batch),
+        "precision": "fp16" if fp16 else "fp32",
         "exported_from": escape_name(str(choice.path or choice.description)),
     }
     onnx.helper.set_model_props(proto, description)
@@ -111,8 +120,10 @@ def export_onnx(model, out: Path, batch: str, fp16: bool, reporter, arch: str | 
     largest = _check_against_torch(proto, reference, example, TOLERANCE[wrapped.scale.dtype], onnxruntime)
     with atomic_path(out) as tmp:
         tmp.write_bytes(proto.SerializeToString())
-    reporter.info(f"wrote {out}: uint8 images (batch, 3, {size}, {size}) in, float32 (batch, {meta['feature_dim']}) "
-                  f"out; onnxruntime matches PyTorch to {largest:.1e} (largest difference)")
+    reporter.info(
+        f"wrote {out}: uint8 images (batch, 3, {size}, {size}) in, float32 (batch, {meta['feature_dim']}) "
+        f"out; onnxruntime matches PyTorch to {largest:.1e} (largest difference)"
+    )
     return description
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from byolcli.errors import UserError, WriteFailed
 
@@ -72,8 +72,10 @@ def os_error_behind(exc: BaseException) -> OSError | None:
 
 
 def write_failed(path: Path, exc: OSError) -> WriteFailed:
-    return WriteFailed(f"{path}: could not write it ({exc.strerror or exc}); the previous version, if any, is "
-                       "kept. Free space (or fix the folder) and run the same command again to continue")
+    return WriteFailed(
+        f"{path}: could not write it ({exc.strerror or exc}); the previous version, if any, is "
+        "kept. Free space (or fix the folder) and run the same command again to continue"
+    )
 
 
 def atomic_write_text(path: Path, text: str) -> None:

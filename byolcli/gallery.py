@@ -37,21 +37,34 @@ def thumbnail(path: Path) -> str:
 
 def tile(path: Path, label: str, border: str) -> str:
     title = html.escape(f"{label} — {path.name}")
-    return (f'<figure style="border-color:{border}"><img src="{thumbnail(path)}" title="{title}">'
-            f"<figcaption>{html.escape(label)}</figcaption></figure>")
+    return (
+        f'<figure style="border-color:{border}"><img src="{thumbnail(path)}" title="{title}">'
+        f"<figcaption>{html.escape(label)}</figcaption></figure>"
+    )
 
 
-def write_gallery(folder: Path, title: str, paths: list[Path], labels: list[str], features: torch.Tensor,
-                  train: torch.Tensor, test: torch.Tensor, classes: list[str], confusion: list[list[int]]) -> Path:
+def write_gallery(
+    folder: Path,
+    title: str,
+    paths: list[Path],
+    labels: list[str],
+    features: torch.Tensor,
+    train: torch.Tensor,
+    test: torch.Tensor,
+    classes: list[str],
+    confusion: list[list[int]],
+) -> Path:
     memory = F.normalize(features[train].float(), dim=1)
     rows_html = []
-    for c, name in enumerate(classes):
+    for name in classes:
         queries = [int(i) for i in test if labels[int(i)] == name][:QUERIES_PER_CLASS]
         for q in queries:
             similarity = memory @ F.normalize(features[q].float(), dim=0)
             nearest = train[similarity.topk(min(NEIGHBOURS, len(train))).indices]
             tiles = [tile(paths[q], labels[q], "#333")]
-            tiles += [tile(paths[int(n)], labels[int(n)], "#2a2" if labels[int(n)] == name else "#d22") for n in nearest]
+            tiles += [
+                tile(paths[int(n)], labels[int(n)], "#2a2" if labels[int(n)] == name else "#d22") for n in nearest
+            ]
             rows_html.append(f'<div class="row"><span>{html.escape(name)}</span>{"".join(tiles)}</div>')
 
     top = max(max(row) for row in confusion) or 1

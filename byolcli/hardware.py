@@ -90,8 +90,9 @@ def detect_hardware(device: str | None = None) -> Hardware:
             raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
         free, total = torch.cuda.mem_get_info(index)
         props = torch.cuda.get_device_properties(index)
-        return Hardware("cuda", props.name, total, free, cuda_has_bf16(index), cores, f"cuda:{index}",
-                        system_memory(), shm)
+        return Hardware(
+            "cuda", props.name, total, free, cuda_has_bf16(index), cores, f"cuda:{index}", system_memory(), shm
+        )
     if wanted == "mps" or (not wanted and torch.backends.mps.is_available()):
         if not torch.backends.mps.is_available():
             raise UserError(f"--device {device}: Apple MPS is not available here")
@@ -128,8 +129,13 @@ def use_device(device, precision: str) -> None:
 
 # How an allocation failure reads: torch's own, and those of the libraries it calls (MPS raises a plain
 # RuntimeError saying "out of memory" too).
-OUT_OF_MEMORY = ("out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
-                 "cudnn_status_internal_error", "cudnn_status_execution_failed")
+OUT_OF_MEMORY = (
+    "out of memory",
+    "cublas_status_alloc_failed",
+    "cudnn_status_alloc_failed",
+    "cudnn_status_internal_error",
+    "cudnn_status_execution_failed",
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

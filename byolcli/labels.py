@@ -18,8 +18,16 @@ from byolcli.errors import UserError
 
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img")
 LABEL_COLUMNS = ("label", "class", "category", "class_name", "target")
-SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
-               "dev": "val", "test": "test", "testing": "test"}
+SPLIT_NAMES = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "valid": "val",
+    "validation": "val",
+    "dev": "val",
+    "test": "test",
+    "testing": "test",
+}
 SHOWN = 5
 
 
@@ -37,7 +45,8 @@ class LabelledImages:
         return sorted(set(self.labels))
 
 
-def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
+def _read_table(csv_path: Path) -> list[list[str]]:
+    """The CSV's non-blank rows; UserError for a file that is missing, empty, binary or not CSV."""
     if not csv_path.is_file():
         raise UserError(f"{csv_path}: no such file")
     raw = csv_path.read_bytes()
@@ -56,13 +65,20 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
         table = list(csv.reader(io.StringIO(text, newline="")))
     except csv.Error as exc:
         raise UserError(f"{csv_path}: not a valid CSV ({exc})") from None
-    table = [row for row in table if any(cell.strip() for cell in row)]
+    return [row for row in table if any(cell.strip() for cell in row)]
+
+
+def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
+    table = _read_table(csv_path)
     header = [cell.strip().lower() for cell in table[0]]
     path_col = _find(header, PATH_COLUMNS)
     label_col = _find(header, LABEL_COLUMNS)
     if path_col is None or label_col is None:
-        missing = f"image path column ({'/'.join(PATH_COLUMNS[:4])})" if path_col is None else \
-                  f"label column ({'/'.join(LABEL_COLUMNS[:3])})"
+        missing = (
+            f"image path column ({'/'.join(PATH_COLUMNS[:4])})"
+            if path_col is None
+            else f"label column ({'/'.join(LABEL_COLUMNS[:3])})"
+        )
         raise UserError(f"{csv_path}: line 1: the header has no {missing}; it reads: {','.join(table[0])[:120]}")
     split_col = _find(header, ("split", "subset", "set", "fold_name"))
     base = root if root is not None else csv_path.parent
@@ -87,11 +103,18 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
         if key in seen:
             # Two rows of one image could sit in a training fold and a test fold: kNN would find the image itself.
             first = seen[key]
-            before, now = (labels[first], label) if labels[first] != label else \
-                          (splits[first], split) if split_col is not None else (None, None)
+            before, now = (
+                (labels[first], label)
+                if labels[first] != label
+                else (splits[first], split)
+                if split_col is not None
+                else (None, None)
+            )
             if before != now:
-                raise UserError(f"{csv_path}: lines {rows[first]} and {line} both list {path}, as {before!r} and "
-                                f"{now!r}; list each image once")
+                raise UserError(
+                    f"{csv_path}: lines {rows[first]} and {line} both list {path}, as {before!r} and "
+                    f"{now!r}; list each image once"
+                )
             repeated.append((rows[first], line, path))
             continue
         seen[key] = len(paths)
@@ -113,8 +136,9 @@ def repeated_warning(data: LabelledImages, csv_path: Path) -> str | None:
         return None
     shown = ", ".join(f"lines {first} and {line}: {path}" for first, line, path in data.repeated[:SHOWN])
     more = f" and {len(data.repeated) - SHOWN} more" if len(data.repeated) > SHOWN else ""
-    return (f"{csv_path}: {len(data.repeated)} images listed twice with the same label ({shown}{more}); "
-            "each is used once")
+    return (
+        f"{csv_path}: {len(data.repeated)} images listed twice with the same label ({shown}{more}); each is used once"
+    )
 
 
 def drop_missing(data: LabelledImages, csv_path: Path, skip_missing: bool) -> LabelledImages:
@@ -124,14 +148,18 @@ def drop_missing(data: LabelledImages, csv_path: Path, skip_missing: bool) -> La
     if not skip_missing:
         shown = ", ".join(f"line {line}: {path}" for line, path in data.missing[:SHOWN])
         more = f" and {len(data.missing) - SHOWN} more" if len(data.missing) > SHOWN else ""
-        raise UserError(f"{csv_path}: {len(data.missing)} listed files do not exist ({shown}{more}); "
-                        "fix the paths or --root, or pass --skip-missing to evaluate the rest")
+        raise UserError(
+            f"{csv_path}: {len(data.missing)} listed files do not exist ({shown}{more}); "
+            "fix the paths or --root, or pass --skip-missing to evaluate the rest"
+        )
     gone = {line for line, _ in data.missing}
     keep = [i for i, line in enumerate(data.rows) if line not in gone]
     return LabelledImages(
-        [data.paths[i] for i in keep], [data.labels[i] for i in keep],
+        [data.paths[i] for i in keep],
+        [data.labels[i] for i in keep],
         [data.splits[i] for i in keep] if data.splits is not None else None,
-        [data.rows[i] for i in keep], [],
+        [data.rows[i] for i in keep],
+        [],
     )
 
 

@@ -2,8 +2,9 @@
 
 An OS file lock (flock, on Linux and macOS) is held for as long as the command
 runs. The operating system drops it when the process ends, however it ends, so
-a crash or `kill -9` leaves no stale lock: the next run takes it normally. The lock file stays in place (removing it would let two
-processes each lock a file of the same name) and holds the holder's PID.
+a crash or `kill -9` leaves no stale lock: the next run takes it normally. The lock file
+stays in place (removing it would let two processes each lock a file of the same name) and
+holds the holder's PID.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from byolcli.errors import UserError, WriteFailed
 
@@ -31,8 +32,10 @@ def exclusive(lock_file: Path, what: Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
-            raise UserError(f"{what} is in use by another byol process (PID {holder}); "
-                            "wait for it to finish, or stop it, then run this again") from None
+            raise UserError(
+                f"{what} is in use by another byol process (PID {holder}); "
+                "wait for it to finish, or stop it, then run this again"
+            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield

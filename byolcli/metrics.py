@@ -17,8 +17,14 @@ WEIGHT_DECAYS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 CHUNK = 4096
 
 
-def knn_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
-               k: int = K, temperature: float = TEMPERATURE) -> torch.Tensor:
+def knn_scores(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    classes: int,
+    k: int = K,
+    temperature: float = TEMPERATURE,
+) -> torch.Tensor:
     """Class votes (n_test, classes): each of the k most similar training rows votes exp(sim / T)."""
     train = F.normalize(train_x.float(), dim=1)
     k = min(k, len(train))
@@ -48,9 +54,15 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: f
     return weight.detach(), bias.detach()
 
 
-def linear_probe_scores(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, classes: int,
-                        val_x: torch.Tensor | None = None, val_y: torch.Tensor | None = None,
-                        seed: int = 0) -> tuple[torch.Tensor, float]:
+def linear_probe_scores(
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    test_x: torch.Tensor,
+    classes: int,
+    val_x: torch.Tensor | None = None,
+    val_y: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, float]:
     """Logits for `test_x` and the weight decay chosen on validation rows.
 
     The weight decay is chosen on `val_x` when given, else on a stratified 20%
@@ -116,5 +128,7 @@ def summarize(scores: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
     present = [r for r in recall if r == r]
     result["balanced"] = sum(present) / len(present)
     result["per_class_recall"] = recall
-    result["confusion"] = torch.bincount(y * classes + predicted, minlength=classes * classes).reshape(classes, classes).tolist()
+    result["confusion"] = (
+        torch.bincount(y * classes + predicted, minlength=classes * classes).reshape(classes, classes).tolist()
+    )
     return result

@@ -31,7 +31,6 @@ BACKBONES = {
 STEMS = ("standard", "small")
 
 
-
 class PerViewStatistics:
     """Batch norm for a batch that stacks two views of the same images, [view 1; view 2].
 
@@ -98,8 +97,10 @@ def pretrained_backbone(name: str) -> nn.Module:
         state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt cache: the same advice
         cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
-        raise UserError(f"imagenet: torchvision's {name} weights are not in {cache} and could not be downloaded "
-                        f"({str(exc).splitlines()[0][:120]}); copy them there from {weights.url}") from None
+        raise UserError(
+            f"imagenet: torchvision's {name} weights are not in {cache} and could not be downloaded "
+            f"({str(exc).splitlines()[0][:120]}); copy them there from {weights.url}"
+        ) from None
     model = make_backbone(name)
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
     return model
@@ -142,8 +143,9 @@ class BYOL(nn.Module):
     def joint_pass(self) -> bool:
         """Both views in one pass needs batch norm that tells them apart (per-view statistics, which
         byolcli's synchronised batch norm keeps too); with any other, each view has its own pass."""
-        return all(isinstance(m, PerViewStatistics) for m in self.modules()
-                   if isinstance(m, nn.modules.batchnorm._BatchNorm))
+        return all(
+            isinstance(m, PerViewStatistics) for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        )
 
     def online_parameters(self) -> list[nn.Parameter]:
         return [*self.online_encoder.parameters(), *self.online_projector.parameters()]

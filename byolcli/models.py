@@ -56,8 +56,9 @@ def latest_encoder(runs_dir: Path = RUNS_DIR) -> Path:
     return found[-1]
 
 
-def choose_model(model: str | Path | None = None, arch: str | None = None,
-                 image_size: int | None = None) -> ModelChoice:
+def choose_model(
+    model: str | Path | None = None, arch: str | None = None, image_size: int | None = None
+) -> ModelChoice:
     """Read what `--model` (with `--arch` and `--image-size`) names; UserError when it cannot be used."""
     from byolcli.data import MEAN, STD
     from byolcli.encoder import FORMAT, file_metadata, read_metadata
@@ -84,16 +85,27 @@ def choose_model(model: str | Path | None = None, arch: str | None = None,
         return ModelChoice("encoder", metadata, description, _file_digest(path), path)
     missing = [flag for flag, value in (("--arch", arch), ("--image-size", image_size)) if value is None]
     if missing:
-        raise UserError(f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
-                        f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)")
+        raise UserError(
+            f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
+            f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)"
+        )
     metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, _plain_stem(path))
-    return ModelChoice("state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)",
-                       _file_digest(path), path)
+    return ModelChoice(
+        "state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)", _file_digest(path), path
+    )
 
 
 def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones, stem: str) -> dict:
-    return {"architecture": arch, "stem": stem, "image_size": size, "mean": tuple(mean), "std": tuple(std),
-            "feature_dim": backbones[arch][1], "train_images": 0, "source": source}
+    return {
+        "architecture": arch,
+        "stem": stem,
+        "image_size": size,
+        "mean": tuple(mean),
+        "std": tuple(std),
+        "feature_dim": backbones[arch][1],
+        "train_images": 0,
+        "source": source,
+    }
 
 
 def _plain_stem(path: Path) -> str:

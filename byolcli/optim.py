@@ -19,10 +19,17 @@ class LARS(torch.optim.Optimizer):
     weight decay, as in the paper and DeepMind's code. A step overwrites the gradients.
     """
 
-    def __init__(self, groups, lr: float, momentum: float = RECIPE.lars_momentum,
-                 weight_decay: float = RECIPE.weight_decay, trust_coefficient: float = RECIPE.lars_trust) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay,
-                        trust_coefficient=trust_coefficient, lars=True)
+    def __init__(
+        self,
+        groups,
+        lr: float,
+        momentum: float = RECIPE.lars_momentum,
+        weight_decay: float = RECIPE.weight_decay,
+        trust_coefficient: float = RECIPE.lars_trust,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, lars=True
+        )
         super().__init__(groups, defaults)
 
     @torch.no_grad()
@@ -43,8 +50,9 @@ class LARS(torch.optim.Optimizer):
                 # no host sync, and no chain of small ops per layer.
                 w_norms = torch.stack(torch._foreach_norm(params))
                 u_norms = torch.stack(torch._foreach_norm(updates))
-                ratios = torch.where((w_norms > 0) & (u_norms > 0),
-                                     group["trust_coefficient"] * w_norms / u_norms.clamp_min(1e-12), 1.0)
+                ratios = torch.where(
+                    (w_norms > 0) & (u_norms > 0), group["trust_coefficient"] * w_norms / u_norms.clamp_min(1e-12), 1.0
+                )
                 torch._foreach_addcmul_(buffers, updates, list(ratios.unbind()))
             else:
                 torch._foreach_add_(buffers, grads)

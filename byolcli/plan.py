@@ -4,17 +4,33 @@ records; a resumed run re-fits it to its processes and a time budget to the meas
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 from byolcli.errors import UserError
 from byolcli.hardware import Hardware
 from byolcli.probe import StepSetting
 from byolcli.recipe import RECIPE
-from byolcli.rules import (CPU_BATCH, MIN_BATCH, base_lr_for, choose_accumulation, choose_augment_on, choose_backbone,
-                           choose_batch, choose_image_size, choose_in_memory, choose_length, choose_precision,
-                           choose_stem, choose_sync_batchnorm, choose_workers, fit_workers_to_shared_memory,
-                           format_seconds, power_of_two_at_most, resident_bytes, tau_for, time_precisions, warmup_for)
+from byolcli.rules import (
+    choose_accumulation,
+    choose_backbone,
+    choose_base_lr,
+    choose_batch,
+    choose_data_path,
+    choose_image_size,
+    choose_length,
+    choose_precision,
+    choose_stem,
+    choose_sync_batchnorm,
+    choose_workers,
+    cpu_batch,
+    fit_workers_to_shared_memory,
+    format_seconds,
+    resident_bytes,
+    step_time,
+    tau_for,
+    warmup_for,
+)
 
 MIN_IMAGES = 16  # batch norm needs a batch; BYOL needs more than a handful of images to mean anything
 USEFUL_EPOCHS = 40  # the shortest run measured to beat an untrained network on kNN (docs/experiments.md)
@@ -65,7 +81,7 @@ class Plan:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
+    def from_dict(cls, data: dict) -> Plan:
         return cls(**data)
 
 
@@ -88,9 +104,6 @@ class Overrides:
     seed: int = 0
 
 
-# --- the rules -------------------------------------------------------------------
-
-
 def fit_to_world(plan: Plan, world_size: int) -> str | None:
     """Adapt a saved plan to a different number of processes, keeping its global batch (so its
     learning rate, epoch length and step count stay valid). Returns what changed, if anything."""
@@ -99,15 +112,19 @@ def fit_to_world(plan: Plan, world_size: int) -> str | None:
     global_batch, before = plan.effective_batch, plan.world_size
     per_device, remainder = divmod(global_batch, world_size)
     if remainder:
-        raise UserError(f"this run's global batch of {global_batch} cannot be split evenly over {world_size} "
-                        f"processes; resume it on a number of processes that divides {global_batch}")
+        raise UserError(
+            f"this run's global batch of {global_batch} cannot be split evenly over {world_size} "
+            f"processes; resume it on a number of processes that divides {global_batch}"
+        )
     # The largest micro-batch that divides the share and is no larger than the one known to fit.
     plan.batch_size = max(b for b in range(1, min(plan.batch_size, per_device) + 1) if per_device % b == 0)
     plan.accumulation = per_device // plan.batch_size
     plan.world_size = world_size
     plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, world_size)
-    return (f"the run started on {before} process(es) and continues on {world_size}: {plan.batch_size} per device"
-            f" × {plan.accumulation} accumulated × {world_size} = the same global batch of {global_batch}")
+    return (
+        f"the run started on {before} process(es) and continues on {world_size}: {plan.batch_size} per device"
+        f" × {plan.accumulation} accumulated × {world_size} = the same global batch of {global_batch}"
+    )
 
 
 def make_plan(
@@ -119,10 +136,8 @@ def make_plan(
     data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
     world_size: int = 1,
 ) -> Plan:
-    """Choose everything. `probe(setting)` times one training step (seconds) or raises OutOfMemory;
-    `data_cost(size, augment_on)` is the measured loader time of one image at that size in one
-    process. With `world_size` processes, `hw` is one process's share of the machine and the
-    batch is per device."""
+    """Choose everything. `probe(setting)` times one training step or raises OutOfMemory; `data_cost(size,
+    augment_on)` is one image's loader seconds. `hw` is one of `world_size` processes' share; batches are per device."""
     images = len(short_sides)
     if images < MIN_IMAGES:
         raise UserError(f"only {images} usable images; training needs at least {MIN_IMAGES}")
@@ -136,50 +151,75 @@ def make_plan(
     image_size = pick("image_size", over.image_size, lambda: choose_image_size(short_sides, hw))
     backbone = pick("backbone", over.backbone, lambda: choose_backbone(images, image_size, hw))
     stem = pick("stem", over.stem, lambda: choose_stem(image_size, hw))
-    precision = pick("precision", over.precision, lambda: choose_precision(hw))
+    timing = StepSetting(backbone, image_size, cpu_batch(images), "", True, stem)  # how a CPU times precisions
+    precision, reasons["precision"] = choose_precision(hw, over.precision, timing, probe)
     workers = pick("workers", over.workers, lambda: choose_workers(hw))
-    if hw.kind == "cpu" and hw.bf16 and over.precision is None:
-        batch = min(CPU_BATCH, max(MIN_BATCH, power_of_two_at_most(images / 8)))
-        precision, reasons["precision"] = time_precisions(StepSetting(backbone, image_size, batch, "", True, stem), probe)
-    if precision == "bf16" and hw.kind == "cpu" and not hw.bf16 and over.precision:
-        reasons["precision"] += " (warning: this CPU emulates bf16, expect a large slowdown)"
-    fits, reasons["in_memory"] = choose_in_memory(images, image_size, hw)
-    augment_on = pick("augment_on", over.augment_on, lambda: choose_augment_on(image_size, hw, fits))
-    in_memory = fits and augment_on == "device"
-    if fits and not in_memory:
-        reasons["in_memory"] = "--augment-on cpu decodes in loader processes"
+    augment_on, in_memory, reasons["augment_on"], reasons["in_memory"] = choose_data_path(
+        images, image_size, hw, over.augment_on
+    )
     # The probe runs the step as training will: views made where training makes them, beside the
     # decoded images that a GPU keeps in its memory.
-    setting = StepSetting(backbone, image_size, 0, precision, channels_last=hw.kind in ("cuda", "cpu"), stem=stem,
-                          augment_on=augment_on, resident=resident_bytes(images, image_size, in_memory, hw),
-                          gradient_buckets=world_size > 1)
-    batch, step_seconds, cap, reasons["batch_size"] = choose_batch(setting, images, hw, over.batch_size, probe,
-                                                                   world_size)
-    accumulation, reasons["accumulation"] = choose_accumulation(batch, cap, images, hw, over.batch_size is not None,
-                                                                world_size)
+    setting = StepSetting(
+        backbone,
+        image_size,
+        0,
+        precision,
+        channels_last=hw.kind in ("cuda", "cpu"),
+        stem=stem,
+        augment_on=augment_on,
+        resident=resident_bytes(images, image_size, in_memory, hw),
+        gradient_buckets=world_size > 1,
+    )
+    batch, step_seconds, cap, reasons["batch_size"] = choose_batch(
+        setting, images, hw, over.batch_size, probe, world_size
+    )
+    accumulation, reasons["accumulation"] = choose_accumulation(
+        batch, cap, images, hw, over.batch_size is not None, world_size
+    )
     if not in_memory and over.workers is None:
-        workers, why = fit_workers_to_shared_memory(workers, batch, image_size, augment_on, hw)
-        reasons["workers"] = why or reasons["workers"]
+        workers, reasons["workers"] = fit_workers_to_shared_memory(
+            workers, batch, image_size, augment_on, hw, reasons["workers"]
+        )
     data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
-    # Loader processes overlap with the step; without them decoding runs in between.
-    seconds_per_step = (max(step_seconds, data_seconds) if workers else step_seconds + data_seconds) * accumulation
+    seconds_per_step = step_time(step_seconds, data_seconds, workers) * accumulation
     global_batch = batch * accumulation * world_size
     steps_per_epoch = max(1, images // global_batch)
     total_steps, reasons["epochs"] = choose_length(over.epochs, over.time_budget, steps_per_epoch, seconds_per_step)
     epochs = total_steps / steps_per_epoch
-    base_lr = over.lr if over.lr is not None else base_lr_for(epochs)
-    reasons["lr"] = "set by flag" if over.lr is not None else f"base {base_lr} for a {epochs:.3g}-epoch run, × global batch/256"
+    base_lr, reasons["lr"] = (over.lr, "set by flag") if over.lr is not None else choose_base_lr(epochs)
     sync_batchnorm, reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)
     reasons["init"] = "set by flag" if over.init else "random (--init imagenet or --init ENCODER to start from weights)"
     tau_base, reasons["tau_base"] = tau_for(epochs, total_steps)
     return Plan(
-        device=hw.device, device_name=hw.name, backbone=backbone, image_size=image_size, batch_size=batch,
-        accumulation=accumulation, precision=precision, workers=workers, channels_last=setting.channels_last,
-        images=images, skipped=skipped, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-        epochs=round(epochs, 3), warmup_steps=warmup_for(steps_per_epoch, total_steps), base_lr=base_lr,
-        lr=base_lr * global_batch / 256, tau_base=tau_base, weight_decay=RECIPE.weight_decay, seed=over.seed,
-        step_seconds=seconds_per_step, time_budget=over.time_budget, reasons=reasons, augment_on=augment_on,
-        in_memory=in_memory, init=over.init, world_size=world_size, sync_batchnorm=sync_batchnorm, stem=stem,
+        device=hw.device,
+        device_name=hw.name,
+        backbone=backbone,
+        image_size=image_size,
+        batch_size=batch,
+        accumulation=accumulation,
+        precision=precision,
+        workers=workers,
+        channels_last=setting.channels_last,
+        images=images,
+        skipped=skipped,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        epochs=round(epochs, 3),
+        warmup_steps=warmup_for(steps_per_epoch, total_steps),
+        base_lr=base_lr,
+        lr=base_lr * global_batch / 256,
+        tau_base=tau_base,
+        weight_decay=RECIPE.weight_decay,
+        seed=over.seed,
+        step_seconds=seconds_per_step,
+        time_budget=over.time_budget,
+        reasons=reasons,
+        augment_on=augment_on,
+        in_memory=in_memory,
+        init=over.init,
+        world_size=world_size,
+        sync_batchnorm=sync_batchnorm,
+        stem=stem,
     )
 
 
@@ -195,8 +235,10 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     plan.warmup_steps = warmup_for(plan.steps_per_epoch, plan.total_steps)
     plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps)
     plan.step_seconds = step_seconds
-    plan.reasons["epochs"] = (f"what fits in the {format_seconds(plan.time_budget)} budget at "
-                              f"{step_seconds:.2f} s per step, measured in the first training steps")
+    plan.reasons["epochs"] = (
+        f"what fits in the {format_seconds(plan.time_budget)} budget at "
+        f"{step_seconds:.2f} s per step, measured in the first training steps"
+    )
 
 
 def short_run_warning(plan: Plan) -> str | None:
@@ -204,9 +246,9 @@ def short_run_warning(plan: Plan) -> str | None:
     if plan.init or plan.epochs >= USEFUL_EPOCHS:
         return None
     needed = USEFUL_EPOCHS * plan.steps_per_epoch * plan.step_seconds
-    return (f"this plan trains {plan.epochs:.3g} epochs: too few to expect features better than an untrained "
-            f"network's (measured: no run of up to 18 epochs beat it on kNN, a {USEFUL_EPOCHS}-epoch run did). "
-            f"Give it --time {format_seconds(needed)} or more at this speed"
-            f"{'' if plan.device.startswith('cuda') else ', a GPU'}, or --init imagenet")
-
-
+    return (
+        f"this plan trains {plan.epochs:.3g} epochs: too few to expect features better than an untrained "
+        f"network's (measured: no run of up to 18 epochs beat it on kNN, a {USEFUL_EPOCHS}-epoch run did). "
+        f"Give it --time {format_seconds(needed)} or more at this speed"
+        f"{'' if plan.device.startswith('cuda') else ', a GPU'}, or --init imagenet"
+    )

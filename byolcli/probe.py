@@ -78,8 +78,7 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
         canvas = size * 3 // 2  # CanvasDataset's
         canvases = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8, device=device)
         sizes = torch.full((batch, 2), canvas, device=device)
-    views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format)
-             for _ in range(2)]
+    views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format) for _ in range(2)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     timings = []

@@ -7,7 +7,7 @@ or return data, and this module turns that into terminal output.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 from rich.console import Console
 from rich.markup import escape
@@ -84,7 +84,9 @@ class Reporter:
 
 def scan_report(manifest, show_all_skipped: bool = False) -> None:
     """Summary of a Manifest: images per format, skipped files per reason, examples."""
-    out.print(f"[bold]{len(manifest.images):,} images[/] in {escape(str(manifest.root))}", highlight=False, soft_wrap=True)
+    out.print(
+        f"[bold]{len(manifest.images):,} images[/] in {escape(str(manifest.root))}", highlight=False, soft_wrap=True
+    )
     formats = Table()
     formats.add_column("format")
     formats.add_column("images", justify="right")
@@ -102,8 +104,9 @@ def scan_report(manifest, show_all_skipped: bool = False) -> None:
         out.print(reasons)
         shown = manifest.skipped if show_all_skipped else manifest.skipped[:SKIPPED_SHOWN]
         for item in shown:
-            out.print(f"  skipped {escape_name(item.path)}: {item.reason}", highlight=False, markup=False,
-                      soft_wrap=True)
+            out.print(
+                f"  skipped {escape_name(item.path)}: {item.reason}", highlight=False, markup=False, soft_wrap=True
+            )
         if len(shown) < len(manifest.skipped):
             out.print(f"  … and {len(manifest.skipped) - len(shown):,} more (--all to list them)")
     else:
@@ -139,20 +142,30 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
         batch += f" × {plan.accumulation} accumulated = {plan.effective_batch}"
     table.add_row("batch", batch, r.get("batch_size", ""))
     if plan.world_size > 1:
-        table.add_row("batch norm", "synchronised across processes" if plan.sync_batchnorm else "per process",
-                      r.get("sync_batchnorm", ""))
-    table.add_row("precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", ""))
+        table.add_row(
+            "batch norm",
+            "synchronised across processes" if plan.sync_batchnorm else "per process",
+            r.get("sync_batchnorm", ""),
+        )
+    table.add_row(
+        "precision", plan.precision + (" + channels_last" if plan.channels_last else ""), r.get("precision", "")
+    )
     table.add_row("loader workers", str(plan.workers), r.get("workers", ""))
     decoding = "once, into memory" if plan.in_memory else "every epoch, as batches are loaded"
     table.add_row("decoding", decoding, r.get("in_memory", ""))
     where = "batched on the training device" if plan.augment_on == "device" else "per image on the CPU (torchvision)"
     table.add_row("augmentation", where + ", parameters drawn per image", r.get("augment_on", ""))
     table.add_row("length", f"{plan.epochs:g} epochs = {plan.total_steps:,} steps", r.get("epochs", ""))
-    table.add_row("learning rate", f"{plan.lr:.4g} (LARS, warm-up {plan.warmup_steps:,} steps, cosine)", r.get("lr", ""))
+    table.add_row(
+        "learning rate", f"{plan.lr:.4g} (LARS, warm-up {plan.warmup_steps:,} steps, cosine)", r.get("lr", "")
+    )
     table.add_row("EMA τ_base", f"{plan.tau_base:g} → 1", r.get("tau_base", ""))
     epoch = plan.step_seconds * plan.steps_per_epoch
-    table.add_row("estimated time", f"{format_seconds(epoch)} per epoch, {format_seconds(plan.estimated_seconds)} in all",
-                  f"{plan.step_seconds:.2f} s per step, measured")
+    table.add_row(
+        "estimated time",
+        f"{format_seconds(epoch)} per epoch, {format_seconds(plan.estimated_seconds)} in all",
+        f"{plan.step_seconds:.2f} s per step, measured",
+    )
     table.add_row("output", Text(str(out)), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors")
     err.print(table)
 
@@ -177,12 +190,16 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
         yield lambda record: None
         return
     if not err.is_terminal:
+
         def line(record: dict) -> None:
             err.print(
                 f"step {record['step']:,}/{plan.total_steps:,} epoch {record['epoch']:.2f} "
                 f"{loss_text(record['loss'])} {record['images_per_s']:.1f} img/s "
-                f"data wait {record['data_wait']:.0%}", highlight=False, soft_wrap=True,
+                f"data wait {record['data_wait']:.0%}",
+                highlight=False,
+                soft_wrap=True,
             )
+
         yield line
         return
     columns = (
@@ -198,9 +215,13 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
         task = bar.add_task("training", total=plan.total_steps, completed=start_step)
 
         def show(record: dict) -> None:
-            bar.update(task, completed=record["step"], total=plan.total_steps,
-                       description=f"epoch {record['epoch']:.1f}/{plan.epochs:g}",
-                       **{k: record[k] for k in ("loss", "images_per_s", "data_wait")})
+            bar.update(
+                task,
+                completed=record["step"],
+                total=plan.total_steps,
+                description=f"epoch {record['epoch']:.1f}/{plan.epochs:g}",
+                **{k: record[k] for k in ("loss", "images_per_s", "data_wait")},
+            )
 
         yield show
 
@@ -210,17 +231,25 @@ def evaluation_report(report: dict) -> None:
     results = report["results"]
     names = list(results)
     baseline = "random init" if "random init" in results else None
-    out.print(f"[bold]{report['images']:,} labelled images, {len(report['classes'])} classes[/]; {report['protocol']}",
-              highlight=False, soft_wrap=True)
+    out.print(
+        f"[bold]{report['images']:,} labelled images, {len(report['classes'])} classes[/]; {report['protocol']}",
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table()
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
     if baseline and len(names) > 1:
         table.add_column(f"Δ vs {baseline}", justify="right")
-    rows = [("kNN top-1", "knn", "top1"), ("kNN top-5", "knn", "top5"), ("kNN balanced acc.", "knn", "balanced"),
-            ("linear top-1", "linear", "top1"), ("linear top-5", "linear", "top5"),
-            ("linear balanced acc.", "linear", "balanced")]
+    rows = [
+        ("kNN top-1", "knn", "top1"),
+        ("kNN top-5", "knn", "top5"),
+        ("kNN balanced acc.", "knn", "balanced"),
+        ("linear top-1", "linear", "top1"),
+        ("linear top-5", "linear", "top5"),
+        ("linear balanced acc.", "linear", "balanced"),
+    ]
     for label, method, key in rows:
         if key not in results[names[0]][method]:
             continue
@@ -238,5 +267,9 @@ def evaluation_report(report: dict) -> None:
     per_class.add_column("linear", justify="right")
     first = results[names[0]]
     for i, label in enumerate(report["classes"]):
-        per_class.add_row(Text(str(label)), f"{first['knn']['per_class_recall'][i]:.1%}", f"{first['linear']['per_class_recall'][i]:.1%}")
+        per_class.add_row(
+            Text(str(label)),
+            f"{first['knn']['per_class_recall'][i]:.1%}",
+            f"{first['linear']['per_class_recall'][i]:.1%}",
+        )
     out.print(per_class)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 from byolcli.errors import UserError
 from byolcli.hardware import GiB, Hardware
@@ -55,12 +55,30 @@ def choose_stem(size: int, hw: Hardware) -> tuple[str, str]:
     if hw.kind == "cpu":
         return "standard", "a CPU run is bound by time, and the small-image stem costs several times more per step"
     if size <= SMALL_STEM_UP_TO:
-        return "small", f"at {size} px the strided stem leaves the last stages single pixels; the small stem learns more per epoch"
+        return (
+            "small",
+            f"at {size} px the strided stem leaves the last stages single pixels; the small stem learns more per epoch",
+        )
     return "standard", f"at {size} px the strided stem still leaves the last stages maps to work on"
 
 
-def choose_precision(hw: Hardware) -> tuple[str, str]:
-    """The precision for a device; on a bf16-capable CPU make_plan times both instead."""
+def choose_precision(
+    hw: Hardware, pinned: str | None, setting: StepSetting, probe: Callable[[StepSetting], float]
+) -> tuple[str, str]:
+    """The precision `pinned` by flag, or chosen for the device: on a CPU with native bf16, by timing
+    both at `setting`."""
+    if pinned is not None:
+        emulated = pinned == "bf16" and hw.kind == "cpu" and not hw.bf16
+        return pinned, "set by flag" + (
+            " (warning: this CPU emulates bf16, expect a large slowdown)" if emulated else ""
+        )
+    if hw.kind == "cpu" and hw.bf16:
+        return time_precisions(setting, probe)
+    return device_precision(hw)
+
+
+def device_precision(hw: Hardware) -> tuple[str, str]:
+    """The precision a device computes fastest and safely, without timing it."""
     if hw.kind == "cuda":
         return ("bf16", "GPU computes bf16 natively") if hw.bf16 else ("fp16", "GPU lacks bf16; fp16 with loss scaling")
     if hw.kind == "cpu" and hw.bf16:
@@ -79,22 +97,30 @@ def choose_workers(hw: Hardware) -> tuple[int, str]:
     return workers, f"{hw.cores} cores, one left for the training process"
 
 
-def fit_workers_to_shared_memory(workers: int, batch: int, size: int, augment_on: str,
-                                 hw: Hardware) -> tuple[int, str | None]:
+def fit_workers_to_shared_memory(
+    workers: int, batch: int, size: int, augment_on: str, hw: Hardware, why: str
+) -> tuple[int, str]:
     """Fewer loader processes when the batches they hold in /dev/shm would not fit there (a
     container's default is 64 MiB): past it, a loader process dies of a bus error mid-run.
-    Returns (workers, why) with `why` None when nothing had to change."""
+    Returns (workers, why), keeping the given reason when nothing had to change."""
     if workers == 0 or hw.shared_memory == 0:
-        return workers, None
+        return workers, why
     canvas = size * 3 // 2
     per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4  # uint8 canvas, 2 views
     held = LOADER_PREFETCH * batch * per_image  # by each loader process at once
     fitting = min(workers, int(SHARED_MEMORY_SHARE * hw.shared_memory // held))
     if fitting == workers:
-        return workers, None
-    return fitting, (f"/dev/shm has {hw.shared_memory / 2**20:,.0f} MiB free and each loader process holds "
-                     f"{held / 2**20:,.0f} MiB there: {fitting} of {workers} (a larger /dev/shm, e.g. "
-                     "docker run --shm-size 8g, allows more)")
+        return workers, why
+    return fitting, (
+        f"/dev/shm has {hw.shared_memory / 2**20:,.0f} MiB free and each loader process holds "
+        f"{held / 2**20:,.0f} MiB there: {fitting} of {workers} (a larger /dev/shm, e.g. "
+        "docker run --shm-size 8g, allows more)"
+    )
+
+
+def step_time(step_seconds: float, data_seconds: float, workers: int) -> float:
+    """A micro-step's seconds: loader processes overlap with the step; without them decoding runs in between."""
+    return max(step_seconds, data_seconds) if workers else step_seconds + data_seconds
 
 
 def decoded_bytes(images: int, size: int) -> int:
@@ -119,8 +145,24 @@ def choose_augment_on(size: int, hw: Hardware, in_memory: bool) -> tuple[str, st
     return "cpu", "loader processes keep up at this size"
 
 
+def choose_data_path(images: int, size: int, hw: Hardware, pinned: str | None) -> tuple[str, bool, str, str]:
+    """Where views are made (`pinned` by --augment-on, or chosen), and whether the images are decoded
+    into memory once. Returns (augment_on, in_memory, why augment_on, why in_memory)."""
+    fits, why_memory = choose_in_memory(images, size, hw)
+    augment_on, why_augment = (pinned, "set by flag") if pinned is not None else choose_augment_on(size, hw, fits)
+    in_memory = fits and augment_on == "device"
+    if fits and not in_memory:
+        why_memory = "--augment-on cpu decodes in loader processes"
+    return augment_on, in_memory, why_augment, why_memory
+
+
 def base_lr_for(epochs: float) -> float:
     return 0.45 if epochs < 300 else 0.3 if epochs <= 1000 else 0.2
+
+
+def choose_base_lr(epochs: float) -> tuple[float, str]:
+    base_lr = base_lr_for(epochs)
+    return base_lr, f"base {base_lr} for a {epochs:.3g}-epoch run, × global batch/256"
 
 
 def tau_for(epochs: float, total_steps: int) -> tuple[float, str]:
@@ -144,8 +186,10 @@ def fit_batch(start: int, cap: int, probe: Callable[[int], float], floor: int = 
         except OutOfMemory:
             batch //= 2
             if batch < floor:
-                raise UserError(f"not even a batch of {floor} images fits in the device's memory; "
-                                "try a smaller --image-size or --backbone") from None
+                raise UserError(
+                    f"not even a batch of {floor} images fits in the device's memory; "
+                    "try a smaller --image-size or --backbone"
+                ) from None
     if batch < start:
         return batch, seconds
     while batch * 2 <= cap:
@@ -174,8 +218,10 @@ def time_precisions(setting: StepSetting, probe: Callable[[StepSetting], float])
     timed = {p: probe(replace(setting, precision=p)) for p in ("fp32", "bf16")}
     precision = "bf16" if timed["bf16"] * BF16_MARGIN < timed["fp32"] else "fp32"
     batch = setting.batch
-    return precision, (f"timed on this CPU: fp32 {batch / timed['fp32']:.0f}, bf16 {batch / timed['bf16']:.0f} "
-                       f"images/s (bf16 must win by {BF16_MARGIN - 1:.0%})")
+    return precision, (
+        f"timed on this CPU: fp32 {batch / timed['fp32']:.0f}, bf16 {batch / timed['bf16']:.0f} "
+        f"images/s (bf16 must win by {BF16_MARGIN - 1:.0%})"
+    )
 
 
 def resident_bytes(images: int, size: int, in_memory: bool, hw: Hardware) -> int:
@@ -184,8 +230,18 @@ def resident_bytes(images: int, size: int, in_memory: bool, hw: Hardware) -> int
     return resident if resident < GPU_RESIDENT_SHARE * hw.free_memory else 0
 
 
-def choose_batch(setting: StepSetting, images: int, hw: Hardware, pinned: int | None,
-                 probe: Callable[[StepSetting], float], world_size: int) -> tuple[int, float, int, str]:
+def cpu_batch(images: int) -> int:
+    return min(CPU_BATCH, max(MIN_BATCH, power_of_two_at_most(images / 8)))
+
+
+def choose_batch(
+    setting: StepSetting,
+    images: int,
+    hw: Hardware,
+    pinned: int | None,
+    probe: Callable[[StepSetting], float],
+    world_size: int,
+) -> tuple[int, float, int, str]:
     """The per-device batch (`pinned` by flag, or chosen) and its probed step time; returns
     (batch, seconds, cap, why)."""
     # At least 8 steps per epoch, but never a batch so small that batch norm is noise.
@@ -208,29 +264,38 @@ def choose_batch(setting: StepSetting, images: int, hw: Hardware, pinned: int | 
         batch, step_seconds = fit_batch(start, cap, timed)
         why = f"largest that fit in probed steps (searched from {start}, capped at {cap})"
     if batch * world_size > images:
-        raise UserError(f"a batch of {batch} per process × {world_size} processes is more than the {images} images found"
-                        if world_size > 1 else f"--batch-size {batch} is larger than the {images} images found")
+        raise UserError(
+            f"a batch of {batch} per process × {world_size} processes is more than the {images} images found"
+            if world_size > 1
+            else f"--batch-size {batch} is larger than the {images} images found"
+        )
     return batch, step_seconds, cap, why
 
 
-def choose_accumulation(batch: int, cap: int, images: int, hw: Hardware, pinned: bool,
-                        world_size: int) -> tuple[int, str]:
+def choose_accumulation(
+    batch: int, cap: int, images: int, hw: Hardware, pinned: bool, world_size: int
+) -> tuple[int, str]:
     devices_batch = batch * world_size
     if hw.kind == "cpu" or devices_batch >= 128 or pinned or batch >= cap:
         return 1, "not needed"
     accumulation = max(1, min(EFFECTIVE_BATCH // devices_batch, images // devices_batch // 8 or 1))
-    return accumulation, (f"memory allows {devices_batch} per step; accumulate to "
-                          f"{devices_batch * accumulation} (BYOL degrades below 256)")
+    return accumulation, (
+        f"memory allows {devices_batch} per step; accumulate to "
+        f"{devices_batch * accumulation} (BYOL degrades below 256)"
+    )
 
 
-def choose_length(epochs: int | None, time_budget: float | None, steps_per_epoch: int,
-                  seconds_per_step: float) -> tuple[int, str]:
+def choose_length(
+    epochs: int | None, time_budget: float | None, steps_per_epoch: int, seconds_per_step: float
+) -> tuple[int, str]:
     """The run's optimizer steps: from --epochs, from --time at the measured speed, or the default."""
     if epochs is not None:
         return epochs * steps_per_epoch, "set by flag"
     if time_budget is not None:
-        return (max(1, int(time_budget / seconds_per_step)),
-                f"what fits in the {format_seconds(time_budget)} budget at the measured step time")
+        return (
+            max(1, int(time_budget / seconds_per_step)),
+            f"what fits in the {format_seconds(time_budget)} budget at the measured step time",
+        )
     return DEFAULT_EPOCHS * steps_per_epoch, f"default {DEFAULT_EPOCHS} epochs (set --time or --epochs)"
 
 

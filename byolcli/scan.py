@@ -13,11 +13,11 @@ import json
 import os
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
 
 from PIL import Image, UnidentifiedImageError
 

@@ -9,7 +9,7 @@ command finishes the step or batch in progress, saves what it has and raises
 from __future__ import annotations
 
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -29,7 +29,7 @@ class StopRequests:
         self.second_quits = second_quits
         self._previous: dict = {}
 
-    def __enter__(self) -> "StopRequests":
+    def __enter__(self) -> StopRequests:
         self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
         return self
 

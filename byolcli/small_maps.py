@@ -14,14 +14,14 @@ Only on CPU: GPU convolution libraries have not been measured against it.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 
-@lru_cache(maxsize=None)
+@cache
 def dense_layout(height: int, width: int, kernel: tuple, stride: tuple, padding: tuple):
     """How a convolution over a height×width map reads its kernel, if every output pixel
     sees every input pixel; else None.
@@ -88,8 +88,13 @@ class SmallMapConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layout = None
-        if x.device.type == "cpu" and self.groups == 1 and self.dilation == (1, 1) \
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+        if (
+            x.device.type == "cpu"
+            and self.groups == 1
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
             layout = dense_layout(x.shape[2], x.shape[3], self.kernel_size, self.stride, self.padding)
         if layout is None:
             return super().forward(x)

@@ -19,12 +19,20 @@ AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 class ByolStep:
     """The optimizer and loss scaler of a BYOL model, and the step they take together."""
 
-    def __init__(self, model: BYOL, precision: str, device_type: str, lr: float,
-                 weight_decay: float = RECIPE.weight_decay, forward: nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        model: BYOL,
+        precision: str,
+        device_type: str,
+        lr: float,
+        weight_decay: float = RECIPE.weight_decay,
+        forward: nn.Module | None = None,
+    ) -> None:
         self.model = model
         self.forward = forward or model  # with several processes, DistributedDataParallel around the model
-        self.optimizer = LARS(lars_groups(model.online_encoder, model.online_projector, model.predictor),
-                              lr=lr, weight_decay=weight_decay)
+        self.optimizer = LARS(
+            lars_groups(model.online_encoder, model.online_projector, model.predictor), lr=lr, weight_decay=weight_decay
+        )
         self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
         self.device_type = device_type
         self.dtype = AUTOCAST.get(precision)
@@ -33,8 +41,9 @@ class ByolStep:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def accumulate(self, view1: torch.Tensor, view2: torch.Tensor,
-                   accumulation: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(
+        self, view1: torch.Tensor, view2: torch.Tensor, accumulation: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward and backward pass of one of `accumulation` micro-batches. Returns its loss
         (detached) and the online projections of view 1."""
         with mixed_precision(self.device_type, self.dtype):

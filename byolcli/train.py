@@ -122,8 +122,16 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
     encoder_path = out / ENCODER
     if world.is_main:
         save_encoder(
-            trainer.model.online_encoder, encoder_path, architecture=plan.backbone, image_size=plan.image_size,
-            mean=MEAN, std=STD, train_images=plan.images, epochs=plan.epochs, steps=trainer.step, source=root,
+            trainer.model.online_encoder,
+            encoder_path,
+            architecture=plan.backbone,
+            image_size=plan.image_size,
+            mean=MEAN,
+            std=STD,
+            train_images=plan.images,
+            epochs=plan.epochs,
+            steps=trainer.step,
+            source=root,
         )
         reporter.info(f"encoder written to {encoder_path}")
     distributed.barrier(world)  # nobody leaves before the encoder is written
@@ -133,11 +141,18 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
 def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
     if world.local_size > 1:  # the processes on this machine share its cores and memory
-        hw = replace(hw, ram=hw.ram // world.local_size, cores=max(1, hw.cores // world.local_size),
-                     shared_memory=hw.shared_memory // world.local_size)
+        hw = replace(
+            hw,
+            ram=hw.ram // world.local_size,
+            cores=max(1, hw.cores // world.local_size),
+            shared_memory=hw.shared_memory // world.local_size,
+        )
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
     plan = make_plan(
-        [min(image.width, image.height) for image in manifest.images], len(manifest.skipped), hw, overrides,
+        [min(image.width, image.height) for image in manifest.images],
+        len(manifest.skipped),
+        hw,
+        overrides,
         probe=lambda setting: probe_step(hw, setting),
         data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
         world_size=world.size,
@@ -162,17 +177,23 @@ def _halve_batch(plan: Plan, out: Path, reporter) -> dict | None:
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     _truncate_metrics(out / METRICS, state["step"] if state else 0)
-    reporter.warn(f"out of memory at a batch of {before}: continuing with {plan.batch_size} × {plan.accumulation} "
-                  f"accumulated (the same global batch of {plan.effective_batch}) from "
-                  + (f"the checkpoint at step {state['step']:,}" if state else "the start"))
+    reporter.warn(
+        f"out of memory at a batch of {before}: continuing with {plan.batch_size} × {plan.accumulation} "
+        f"accumulated (the same global batch of {plan.effective_batch}) from "
+        + (f"the checkpoint at step {state['step']:,}" if state else "the start")
+    )
     return state
 
 
-def _resume(state: dict, root: Path, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
+def _resume(
+    state: dict, root: Path, out: Path, overrides: Overrides, reporter, world: World
+) -> tuple[Plan, list[Path]]:
     plan = Plan.from_dict(state["plan"])
     if state["step"] >= plan.total_steps and (out / ENCODER).exists():
-        raise UserError(f"{out} already holds a finished run ({out / ENCODER}); "
-                        "use --restart to train again or --out for a new run folder")
+        raise UserError(
+            f"{out} already holds a finished run ({out / ENCODER}); "
+            "use --restart to train again or --out for a new run folder"
+        )
     _warn_changed_flags(overrides, plan, reporter)
     detect_hardware(plan.device)  # fails clearly if that device is gone
     # The image list the run started with: the sampler's order depends on it.
@@ -201,57 +222,83 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
 
     # Under a launcher a second signal is the launcher passing on the terminal's own.
     try:
-        with StopRequests(on_stop_request, second_quits=world.size == 1), \
-                training_progress(plan, trainer.step, reporter) as show:
-            def on_log(record: dict) -> None:
-                try:
-                    metrics.write(json.dumps(record) + "\n")
-                    metrics.flush()
-                except OSError as exc:
-                    raise write_failed(out / METRICS, exc) from exc
-                show(record)
-                if record["collapsed"] and not trainer.warned_collapse:
-                    trainer.warned_collapse = True
-                    reporter.warn(
-                        f"the representation looks collapsed at step {record['step']} (projection spread "
-                        f"{record['projection_std']}, effective rank {record['effective_rank']}): every image "
-                        "maps to nearly the same vector. The learning rate may be too high (--lr)."
-                    )
+        with (
+            StopRequests(on_stop_request, second_quits=world.size == 1),
+            training_progress(plan, trainer.step, reporter) as show,
+        ):
+            on_log = _metrics_logger(trainer, metrics, out / METRICS, show, reporter)
 
             def train_until(step: int) -> None:
-                trainer.run(step, on_log=on_log if world.is_main else None,
-                            on_checkpoint=(lambda _: trainer.save(out / CHECKPOINT)) if world.is_main else None,
-                            log_every=request.log_every, checkpoint_every=request.checkpoint_every)
+                trainer.run(
+                    step,
+                    on_log=on_log if world.is_main else None,
+                    on_checkpoint=(lambda _: trainer.save(out / CHECKPOINT)) if world.is_main else None,
+                    log_every=request.log_every,
+                    checkpoint_every=request.checkpoint_every,
+                )
 
-            warm, timed = CALIBRATION
-            if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * timed:
-                started = time.perf_counter()
-                train_until(warm)
-                timing = time.perf_counter()
-                train_until(timed)
-                if not trainer.stopping:
-                    # Rank 0's clock decides for all, so every rank re-plans the same length.
-                    now = time.perf_counter()
-                    seconds_left, step_seconds = distributed.share(
-                        world, lambda: (plan.time_budget - (now - started), (now - timing) / (timed - warm)))
-                    warned = short_run_warning(plan) is not None  # said before the first step
-                    refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
-                    if world.is_main:
-                        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
-                    reporter.info(f"re-planned from the measured speed: {plan.total_steps:,} steps "
-                                  f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step")
-                    warning = short_run_warning(plan)
-                    if warning and not warned:
-                        reporter.warn(warning)
+            if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * CALIBRATION[1]:
+                _calibrate(trainer, train_until, out, reporter)
             train_until(plan.total_steps)
     finally:
         if metrics:
             with suppress(OSError):  # a full disk was reported where it happened
                 metrics.close()
     if trainer.stopping and trainer.step < plan.total_steps:  # a stop asked for at the last step changes nothing
-        reporter.info(f"stopped at step {trainer.step:,}; checkpoint saved in {out}. "
-                      "Run the same command again to resume.")
+        reporter.info(
+            f"stopped at step {trainer.step:,}; checkpoint saved in {out}. Run the same command again to resume."
+        )
         raise Stopped(int(trainer.stopping))
+
+
+def _metrics_logger(trainer: Trainer, metrics, path: Path, show, reporter):
+    """What each metrics record goes through: a line of metrics.jsonl, the progress display, and a
+    warning the first time the representation looks collapsed."""
+
+    def on_log(record: dict) -> None:
+        try:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+        except OSError as exc:
+            raise write_failed(path, exc) from exc
+        show(record)
+        if record["collapsed"] and not trainer.warned_collapse:
+            trainer.warned_collapse = True
+            reporter.warn(
+                f"the representation looks collapsed at step {record['step']} (projection spread "
+                f"{record['projection_std']}, effective rank {record['effective_rank']}): every image "
+                "maps to nearly the same vector. The learning rate may be too high (--lr)."
+            )
+
+    return on_log
+
+
+def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
+    """Under --time: train the calibration steps, then re-plan the run's length from their speed."""
+    plan, world = trainer.plan, trainer.world
+    warm, timed = CALIBRATION
+    started = time.perf_counter()
+    train_until(warm)
+    timing = time.perf_counter()
+    train_until(timed)
+    if trainer.stopping:
+        return
+    # Rank 0's clock decides for all, so every rank re-plans the same length.
+    now = time.perf_counter()
+    seconds_left, step_seconds = distributed.share(
+        world, lambda: (plan.time_budget - (now - started), (now - timing) / (timed - warm))
+    )
+    warned = short_run_warning(plan) is not None  # said before the first step
+    refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
+    if world.is_main:
+        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+    reporter.info(
+        f"re-planned from the measured speed: {plan.total_steps:,} steps "
+        f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step"
+    )
+    warning = short_run_warning(plan)
+    if warning and not warned:
+        reporter.warn(warning)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -282,22 +329,37 @@ def _move_aside(out: Path, reporter) -> None:
 
 
 # Override name -> the Plan field it sets.
-PLANNED_AS = {"time_budget": "time_budget", "backbone": "backbone", "image_size": "image_size",
-              "batch_size": "batch_size", "lr": "base_lr", "workers": "workers", "precision": "precision",
-              "augment_on": "augment_on", "init": "init", "stem": "stem", "seed": "seed"}
+PLANNED_AS = {
+    "time_budget": "time_budget",
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "batch_size": "batch_size",
+    "lr": "base_lr",
+    "workers": "workers",
+    "precision": "precision",
+    "augment_on": "augment_on",
+    "init": "init",
+    "stem": "stem",
+    "seed": "seed",
+}
 
 
 def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
     """Rerunning the same command resumes silently; flags that would change the plan are named."""
-    changed = [f"--{name.replace('_', '-')}" for name, field_name in PLANNED_AS.items()
-               if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)]
+    changed = [
+        f"--{name.replace('_', '-')}"
+        for name, field_name in PLANNED_AS.items()
+        if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)
+    ]
     if over.epochs is not None and (plan.time_budget is not None or over.epochs != round(plan.epochs)):
         changed.append("--epochs")
     if over.device is not None and not plan.device.startswith(over.device):
         changed.append("--device")
     if changed:
-        reporter.warn(f"resuming with the saved plan; {', '.join(changed)} differ from it and are ignored "
-                      "(--restart to start a new run with them)")
+        reporter.warn(
+            f"resuming with the saved plan; {', '.join(changed)} differ from it and are ignored "
+            "(--restart to start a new run with them)"
+        )
 
 
 def _validate(over: Overrides) -> Overrides:

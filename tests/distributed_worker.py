@@ -1,6 +1,6 @@
 """Run by test_distributed.py under torchrun: a few training steps on each rank, saving what it saw.
 
-    torchrun --nproc-per-node=2 tests/distributed_worker.py PLAN.json FOLDER OUT STEPS
+torchrun --nproc-per-node=2 tests/distributed_worker.py PLAN.json FOLDER OUT STEPS
 """
 
 import json
@@ -11,8 +11,8 @@ import torch
 
 from byolcli import distributed
 from byolcli.data import TwoViewDataset
-from byolcli.plan import Plan
 from byolcli.engine import Trainer
+from byolcli.plan import Plan
 
 
 def main(plan_file: str, folder: str, out: str, steps: str) -> None:
@@ -26,8 +26,9 @@ def main(plan_file: str, folder: str, out: str, steps: str) -> None:
     trainer = Trainer(plan, sorted(Path(folder).iterdir()), world)
     losses = []
     trainer.run(int(steps), on_log=lambda record: losses.append(record["loss"]), log_every=0)
-    torch.save({"seen": seen, "losses": losses, "state": trainer.model.state_dict()},
-               Path(out) / f"rank{world.rank}.pt")
+    torch.save(
+        {"seen": seen, "losses": losses, "state": trainer.model.state_dict()}, Path(out) / f"rank{world.rank}.pt"
+    )
     distributed.stop(world)
 
 

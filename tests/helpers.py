@@ -19,7 +19,11 @@ def run_byol(*args, cwd=None, env_extra=None, timeout=600):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "byolcli", *map(str, args)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -154,11 +158,28 @@ def tiny_plan(images: int, **changes):
     from byolcli.plan import Plan
 
     values = dict(
-        device="cpu", device_name="CPU", backbone="resnet18", image_size=32, batch_size=8, accumulation=1,
-        precision="fp32", workers=0, channels_last=False, images=images, skipped=0,
-        steps_per_epoch=images // 8, total_steps=40, epochs=40 / (images // 8), warmup_steps=4,
-        base_lr=0.45, lr=0.45 * 8 / 256, tau_base=0.97, weight_decay=1.5e-6, seed=0,
-        step_seconds=0.1, time_budget=None,
+        device="cpu",
+        device_name="CPU",
+        backbone="resnet18",
+        image_size=32,
+        batch_size=8,
+        accumulation=1,
+        precision="fp32",
+        workers=0,
+        channels_last=False,
+        images=images,
+        skipped=0,
+        steps_per_epoch=images // 8,
+        total_steps=40,
+        epochs=40 / (images // 8),
+        warmup_steps=4,
+        base_lr=0.45,
+        lr=0.45 * 8 / 256,
+        tau_base=0.97,
+        weight_decay=1.5e-6,
+        seed=0,
+        step_seconds=0.1,
+        time_budget=None,
     )
     values.update(changes)
     return Plan(**values)
@@ -196,6 +217,16 @@ def random_encoder_file(path: Path, seed: int = 0, size: int = 32) -> Path:
     from byolcli.model import make_backbone
 
     torch.manual_seed(seed)
-    save_encoder(make_backbone("resnet18"), path, architecture="resnet18", image_size=size, mean=MEAN, std=STD,
-                 train_images=10, epochs=1, steps=1, source="test")
+    save_encoder(
+        make_backbone("resnet18"),
+        path,
+        architecture="resnet18",
+        image_size=size,
+        mean=MEAN,
+        std=STD,
+        train_images=10,
+        epochs=1,
+        steps=1,
+        source="test",
+    )
     return path

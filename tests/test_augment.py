@@ -30,7 +30,9 @@ def test_full_box_without_flip_is_the_identity_and_flip_mirrors():
     same = A.crop_resize(canvas, sizes, full, torch.tensor([False, False]), 24)
     assert torch.allclose(same, canvas, atol=1e-5)
     mirrored = A.crop_resize(canvas, sizes, full, torch.tensor([True, False]), 24)
-    assert torch.allclose(mirrored[0], canvas[0].flip(-1), atol=1e-5) and torch.allclose(mirrored[1], canvas[1], atol=1e-5)
+    assert torch.allclose(mirrored[0], canvas[0].flip(-1), atol=1e-5) and torch.allclose(
+        mirrored[1], canvas[1], atol=1e-5
+    )
 
 
 def test_a_box_selects_that_region_of_the_original():
@@ -49,7 +51,12 @@ def test_hsv_round_trip_and_hue_matches_torchvision():
     torch.manual_seed(1)
     jittered = A.color_jitter(x, torch.ones(4, dtype=torch.bool), brightness=0, contrast=0, saturation=0, hue=0.1)
     torch.manual_seed(1)
-    shifts = torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(1, 1), torch.empty(4).uniform_(-0.1, 0.1)
+    shifts = (
+        torch.empty(4).uniform_(1, 1),
+        torch.empty(4).uniform_(1, 1),
+        torch.empty(4).uniform_(1, 1),
+        torch.empty(4).uniform_(-0.1, 0.1),
+    )
     for i in range(4):
         assert torch.allclose(jittered[i], TF.adjust_hue(x[i], shifts[3][i].item()), atol=1e-4)
 
@@ -101,8 +108,9 @@ def test_both_augmentation_paths_read_one_recipe(monkeypatch):
     view = data.byol_view(96, *RECIPE.views()[0])
     jitter = next(t for t in view.transforms if isinstance(t, v2.RandomApply)).transforms[0]
     assert jitter.brightness == (1 - RECIPE.brightness, 1 + RECIPE.brightness)
-    blur = next(t for t in view.transforms if isinstance(t, v2.RandomApply) and
-                isinstance(t.transforms[0], v2.GaussianBlur)).transforms[0]
+    blur = next(
+        t for t in view.transforms if isinstance(t, v2.RandomApply) and isinstance(t.transforms[0], v2.GaussianBlur)
+    ).transforms[0]
     assert list(blur.kernel_size) == [RECIPE.blur_kernel(96)] * 2
     # The batched path asks the same recipe for its kernel and its view probabilities.
     seen = []

@@ -5,14 +5,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import shapes_folder, tiny_plan
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from byolcli.embed import autocast_dtype
-from byolcli.errors import TrainingFailed
 from byolcli.engine import OVERFLOWS_IN_A_ROW, Trainer
+from byolcli.errors import TrainingFailed
 from byolcli.hardware import GiB, detect_hardware
-from byolcli.rules import choose_precision
-from helpers import shapes_folder, tiny_plan
+from byolcli.rules import device_precision
 
 # (name, compute capability, memory): what torch.cuda reports for each fake device.
 GPUS = [("NVIDIA A100-SXM4-40GB", (8, 0), 40 * GiB), ("Tesla T4", (7, 5), 15 * GiB)]
@@ -26,8 +26,11 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(GPUS))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: GPUS[index or 0][1])
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda index: SimpleNamespace(name=GPUS[index][0], total_memory=GPUS[index][2]))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda index: SimpleNamespace(name=GPUS[index][0], total_memory=GPUS[index][2]),
+    )
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index=None: (GPUS[index or 0][2] // 2, GPUS[index or 0][2]))
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
 
@@ -35,7 +38,7 @@ def fake_cuda(monkeypatch):
 def test_bf16_only_on_gpus_that_compute_it_and_asked_of_the_planned_gpu(fake_cuda):
     a100, t4 = detect_hardware("cuda:0"), detect_hardware("cuda:1")
     assert (a100.name, a100.bf16, t4.name, t4.bf16) == ("NVIDIA A100-SXM4-40GB", True, "Tesla T4", False)
-    assert choose_precision(a100)[0] == "bf16" and choose_precision(t4)[0] == "fp16"
+    assert device_precision(a100)[0] == "bf16" and device_precision(t4)[0] == "fp16"
     assert autocast_dtype(torch.device("cuda:0"), None) == torch.bfloat16
     assert autocast_dtype(torch.device("cuda:1"), None) == torch.float16
     assert autocast_dtype(torch.device("cuda:1"), "fp32") is None
@@ -93,8 +96,9 @@ def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees
 
     freed_while_alive = []
     monkeypatch.setattr(BYOL, "forward", failing_forward)
-    monkeypatch.setattr(probe, "release_cached_memory",
-                        lambda device: freed_while_alive.append(attempt["tensor"]() is not None))
+    monkeypatch.setattr(
+        probe, "release_cached_memory", lambda device: freed_while_alive.append(attempt["tensor"]() is not None)
+    )
     cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
     with pytest.raises(probe.OutOfMemory, match="CUBLAS_STATUS_ALLOC_FAILED"):
         probe.probe_step(cpu, probe.StepSetting("resnet18", 32, 4, "fp32", False))
@@ -164,22 +168,6 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch, tmp_path):
     assert hardware.usable_cores() == 3
 
 
-def test_loader_processes_fit_in_a_small_dev_shm():
-    from byolcli.hardware import Hardware
-    from byolcli.plan import Overrides, make_plan
-
-    def gpu(shm):
-        return Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 32, "cuda:0", 64 * GiB, shm)
-
-    images = [256] * 1_000_000  # too many to keep in memory: loader processes decode them
-    roomy = make_plan(images, 0, gpu(256 * GiB), Overrides(augment_on="cpu"), lambda *a: 0.5)
-    docker = make_plan(images, 0, gpu(64 * 2**20), Overrides(augment_on="cpu"), lambda *a: 0.5)
-    assert roomy.workers == 12 and not roomy.in_memory
-    assert docker.workers < 12 and "/dev/shm has 64 MiB free" in docker.reasons["workers"]
-    held = 4 * docker.batch_size * 2 * 3 * 224 * 224 * 4  # prefetched batches of two fp32 views
-    assert docker.workers * held <= 64 * 2**20
-
-
 class OnMPS(torch.Tensor):
     """A CPU tensor standing in for an MPS one: torch's MPS backend (up to at least 2.5) has no SVD."""
 
@@ -234,8 +222,17 @@ class NoHostSync(TorchDispatchMode):
     """Fails on what makes the host wait for a GPU: reading a value back, ops whose output size
     depends on the data, and tensors made from Python numbers (copied to the device each time)."""
 
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.is_nonzero",
-               "aten.equal", "aten.lift_fresh", "aten.repeat_interleave.Tensor", "aten.index.Tensor")
+    SYNCING = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique",
+        "aten.is_nonzero",
+        "aten.equal",
+        "aten.lift_fresh",
+        "aten.repeat_interleave.Tensor",
+        "aten.index.Tensor",
+    )
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func)
@@ -341,7 +338,9 @@ def test_the_probe_runs_the_step_training_runs(monkeypatch):
     chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe)
     assert chosen.in_memory and chosen.augment_on == "device"
     resident = decoded_bytes(50_000, chosen.image_size)
-    assert all((s.augment_on, s.resident, s.gradient_buckets) == ("device", resident, False) for s in probed)  # views on the GPU, decoded images beside
+    assert all(
+        (s.augment_on, s.resident, s.gradient_buckets) == ("device", resident, False) for s in probed
+    )  # views on the GPU, decoded images beside
     probed.clear()
     plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe, world_size=2)
     assert probed and all(s.gradient_buckets for s in probed)  # and DistributedDataParallel's gradient buckets
@@ -375,8 +374,11 @@ def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_c
 
     plan = json.loads((tmp_path / "run" / "plan.json").read_text())
     assert (plan["batch_size"], plan["accumulation"], plan["total_steps"]) == (4, 2, 8)
-    assert any("out of memory at a batch of 8: continuing with 4 × 2 accumulated (the same global batch of 8) "
-               "from the checkpoint at step 3" in w for w in warnings)
+    assert any(
+        "out of memory at a batch of 8: continuing with 4 × 2 accumulated (the same global batch of 8) "
+        "from the checkpoint at step 3" in w
+        for w in warnings
+    )
     assert (4, 3) in seen and load_encoder(encoder).byol_metadata["steps"] == "8"
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8

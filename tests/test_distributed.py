@@ -10,21 +10,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file
 from safetensors.torch import load_file
 
 from byolcli.data import EpochSampler
+from byolcli.engine import Trainer
 from byolcli.errors import UserError
 from byolcli.plan import fit_to_world
-from byolcli.engine import Trainer
-from helpers import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file
 
 STEPS = 5
 CLI_ARGS = ("--image-size", "32", "--batch-size", "4", "--workers", "0", "--precision", "fp32")
 
 
 def torchrun(*args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -49,12 +54,12 @@ def test_ranks_see_disjoint_shards_that_make_up_each_global_batch(two_ranks):
     assert len(first) == len(second) == STEPS * 4
     assert not set(first) & set(second)
     for step in range(STEPS):
-        batch = set(first[step * 4:(step + 1) * 4]) | set(second[step * 4:(step + 1) * 4])
+        batch = set(first[step * 4 : (step + 1) * 4]) | set(second[step * 4 : (step + 1) * 4])
         epoch, offset = divmod(step, 4)
         sampler = EpochSampler(32, seed=0)  # one process's order
         sampler.set_position(epoch)
         order = list(iter(sampler))
-        assert batch == set(order[offset * 8:(offset + 1) * 8])
+        assert batch == set(order[offset * 8 : (offset + 1) * 8])
 
 
 def test_weights_stay_identical_across_ranks(two_ranks):
@@ -77,12 +82,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(two_ranks, p
 
 
 def test_torchrun_cli_writes_one_set_of_files_and_exports_rank_zeros_encoder(photos, tmp_path):
-    result = torchrun("-m", "byolcli", "train", photos, "--epochs", "2", "--out", tmp_path / "run", *CLI_ARGS,
-                      cwd=tmp_path)
+    result = torchrun(
+        "-m", "byolcli", "train", photos, "--epochs", "2", "--out", tmp_path / "run", *CLI_ARGS, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"
     assert sorted(p.name for p in run.iterdir()) == [
-        ".lock", "checkpoint.pt", "encoder.safetensors", "images.txt", "metrics.jsonl", "plan.json"]
+        ".lock",
+        "checkpoint.pt",
+        "encoder.safetensors",
+        "images.txt",
+        "metrics.jsonl",
+        "plan.json",
+    ]
     assert result.stderr.count("training plan") == 1 and result.stderr.count("encoder written") == 1
     plan = json.loads((run / "plan.json").read_text())
     assert (plan["world_size"], plan["batch_size"], plan["sync_batchnorm"]) == (2, 4, True)
@@ -106,12 +118,40 @@ def free_port() -> int:
 def start_two_ranks(photos, run, epochs: int, checkpoint_every: str = "0.01") -> list[subprocess.Popen]:
     """The two ranks of a CLI run, started by hand, without torchrun's agent (which would
     act on a rank's death or a signal itself)."""
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               LOCAL_WORLD_SIZE="2", BYOL_DIST_TIMEOUT="60")
-    command = [sys.executable, "-m", "byolcli", "-q", "train", str(photos), "--epochs", str(epochs), "--out", str(run),
-               *CLI_ARGS, "--checkpoint-every", checkpoint_every]
-    ranks = [subprocess.Popen(command, cwd=run.parent, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(free_port()),
+        WORLD_SIZE="2",
+        LOCAL_WORLD_SIZE="2",
+        BYOL_DIST_TIMEOUT="60",
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "byolcli",
+        "-q",
+        "train",
+        str(photos),
+        "--epochs",
+        str(epochs),
+        "--out",
+        str(run),
+        *CLI_ARGS,
+        "--checkpoint-every",
+        checkpoint_every,
+    ]
+    ranks = [
+        subprocess.Popen(
+            command,
+            cwd=run.parent,
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     wait_for_file(ranks[0], run / "checkpoint.pt")
     return ranks
 
@@ -173,7 +213,12 @@ def test_gpus_flag_is_refused_clearly_without_cuda_or_under_a_launcher(photos, t
 def test_the_gpus_launcher_passes_on_rank_zeros_error_once(tmp_path):
     # `--gpus N` runs this launcher; here on CPU processes, since CI has no GPU.
     launch = "import sys; from byolcli.distributed import launch_local; sys.exit(launch_local(2, sys.argv[1:]))"
-    result = subprocess.run([sys.executable, "-c", launch, "train", str(tmp_path / "missing")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", launch, "train", str(tmp_path / "missing")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: no such folder"

@@ -4,12 +4,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import noise_image, random_encoder_file, run_byol, shapes_folder
 
 from byolcli import embed as e
 from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import load_encoder
 from byolcli.report import Reporter
-from helpers import random_encoder_file, noise_image, run_byol, shapes_folder
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +102,7 @@ def test_interrupted_embed_resumes_to_the_same_result(folder, encoder_file, tmp_
     assert done == 6
 
     seen = []
+
     def counting(paths, *args, **kwargs):
         seen.extend(paths)
         return real(paths, *args, **kwargs)
@@ -138,9 +139,11 @@ def test_python_api_returns_vectors_and_paths(folder, encoder_file):
 def test_model_errors_are_one_line_exit_2(folder, tmp_path):
     fake = tmp_path / "fake.safetensors"
     fake.write_text("not a model")
-    cases = [(("--model", fake), "not a safetensors model file"),
-             (("--model", tmp_path / "missing.safetensors"), "no such model file"),
-             ((), "no encoder found")]
+    cases = [
+        (("--model", fake), "not a safetensors model file"),
+        (("--model", tmp_path / "missing.safetensors"), "no such model file"),
+        ((), "no encoder found"),
+    ]
     for args, message in cases:
         result = run_byol("embed", folder, "--out", tmp_path / "v.npy", *args, cwd=tmp_path)
         assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -15,8 +15,13 @@ from helpers import shapes_folder, tiny_plan
 
 REFERENCE = Path(__file__).parent / "data" / "equivalence.pt"
 # Weights of both LARS groups (adapted conv weights, excluded batch-norm parameters), and a running mean.
-WEIGHTS = ("conv1.weight", "bn1.weight", "layer3.0.downsample.0.weight", "layer4.1.bn2.bias",
-           "layer4.1.bn2.running_mean")
+WEIGHTS = (
+    "conv1.weight",
+    "bn1.weight",
+    "layer3.0.downsample.0.weight",
+    "layer4.1.bn2.bias",
+    "layer4.1.bn2.running_mean",
+)
 STEPS = 3
 
 
@@ -25,8 +30,14 @@ def fingerprint(folder: Path, in_memory: bool) -> dict:
     from byolcli.scan import scan
 
     paths = scan(shapes_folder(folder, count=32)).absolute_paths()
-    plan = tiny_plan(len(paths), total_steps=STEPS, warmup_steps=1, lr=2.0, in_memory=in_memory,
-                     augment_on="device" if in_memory else "cpu")
+    plan = tiny_plan(
+        len(paths),
+        total_steps=STEPS,
+        warmup_steps=1,
+        lr=2.0,
+        in_memory=in_memory,
+        augment_on="device" if in_memory else "cpu",
+    )
     trainer = Trainer(plan, paths)
     encoder = trainer.model.online_encoder
     initial = {name: encoder.state_dict()[name].double() for name in WEIGHTS}
@@ -36,8 +47,11 @@ def fingerprint(folder: Path, in_memory: bool) -> dict:
     with torch.no_grad():
         outputs = encoder.eval()(torch.randn(4, 3, 32, 32))
     state = encoder.state_dict()
-    return {"losses": torch.tensor(losses), "outputs": outputs,
-            **{f"{name} change": (state[name].double() - initial[name]).float() for name in WEIGHTS}}
+    return {
+        "losses": torch.tensor(losses),
+        "outputs": outputs,
+        **{f"{name} change": (state[name].double() - initial[name]).float() for name in WEIGHTS},
+    }
 
 
 def fingerprints(folder: Path) -> dict:
@@ -50,8 +64,9 @@ def test_a_few_seeded_steps_compute_what_the_reference_computed(tmp_path):
         for name, tensor in tensors.items():
             # Summation order differs between CPU kernels (AVX2, AVX-512) and thread counts: a changed
             # step moves these by orders of magnitude more.
-            torch.testing.assert_close(tensor, reference[path][name], rtol=2e-2, atol=1e-6,
-                                       msg=lambda m, p=path, n=name: f"{p}, {n}: {m}")
+            torch.testing.assert_close(
+                tensor, reference[path][name], rtol=2e-2, atol=1e-6, msg=lambda m, p=path, n=name: f"{p}, {n}: {m}"
+            )
 
 
 if __name__ == "__main__":

@@ -3,12 +3,12 @@ import shutil
 
 import pytest
 import torch
+from helpers import cache_imagenet_weights, noise_image, random_encoder_file, run_byol, shapes_folder
 
 from byolcli.errors import UserError
 from byolcli.evaluate import make_protocol, score
 from byolcli.labels import drop_missing, read_labels
 from byolcli.metrics import knn_scores, linear_probe_scores, summarize
-from helpers import random_encoder_file, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 
 def blobs(per_class=100, classes=4, dim=16, seed=0):
@@ -82,7 +82,7 @@ def test_split_column_is_honoured_without_leakage(labelled):
     rows = "".join(f'"{n}",{"ab"[i % 2]},{s}\n' for i, (n, s) in enumerate(zip(names, splits)))
     data = read_labels(write_csv(folder / "l.csv", "path,label,split\n" + rows))
     y = torch.tensor([0, 1] * 3)
-    (train, test, val), = make_protocol(data, y, folder / "l.csv").folds
+    ((train, test, val),) = make_protocol(data, y, folder / "l.csv").folds
     assert train.tolist() == [0, 2, 4] and test.tolist() == [1, 5] and val.tolist() == [3]
 
 
@@ -100,15 +100,18 @@ def test_cross_validation_tests_every_row_once_and_never_trains_on_it():
     assert score(x, y, 3, protocol)["knn"]["top1"] == 1.0
 
 
-@pytest.mark.parametrize("content, message", [
-    ("", "empty file"),
-    ("name,colour\nx.png,red\n", "line 1: the header has no image path column"),
-    ("path,colour\nx.png,red\n", "line 1: the header has no label column"),
-    ("path,label\nc.png,a\nd.png,a\n", "only one class"),
-    ("path,label\nc.png,a\nd.png,a\ne.png,b\n", "line 4: class 'b' has only one image"),
-    ("path,label\nc.png,a\nd.png,\n", "line 3: empty label"),
-    ("path,label,split\nc.png,a,train\nd.png,b,holdout\n", "line 3: split 'holdout'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "empty file"),
+        ("name,colour\nx.png,red\n", "line 1: the header has no image path column"),
+        ("path,colour\nx.png,red\n", "line 1: the header has no label column"),
+        ("path,label\nc.png,a\nd.png,a\n", "only one class"),
+        ("path,label\nc.png,a\nd.png,a\ne.png,b\n", "line 4: class 'b' has only one image"),
+        ("path,label\nc.png,a\nd.png,\n", "line 3: empty label"),
+        ("path,label,split\nc.png,a,train\nd.png,b,holdout\n", "line 3: split 'holdout'"),
+    ],
+)
 def test_bad_csvs_are_named_with_their_line(labelled, content, message):
     folder, _ = labelled
     csv_path = write_csv(folder / "bad.csv", content)
@@ -144,8 +147,19 @@ def test_byol_evaluate_end_to_end(tmp_path, encoder_file):
         noise_image((32, 32), seed=i).save(b / f"{i}.png")
     rows = [f"a/{p.name},shapes" for p in sorted(a.iterdir())] + [f"b/{p.name},noise" for p in sorted(b.iterdir())]
     csv_path = write_csv(tmp_path / "labels.csv", "image,class\n" + "\n".join(rows) + "\n")
-    result = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file, "--json", tmp_path / "r.json",
-                      "--baseline", encoder_file, "--report", tmp_path / "gallery")
+    result = run_byol(
+        "evaluate",
+        "--labels",
+        csv_path,
+        "--model",
+        encoder_file,
+        "--json",
+        tmp_path / "r.json",
+        "--baseline",
+        encoder_file,
+        "--report",
+        tmp_path / "gallery",
+    )
     assert result.returncode == 0, result.stderr
     assert "random init" in result.stdout and "kNN top-1" in result.stdout and "5-fold" in result.stdout
     report = json.loads((tmp_path / "r.json").read_text())
@@ -170,15 +184,36 @@ def test_imagenet_baseline_uses_torchvisions_weights_for_the_same_architecture(t
     rows = [f"a/{p.name},{'left' if i % 2 else 'right'}" for i, p in enumerate(sorted(folder.iterdir()))]
     csv_path = write_csv(tmp_path / "labels.csv", "image,class\n" + "\n".join(rows) + "\n")
     cache_imagenet_weights(tmp_path / "torch", seed=1)  # the same weights encoder_file holds
-    result = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file, "--baseline", "imagenet",
-                      "--json", tmp_path / "r.json", env_extra={"TORCH_HOME": str(tmp_path / "torch")})
+    result = run_byol(
+        "evaluate",
+        "--labels",
+        csv_path,
+        "--model",
+        encoder_file,
+        "--baseline",
+        "imagenet",
+        "--json",
+        tmp_path / "r.json",
+        env_extra={"TORCH_HOME": str(tmp_path / "torch")},
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["sources"]["baseline"] == "imagenet"
     assert report["results"]["baseline"]["knn"] == report["results"]["encoder"]["knn"]
 
-    offline = run_byol("evaluate", "--labels", csv_path, "--model", encoder_file, "--baseline", "imagenet",
-                       env_extra={"TORCH_HOME": str(tmp_path / "empty"), "https_proxy": "http://127.0.0.1:9",
-                                  "HTTPS_PROXY": "http://127.0.0.1:9"})
+    offline = run_byol(
+        "evaluate",
+        "--labels",
+        csv_path,
+        "--model",
+        encoder_file,
+        "--baseline",
+        "imagenet",
+        env_extra={
+            "TORCH_HOME": str(tmp_path / "empty"),
+            "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+        },
+    )
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1
     assert "could not be downloaded" in offline.stderr and "resnet18-f37072fd.pth" in offline.stderr

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 from safetensors.torch import save_file
 
 from byolcli import embed as e
@@ -16,7 +17,6 @@ from byolcli.errors import UserError
 from byolcli.model import make_backbone
 from byolcli.names import read_names
 from byolcli.report import Reporter
-from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, shapes_folder
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -31,8 +31,18 @@ def trained_like_encoder(path, size, seed=0):
             module.running_mean.uniform_(-0.5, 0.5)
             module.running_var.uniform_(0.5, 2.0)
             module.weight.data.uniform_(0.5, 1.5)
-    save_encoder(model, path, architecture="resnet18", image_size=size, mean=MEAN, std=STD, train_images=1,
-                 epochs=1, steps=1, source="test")
+    save_encoder(
+        model,
+        path,
+        architecture="resnet18",
+        image_size=size,
+        mean=MEAN,
+        std=STD,
+        train_images=1,
+        epochs=1,
+        steps=1,
+        source="test",
+    )
     return path
 
 
@@ -85,9 +95,11 @@ def test_export_refuses_bad_flags_and_names_the_missing_extra(tmp_path, monkeypa
     from byolcli.export import export_onnx
 
     encoder = trained_like_encoder(tmp_path / "encoder.safetensors", 32)
-    for args, message in (((encoder, tmp_path / "m.onnx", "many", False), "--batch 'many'"),
-                          ((encoder, tmp_path / "m.txt", "1", False), "must end in .onnx"),
-                          ((tmp_path / "gone.safetensors", tmp_path / "m.onnx", "1", False), "no such model file")):
+    for args, message in (
+        ((encoder, tmp_path / "m.onnx", "many", False), "--batch 'many'"),
+        ((encoder, tmp_path / "m.txt", "1", False), "must end in .onnx"),
+        ((tmp_path / "gone.safetensors", tmp_path / "m.onnx", "1", False), "no such model file"),
+    ):
         with pytest.raises(UserError, match=message):
             export_onnx(*args, Reporter(quiet=True))
     real_import = builtins.__import__
@@ -123,14 +135,25 @@ def test_embed_and_evaluate_with_torchvisions_imagenet_weights(tmp_path, monkeyp
     csv = tmp_path / "labels.csv"
     csv.write_text("path,label\n" + "".join(f"photos/{n},{'ab'[i % 2]}\n" for i, n in enumerate(names)))
     env = {"TORCH_HOME": str(tmp_path / "torch")}
-    result = run_byol("evaluate", "--labels", csv, "--model", "imagenet", "--image-size", "32",
-                      "--json", tmp_path / "r.json", env_extra=env)
+    result = run_byol(
+        "evaluate",
+        "--labels",
+        csv,
+        "--model",
+        "imagenet",
+        "--image-size",
+        "32",
+        "--json",
+        tmp_path / "r.json",
+        env_extra=env,
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["results"]) == {"encoder", "random init"}
     assert "ImageNet resnet18 (32 px)" in report["sources"]["encoder"]
-    embedded = run_byol("evaluate", "--labels", csv, "--embeddings", tmp_path / "vecs.npy",
-                        "--json", tmp_path / "e.json", env_extra=env)
+    embedded = run_byol(
+        "evaluate", "--labels", csv, "--embeddings", tmp_path / "vecs.npy", "--json", tmp_path / "e.json", env_extra=env
+    )
     assert embedded.returncode == 0, embedded.stderr
     assert json.loads((tmp_path / "e.json").read_text())["results"]["embeddings"] == report["results"]["encoder"]
 
@@ -151,8 +174,10 @@ def test_a_plain_torchvision_state_dict_embeds_with_arch_and_image_size(tmp_path
     refused = run_byol("embed", folder, "--out", tmp_path / "x.npy", "--model", plain)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert f"{plain}: a plain state dict without byolcli metadata; add --arch and --image-size" in refused.stderr
-    for flags, message in (({"image_size": 64}, "add --arch to say what it is"),
-                           ({"arch": "resnet50", "image_size": 64}, "weights do not match a resnet50")):
+    for flags, message in (
+        ({"image_size": 64}, "add --arch to say what it is"),
+        ({"arch": "resnet50", "image_size": 64}, "weights do not match a resnet50"),
+    ):
         with pytest.raises(UserError, match=message):
             embed_rows(folder, tmp_path / "x.npy", plain, **flags)
     assert not (tmp_path / "x.npy").exists()
@@ -182,8 +207,22 @@ def test_a_real_heic_photo_goes_through_scan_train_and_embed_upright(tmp_path):
 
     scanned = run_byol("scan", folder)
     assert scanned.returncode == 0 and "HEIF" in scanned.stdout, scanned.stdout
-    trained = run_byol("train", folder, "--epochs", "1", "--image-size", "32", "--batch-size", "8", "--workers", "0",
-                       "--precision", "fp32", "--out", tmp_path / "run")
+    trained = run_byol(
+        "train",
+        folder,
+        "--epochs",
+        "1",
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--out",
+        tmp_path / "run",
+    )
     assert trained.returncode == 0, trained.stderr
     assert "phone.heic" in (tmp_path / "run" / "images.txt").read_text()
     rows, names = embed_rows(folder, tmp_path / "vecs.npy", tmp_path / "run" / "encoder.safetensors")

@@ -1,8 +1,8 @@
 import numpy as np
+from helpers import noise_image
 from PIL import Image
 
 from byolcli.images import open_rgb
-from helpers import noise_image
 
 
 def test_alpha_modes_composite_on_white(tmp_path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import noise_image, random_encoder_file, run_byol, shapes_folder, wait_for_file
 
 from byolcli import embed as e
 from byolcli.errors import Stopped, UserError, WriteFailed
@@ -19,11 +20,17 @@ from byolcli.labels import read_labels, repeated_warning
 from byolcli.model import BYOL
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.report import Reporter
-from helpers import random_encoder_file, noise_image, run_byol, shapes_folder, wait_for_file
 
 TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
-HOSTILE_NAMES = ["new\nline.png", "tab\there.png", "carriage\rreturn.png", os.fsdecode(b"latin1-\xe9t\xe9.png"),
-                 "back\\slash.png", "line\u2028separator.png", "plain.png"]
+HOSTILE_NAMES = [
+    "new\nline.png",
+    "tab\there.png",
+    "carriage\rreturn.png",
+    os.fsdecode(b"latin1-\xe9t\xe9.png"),
+    "back\\slash.png",
+    "line\u2028separator.png",
+    "plain.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +55,9 @@ def test_every_name_survives_the_list_and_ordinary_names_are_written_as_they_are
     assert escape_name("plain.png") == "plain.png" and escape_name("café ü.png") == "café ü.png"
     assert escape_name("new\nline.png") == "new\\nline.png" and escape_name("back\\slash.png") == "back\\\\slash.png"
     # The README's snippet, without byolcli:
-    assert [os.fsdecode(codecs.escape_decode(line.rstrip("\n").encode())[0])
-            for line in text.splitlines(keepends=True)] == names
+    assert [
+        os.fsdecode(codecs.escape_decode(line.rstrip("\n").encode())[0]) for line in text.splitlines(keepends=True)
+    ] == names
 
 
 def test_each_row_belongs_to_the_file_the_map_names_whatever_its_name(tmp_path, encoder_file):
@@ -91,10 +99,13 @@ def test_byol_embed_and_scan_take_names_that_are_not_utf8(tmp_path, encoder_file
 # --- labels -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rows, message", [
-    ("./a.jpg,cat\na.jpg,dog\n", "lines 2 and 3 both list a.jpg, as 'cat' and 'dog'"),
-    ("a.jpg,cat,train\nsub/../a.jpg,cat,test\n", "lines 2 and 3 both list sub/../a.jpg, as 'train' and 'test'"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("./a.jpg,cat\na.jpg,dog\n", "lines 2 and 3 both list a.jpg, as 'cat' and 'dog'"),
+        ("a.jpg,cat,train\nsub/../a.jpg,cat,test\n", "lines 2 and 3 both list sub/../a.jpg, as 'train' and 'test'"),
+    ],
+)
 def test_an_image_listed_twice_differently_is_an_error_naming_both_lines(tmp_path, rows, message):
     csv = tmp_path / "labels.csv"
     header = "path,label,split\n" if rows.count(",") > rows.count("\n") else "path,label\n"
@@ -118,9 +129,23 @@ def test_an_image_listed_twice_alike_is_one_row_and_a_warning(tmp_path):
 
 def _start_training(folder, cwd, epochs=40):
     return subprocess.Popen(
-        [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", str(epochs), *TRAIN_ARGS,
-         "--checkpoint-every", "0.01"],
-        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "byolcli",
+            "-q",
+            "train",
+            folder,
+            "--epochs",
+            str(epochs),
+            *TRAIN_ARGS,
+            "--checkpoint-every",
+            "0.01",
+        ],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -147,9 +172,17 @@ def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
     folder = shapes_folder(tmp_path / "photos", count=4)
     out = tmp_path / "vecs.npy"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from pathlib import Path; from byolcli.locks import exclusive\n"
-         f"with exclusive(Path({str(e.sidecars(out)['lock'])!r}), 'x'):\n print('held', flush=True); sys.stdin.read()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from byolcli.locks import exclusive\n"
+            f"with exclusive(Path({str(e.sidecars(out)['lock'])!r}), 'x'):\n"
+            " print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline() == "held\n"
         result = run_byol("embed", folder, "--out", out, "--model", encoder_file)
@@ -183,8 +216,9 @@ def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
 
 
 def test_sigterm_finishes_the_step_in_progress_and_checkpoints_it(tmp_path, monkeypatch):
-    from byolcli import engine as t
     from helpers import tiny_plan
+
+    from byolcli import engine as t
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     trainer = t.Trainer(tiny_plan(16, total_steps=10), sorted(folder.iterdir()))
@@ -303,6 +337,7 @@ def test_disk_full_during_an_embed_keeps_the_previous_vectors(tmp_path, small_di
 
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from helpers import tiny_plan
+
     from byolcli.engine import Trainer
 
     folder = shapes_folder(tmp_path / "photos", count=16)
@@ -355,10 +390,10 @@ def test_a_failed_write_while_publishing_an_embed_changes_nothing(tmp_path, enco
 
 def hostile_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     """Every kind of file users' folders hold; returns (good images, bad file -> reason)."""
+    from helpers import bomb_png, good_images
     from PIL import Image
 
     from byolcli import scan as s
-    from helpers import bomb_png, good_images
 
     good = set(good_images(folder))
     rotated = noise_image((48, 32), seed=3)
@@ -384,8 +419,14 @@ def hostile_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     (folder / "._rgb.jpg").write_bytes(b"\x00\x05\x16\x07AppleDouble resource fork")  # macOS metadata, not an image
     (folder / "nested" / "._rgb.png").write_bytes(b"\x00\x05\x16\x07")
     assert {Image.open(folder / name).mode for name in ("deep_i16.png", "cmyk.jpg")} == {"I;16", "CMYK"}
-    bad = {"empty.jpg": s.ZERO_BYTES, "text.jpg": s.NOT_AN_IMAGE, "truncated.jpg": s.UNDECODABLE,
-           "bomb.png": s.TOO_MANY_PIXELS, "tiny.png": s.TOO_SMALL, "dangling.jpg": s.BROKEN_LINK}
+    bad = {
+        "empty.jpg": s.ZERO_BYTES,
+        "text.jpg": s.NOT_AN_IMAGE,
+        "truncated.jpg": s.UNDECODABLE,
+        "bomb.png": s.TOO_MANY_PIXELS,
+        "tiny.png": s.TOO_SMALL,
+        "dangling.jpg": s.BROKEN_LINK,
+    }
     return good, bad
 
 
@@ -399,8 +440,17 @@ def test_a_folder_of_hostile_files_goes_through_scan_train_embed_and_evaluate(tm
     embedded = run_byol("embed", folder, "--out", out, "--model", run / "encoder.safetensors", "--precision", "fp32")
     classes = {name: ("a", "b")[i % 2] for i, name in enumerate(sorted(good))}
     (tmp_path / "labels.csv").write_text("path,label\n" + "".join(f"{n},{c}\n" for n, c in classes.items()))
-    evaluated = run_byol("evaluate", "--labels", tmp_path / "labels.csv", "--root", folder,
-                         "--model", run / "encoder.safetensors", "--json", tmp_path / "scores.json")
+    evaluated = run_byol(
+        "evaluate",
+        "--labels",
+        tmp_path / "labels.csv",
+        "--root",
+        folder,
+        "--model",
+        run / "encoder.safetensors",
+        "--json",
+        tmp_path / "scores.json",
+    )
     for result in (scanned, trained, embedded, evaluated):
         assert result.returncode == 0 and "Traceback" not in result.stderr + result.stdout, result.stderr
 

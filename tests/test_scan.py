@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from helpers import SHARED_DATA, broken_files, deny_read, good_images, litter, noise_image, run_byol
 
 from byolcli import scan as s
 from byolcli.errors import UserError
-from helpers import SHARED_DATA, broken_files, deny_read, good_images, litter, noise_image, run_byol
 
 
 @pytest.fixture
@@ -133,11 +133,14 @@ def test_byol_scan_prints_summary_and_exits_zero(tmp_path):
     assert "results reused from the scan cache" in rerun.stdout
 
 
-@pytest.mark.parametrize("make, message", [
-    ("missing", "no such folder"),
-    ("file", "is a file, not a folder"),
-    ("empty", "no usable images"),
-])
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        ("missing", "no such folder"),
+        ("file", "is a file, not a folder"),
+        ("empty", "no usable images"),
+    ],
+)
 def test_byol_scan_bad_input_is_one_line_exit_2(tmp_path, make, message):
     target = tmp_path / "input"
     if make == "file":

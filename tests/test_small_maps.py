@@ -22,7 +22,8 @@ def no_convolution_kernel(self, *args):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("c_in,c_out,h,w,k,stride,pad,bias", SMALL_MAPS)
 def test_small_map_convolution_equals_the_convolution_with_the_same_gradients(
-        monkeypatch, memory_format, c_in, c_out, h, w, k, stride, pad, bias):
+    monkeypatch, memory_format, c_in, c_out, h, w, k, stride, pad, bias
+):
     torch.manual_seed(0)
     reference = nn.Conv2d(c_in, c_out, k, stride, pad, bias=bias).double()
     small = SmallMapConv2d(c_in, c_out, k, stride, pad, bias=bias).double()

@@ -7,12 +7,13 @@ from safetensors.torch import load_file
 
 from byolcli.encoder import load_encoder, read_metadata, save_encoder
 from byolcli.errors import UserError
-from byolcli.model import BYOL, make_backbone, stem_of
 from byolcli.hardware import GiB, Hardware
+from byolcli.model import BYOL, make_backbone, stem_of
 from byolcli.plan import Overrides, make_plan
 
-SMALL = dict(architecture="resnet18", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, train_images=10,
-             epochs=1, steps=1)
+SMALL = dict(
+    architecture="resnet18", image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, train_images=10, epochs=1, steps=1
+)
 
 
 def test_the_small_stem_keeps_torchvision_names_and_only_the_first_kernel_changes():
@@ -107,11 +108,20 @@ def planned(kind, size, memory=80 * GiB, **overrides):
     return plan, probed
 
 
-@pytest.mark.parametrize("kind, size, stem", [
-    ("cuda", 32, "small"), ("cuda", 64, "small"), ("cuda", 128, "standard"),
-    ("mps", 32, "small"), ("mps", 64, "small"), ("mps", 128, "standard"),
-    ("cpu", 32, "standard"), ("cpu", 64, "standard"), ("cpu", 128, "standard"),
-])
+@pytest.mark.parametrize(
+    "kind, size, stem",
+    [
+        ("cuda", 32, "small"),
+        ("cuda", 64, "small"),
+        ("cuda", 128, "standard"),
+        ("mps", 32, "small"),
+        ("mps", 64, "small"),
+        ("mps", 128, "standard"),
+        ("cpu", 32, "standard"),
+        ("cpu", 64, "standard"),
+        ("cpu", 128, "standard"),
+    ],
+)
 def test_the_plan_picks_the_stem_for_the_device_and_size(kind, size, stem):
     plan, probed = planned(kind, size)
     assert plan.stem == stem

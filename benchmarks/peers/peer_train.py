@@ -66,8 +66,10 @@ def lightly_system(folder: str):
     backbone_ema, projector_ema = copy.deepcopy(backbone), copy.deepcopy(projector)
     deactivate_requires_grad(backbone_ema)
     deactivate_requires_grad(projector_ema)
-    transform = BYOLTransform(view_1_transform=BYOLView1Transform(input_size=SIZE, gaussian_blur=0.0),
-                              view_2_transform=BYOLView2Transform(input_size=SIZE, gaussian_blur=0.0))
+    transform = BYOLTransform(
+        view_1_transform=BYOLView1Transform(input_size=SIZE, gaussian_blur=0.0),
+        view_2_transform=BYOLView2Transform(input_size=SIZE, gaussian_blur=0.0),
+    )
     params = [*backbone.parameters(), *projector.parameters(), *predictor.parameters()]
     base_lr = 0.06 * BATCH / 128
     optimizer = torch.optim.SGD(params, lr=base_lr, momentum=0.9, weight_decay=5e-4)
@@ -97,9 +99,13 @@ def byol_pytorch_system(folder: str):
     net = torchvision.models.resnet18()
     learner = BYOL(net, image_size=SIZE, hidden_layer="avgpool")
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
-    transform = torchvision.transforms.Compose([
-        torchvision.transforms.Resize(SIZE), torchvision.transforms.CenterCrop(SIZE),
-        torchvision.transforms.ToTensor()])
+    transform = torchvision.transforms.Compose(
+        [
+            torchvision.transforms.Resize(SIZE),
+            torchvision.transforms.CenterCrop(SIZE),
+            torchvision.transforms.ToTensor(),
+        ]
+    )
 
     def step(images, progress: float) -> None:
         loss = learner(images)
@@ -118,8 +124,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, help="train for this wall-clock budget")
     parser.add_argument("--steps", type=int, help="time this many steps (after 5 warm-up steps)")
     parser.add_argument("--out", help="save the backbone's state dict here")
-    parser.add_argument("--snapshot-at", type=float, nargs="*", default=[],
-                        help="also save the backbone after this many seconds (byol-pytorch only)")
+    parser.add_argument(
+        "--snapshot-at",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also save the backbone after this many seconds (byol-pytorch only)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -127,8 +138,9 @@ def main() -> None:
         parser.error("--snapshot-at needs byol-pytorch (no schedule to depend on the budget) and --out")
     make = lightly_system if args.system == "lightly" else byol_pytorch_system
     dataset, step, backbone = make(args.folder)  # modules are built in training mode
-    loader = DataLoader(dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True,
-                        persistent_workers=True)
+    loader = DataLoader(
+        dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True, persistent_workers=True
+    )
     warmup = 5
     steps, start, timed_from = 0, time.perf_counter(), None
     snapshots, pending = {}, sorted(args.snapshot_at)
@@ -145,16 +157,25 @@ def main() -> None:
                 seconds = pending.pop(0)
                 save_backbone(backbone, snapshot_path(args.out, seconds))
                 snapshots[f"{seconds:g}"] = steps
-            if (args.seconds and time.perf_counter() - start >= args.seconds) or \
-                    (args.steps and steps >= warmup + args.steps):
+            if (args.seconds and time.perf_counter() - start >= args.seconds) or (
+                args.steps and steps >= warmup + args.steps
+            ):
                 done = True
                 break
     end = time.perf_counter()
     timed = steps - warmup
-    print(json.dumps({"system": args.system, "steps": steps, "images": steps * BATCH,
-                      "seconds": round(end - start, 1),
-                      "images_per_s": round(timed * BATCH / (end - timed_from), 2) if timed > 0 else None,
-                      "snapshot_steps": snapshots}))
+    print(
+        json.dumps(
+            {
+                "system": args.system,
+                "steps": steps,
+                "images": steps * BATCH,
+                "seconds": round(end - start, 1),
+                "images_per_s": round(timed * BATCH / (end - timed_from), 2) if timed > 0 else None,
+                "snapshot_steps": snapshots,
+            }
+        )
+    )
     if args.out:
         save_backbone(backbone, args.out)
 

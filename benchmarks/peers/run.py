@@ -4,15 +4,16 @@
     python benchmarks/peers/run.py throughput            # images/s at identical settings, A B C A B C …
     python benchmarks/peers/run.py quality --budgets 2 5 10 20 [--systems byolcli lightly byol-pytorch]
     python benchmarks/peers/run.py quality --budgets 10 --systems byolcli --byolcli-args "--image-size 64"
-    python benchmarks/peers/run.py table                 # the table from what results.json holds
+    python benchmarks/tables.py                          # benchmarks/README.md's tables from results.json
 
 Identical settings: torchvision ResNet-18, 32 px, batch 64, fp32, one loader process,
 reading the JPEG files of cifar10-5k/train. byolcli also runs at its own plan (which on
-2 cores decodes the set once into memory, and decodes in the training process where it does not fit). Quality: every system trains for the same
-wall-clock budget, its backbone is exported to an encoder file, and one scorer rates them
-all: weighted kNN (k=20, T=0.07, cosine on L2-normalised features), train split as
-memory, test split as queries, every image resized and centre-cropped to 32 px. Results
-accumulate in results.json, so budgets can be run in separate sittings.
+2 cores decodes the set once into memory, and decodes in the training process where it
+does not fit). Quality: every system trains for the same wall-clock budget, its backbone
+is exported to an encoder file, and one scorer rates them all: weighted kNN (k=20, T=0.07,
+cosine on L2-normalised features), train split as memory, test split as queries, every
+image resized and centre-cropped to 32 px. Results accumulate in results.json, so budgets
+can be run in separate sittings.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -30,7 +32,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE.parent))
-from common import host_cpu  # noqa: E402 - the benchmarks' shared helpers, beside this folder
+from common import host_cpu, peers_tables  # noqa: E402 - the benchmarks' shared helpers, beside this folder
+
 DATA = REPO.parent / "shared" / "data" / "cifar10-5k"
 PEER_PYTHON = HERE / ".venv" / "bin" / "python"
 RESULTS = HERE / "results.json"
@@ -77,15 +80,18 @@ def features(encoder: torch.nn.Module | None, images: torch.Tensor, mean, std) -
         return flat - flat.mean(0)
     encoder.eval()
     with torch.no_grad():
-        return torch.cat([encoder(normalize_images(images[i:i + 256], mean, std)) for i in range(0, len(images), 256)])
+        return torch.cat(
+            [encoder(normalize_images(images[i : i + 256], mean, std)) for i in range(0, len(images), 256)]
+        )
 
 
 def score(encoder: torch.nn.Module | None, mean=None, std=None, size: int = SIZE) -> float:
     train_paths, train_y = load_split("train")
     test_paths, test_y = load_split("test")
     train_images, test_images = pixels(train_paths, size), pixels(test_paths, size)
-    return knn_top1(features(encoder, train_images, mean, std), train_y,
-                    features(encoder, test_images, mean, std), test_y)
+    return knn_top1(
+        features(encoder, train_images, mean, std), train_y, features(encoder, test_images, mean, std), test_y
+    )
 
 
 def backbone_from_state(path: Path) -> torch.nn.Module:
@@ -101,22 +107,55 @@ def backbone_from_state(path: Path) -> torch.nn.Module:
 
 def train_byolcli(seconds: float, out: Path, extra: list[str]) -> dict:
     """`byol train` with its automatic plan (bar `extra` flags) for a wall-clock budget; returns its last metrics."""
-    subprocess.run([sys.executable, "-m", "byolcli", "-q", "train", str(DATA / "train"), "--time", f"{seconds}s",
-                    "--out", str(out), *extra], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "byolcli",
+            "-q",
+            "train",
+            str(DATA / "train"),
+            "--time",
+            f"{seconds}s",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        check=True,
+    )
     return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
 
 
 def train_peer(system: str, args: list[str]) -> dict:
-    result = subprocess.run([str(PEER_PYTHON), str(HERE / "peer_train.py"), system, str(DATA / "train"), *args],
-                            check=True, capture_output=True, text=True)
+    result = subprocess.run(
+        [str(PEER_PYTHON), str(HERE / "peer_train.py"), system, str(DATA / "train"), *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def byolcli_speed(extra: tuple) -> float:
     """Median images/s of one epoch of `byol train`, over its metrics windows after the first (start-up)."""
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "byolcli", "-q", "train", str(DATA / "train"), "--epochs", "1",
-                        "--out", f"{tmp}/run", *extra], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "byolcli",
+                "-q",
+                "train",
+                str(DATA / "train"),
+                "--epochs",
+                "1",
+                "--out",
+                f"{tmp}/run",
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+        )
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     return statistics.median(r["images_per_s"] for r in rows[1:] or rows)
 
@@ -144,22 +183,38 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
     label = " ".join(["byolcli", *byolcli_args])
 
     def record(system: str, minutes: float, top1: float, info: dict) -> None:
-        results[f"{system}@{minutes:g}"] = {"system": system, "minutes": minutes, "knn_top1": top1, **info,
-                                             "host": host_cpu()}
+        results[f"{system}@{minutes:g}"] = {
+            "system": system,
+            "minutes": minutes,
+            "knn_top1": top1,
+            **info,
+            "host": host_cpu(),
+        }
         print(f"{system}, {minutes:g} min: kNN top-1 {top1:.1%} ({info})", flush=True)
 
     if "byol-pytorch" in systems:
         with tempfile.TemporaryDirectory() as tmp:
             out, longest = Path(tmp) / "backbone.pt", max(budgets)
             shorter = [m * 60 for m in budgets if m < longest]
-            info = train_peer("byol-pytorch", ["--seconds", str(longest * 60), "--out", str(out),
-                                               *(["--snapshot-at", *map(str, shorter)] if shorter else [])])
+            info = train_peer(
+                "byol-pytorch",
+                [
+                    "--seconds",
+                    str(longest * 60),
+                    "--out",
+                    str(out),
+                    *(["--snapshot-at", *map(str, shorter)] if shorter else []),
+                ],
+            )
             steps = info.pop("snapshot_steps")
             for minutes in sorted(budgets):
                 seconds = minutes * 60
                 path = out if minutes == longest else Path(tmp) / f"backbone-{seconds:g}s.pt"
-                snapshot = {"steps": info["steps"] if minutes == longest else steps[f"{seconds:g}"],
-                            "images_per_s": info["images_per_s"], "snapshot_of_a_run_of_minutes": longest}
+                snapshot = {
+                    "steps": info["steps"] if minutes == longest else steps[f"{seconds:g}"],
+                    "images_per_s": info["images_per_s"],
+                    "snapshot_of_a_run_of_minutes": longest,
+                }
                 record("byol-pytorch", minutes, score(backbone_from_state(path), *imagenet_stats), snapshot)
     for minutes in budgets:
         seconds = minutes * 60
@@ -173,7 +228,11 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
                     encoder = load_encoder(out / "run" / "encoder.safetensors")
                     meta = encoder.byol_metadata
                     top1 = score(encoder, meta["mean"], meta["std"])
-                    info = {"steps": last["step"], "images_per_s": last["images_per_s"], "image_size": meta["image_size"]}
+                    info = {
+                        "steps": last["step"],
+                        "images_per_s": last["images_per_s"],
+                        "image_size": meta["image_size"],
+                    }
                     if meta["image_size"] != SIZE:  # its features at the size it trained at, too
                         info["knn_top1_at_own_size"] = score(encoder, meta["mean"], meta["std"], meta["image_size"])
                     system = label
@@ -191,8 +250,11 @@ def baselines() -> dict:
 
     torch.manual_seed(0)
     network = make_backbone("resnet18")
-    return {"random-init ResNet-18": score(network, MEAN, STD), "raw pixels": score(None),
-            "random-init ResNet-18 at 64 px": score(network, MEAN, STD, 64)}
+    return {
+        "random-init ResNet-18": score(network, MEAN, STD),
+        "raw pixels": score(None),
+        "random-init ResNet-18 at 64 px": score(network, MEAN, STD, 64),
+    }
 
 
 # --- results ----------------------------------------------------------------------------
@@ -211,30 +273,6 @@ def save_results(update: dict) -> None:
     tmp.replace(RESULTS)
 
 
-def table(results: dict) -> str:
-    speed = {name: value["median"] for name, value in results.get("throughput", {}).items()}
-    runs = results.get("quality", {})
-    budgets = sorted({r["minutes"] for r in runs.values()})
-    lines = ["| system | training images/s |" + "".join(f" kNN top-1, {m:g} min |" for m in budgets),
-             "|---" * (2 + len(budgets)) + "|"]
-    for system in ("byolcli", "lightly", "byol-pytorch"):
-        if system == "byolcli":
-            images_per_s = (f"{speed[IDENTICAL_NAME]:.1f} (per image like the peers: {speed[PER_IMAGE_NAME]:.1f})"
-                            if IDENTICAL_NAME in speed else "–")
-        else:
-            images_per_s = f"{speed[system]:.1f}" if system in speed else "–"
-        knn = [f"{runs[f'{system}@{m:g}']['knn_top1']:.1%}" if f"{system}@{m:g}" in runs else "–" for m in budgets]
-        lines.append(f"| {system} | {images_per_s} |" + "".join(f" {cell} |" for cell in knn))
-    for name, value in results.get("baselines", {}).items():
-        lines.append(f"| {name} (no training) | – |" + "".join(f" {value:.1%} |" for _ in budgets))
-    peers = [speed[n] for n in ("lightly", "byol-pytorch") if n in speed]
-    if IDENTICAL_NAME in speed and peers:
-        lines.append(f"\nthroughput: {speed[IDENTICAL_NAME] / max(peers):.2f}x the faster peer as byolcli plans "
-                     f"(target 1.3x); {speed[PER_IMAGE_NAME] / max(peers):.2f}x with the peers' per-image pipeline"
-                     f"; on {results.get('hosts', {}).get('throughput', 'an unrecorded CPU')}")
-    return "\n".join(lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,21 +282,27 @@ def main() -> None:
     runs = sub.add_parser("quality")
     runs.add_argument("--budgets", type=float, nargs="+", default=[2, 5, 10, 20], help="minutes")
     runs.add_argument("--systems", nargs="+", default=["byolcli", "lightly", "byol-pytorch"])
-    runs.add_argument("--byolcli-args", default="", help="flags for byol train, e.g. '--image-size 64' (recorded "
-                      "under 'byolcli --image-size 64')")
+    runs.add_argument(
+        "--byolcli-args",
+        default="",
+        help="flags for byol train, e.g. '--image-size 64' (recorded under 'byolcli --image-size 64')",
+    )
     sub.add_parser("baselines")
-    sub.add_parser("table")
     args = parser.parse_args()
     needs_peers = args.command == "throughput" or (args.command == "quality" and set(args.systems) - {"byolcli"})
     if needs_peers and not PEER_PYTHON.exists():
         sys.exit(f"{PEER_PYTHON}: missing; run bash {HERE / 'setup.sh'} first")
     if args.command == "throughput":
-        save_results({"throughput": throughput(args.rounds, args.steps), "hosts": {"throughput": host_cpu()}})
+        measured = {
+            "date": datetime.now(timezone.utc).date().isoformat(),
+            "systems": throughput(args.rounds, args.steps),
+        }
+        save_results({"throughput_by_host": {host_cpu(): measured}})
     elif args.command == "quality":
         save_results({"quality": quality(args.budgets, args.systems, args.byolcli_args.split())})
     elif args.command == "baselines":
         save_results({"baselines": baselines()})
-    print(table(load_results()))
+    print(peers_tables(load_results()))
 
 
 if __name__ == "__main__":
