@@ -78,7 +78,7 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def rgb_to_hsv(x: torch.Tensor) -> torch.Tensor:
     r, g, b = x.unbind(1)
-    high, low = x.amax(1), x.amin(1)  # max(1)/min(1) also find indices: ~20x slower (benchmarks/augment_cost.py)
+    high, low = x.amax(1), x.amin(1)  # max(1)/min(1) also find indices, far slower (benchmarks/augment_cost.py)
     span = high - low
     safe = torch.where(span > 0, span, torch.ones_like(span))
     hue = (

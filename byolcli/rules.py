@@ -141,7 +141,7 @@ def choose_augment_on(size: int, hw: Hardware, in_memory: bool) -> tuple[str, st
     if hw.kind == "cuda" and size >= 96:
         return "device", f"at {size} px CPU workers cannot make two views as fast as a GPU trains"
     if hw.kind == "cpu":
-        return "cpu", "paper-faithful torchvision transforms; --augment-on device batches them (~15% faster here)"
+        return "cpu", "paper-faithful torchvision transforms; --augment-on device batches them (faster on a CPU)"
     return "cpu", "loader processes keep up at this size"
 
 

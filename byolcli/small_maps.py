@@ -3,11 +3,10 @@
 At 32 px a ResNet's last stages see 2×2 and 1×1 maps: layer3's 3×3 convolutions run on
 2×2, layer4's on 1×1, where eight of a 3×3 kernel's nine taps only meet padding. CPU
 convolution kernels are built for large maps and run these slower than the matrix product
-that is the same linear map: 3× on an AVX-512 Xeon, 2× to 38× on an AVX2 EPYC
-(benchmarks/small_maps.py). When every output pixel sees every input pixel, the convolution
-is y = x·Mᵀ, with x the flattened map and M the kernel taps laid out per (output pixel,
-input pixel) pair; the weight gets the convolution's gradient, in its own layout (zero for
-taps that only meet padding).
+that is the same linear map (benchmarks/small_maps.py). When every output pixel sees every
+input pixel, the convolution is y = x·Mᵀ, with x the flattened map and M the kernel taps laid
+out per (output pixel, input pixel) pair; the weight gets the convolution's gradient, in its
+own layout (zero for taps that only meet padding).
 
 Only on CPU: GPU convolution libraries have not been measured against it.
 """
@@ -54,8 +53,8 @@ class _KernelAsMatrix(torch.autograd.Function):
 
     Written out rather than left to autograd through slicing and gathering, whose backward
     built the weight's gradient in another memory layout than the channels-last one the weight
-    has in training, zero-filled at full size, and then copied it over: that made layer4's
-    convolutions at 32 px 1.6–2.0× slower (benchmarks/small_maps.py).
+    has in training, zero-filled at full size, and then copied it over: layer4's convolutions
+    at 32 px ran markedly slower that way (benchmarks/small_maps.py).
     """
 
     @staticmethod
