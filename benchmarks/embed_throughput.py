@@ -32,7 +32,7 @@ DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing10"
 TRIAL = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-from byolcli.embed import iter_embeddings, default_workers
+from byolcli.inference import default_workers, iter_embeddings
 from byolcli.encoder import load_encoder
 from byolcli.scan import scan
 
@@ -40,7 +40,7 @@ way, folder, model_path = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 paths = scan(folder).absolute_paths()
 model = load_encoder(model_path)
 meta = model.byol_metadata
-from byolcli.embed import ImageDataset, pick_device
+from byolcli.inference import ImageDataset, pick_device
 device = pick_device(None)
 model = model.to(device)
 workers = default_workers(device)

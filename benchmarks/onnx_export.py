@@ -7,7 +7,7 @@ dynamic batch, then on the first 16 images of FOLDER (default: cifar10-5k's test
 compares onnxruntime's rows with `byol embed`'s exact (fp32) rows. Then times, alternated
 and after a warm-up, embedding the whole folder in batches of 64 with one process: byolcli's
 pipeline (iter_embeddings, no loader processes, fp32 and its default precision) against
-the same decoding (embed.load_for_embedding) feeding onnxruntime. Prints one JSON line per
+the same decoding (inference.load_for_embedding) feeding onnxruntime. Prints one JSON line per
 encoder with the host it ran on.
 """
 
@@ -25,8 +25,8 @@ import onnxruntime
 import torch
 from common import host_cpu
 
-from byolcli.embed import iter_embeddings, load_for_embedding
 from byolcli.export import export_onnx
+from byolcli.inference import iter_embeddings, load_for_embedding
 from byolcli.models import choose_model
 from byolcli.report import Reporter
 from byolcli.scan import scan

@@ -6,11 +6,7 @@ Importing the package is cheap (no torch); the Python API is loaded on first use
 __version__ = "0.1.0"
 
 # (`scan` is not here: byolcli.scan is also the module's name; use byolcli.scan.scan.)
-_LAZY = {
-    "load_encoder": "byolcli.encoder",
-    "save_encoder": "byolcli.encoder",
-    "embed_folder": "byolcli.embed",
-}
+_LAZY = {"load_encoder": "byolcli.encoder", "save_encoder": "byolcli.encoder", "embed_folder": "byolcli.embed"}
 
 __all__ = ["__version__", *_LAZY]
 

@@ -20,7 +20,7 @@ from byolcli.errors import PeerFailed, Stopped, TrainingFailed, UserError, Write
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode="markdown",
     help="Train a BYOL image encoder on a folder of unlabeled images, then embed and evaluate with it. "
     "Every choice has a printed default derived from your data and hardware; every default has a flag.",
 )
@@ -96,23 +96,23 @@ def parse_duration(text: str, flag: str = "--time") -> float:
     return seconds
 
 
+def flag(help_text: str, *names: str):
+    """An optional flag whose default means 'choose for me'."""
+    return typer.Option(None, *names, help=help_text, show_default=False)
+
+
 FOLDER = typer.Argument(..., help="Folder of images (searched recursively). Never written to.", show_default=False)
 MODEL_HELP = (
     "An exported encoder.safetensors; 'imagenet' for torchvision's ImageNet weights (--arch, --image-size); "
     "or a plain torchvision ResNet state dict in safetensors (with --arch and --image-size)."
 )
-MODEL = typer.Option(None, help=f"{MODEL_HELP} [default: the most recent run's encoder]", show_default=False)
-ARCH = typer.Option(
-    None,
-    help="resnet18, resnet34 or resnet50: the architecture of --model imagenet (default "
-    "resnet18) or of a plain state dict.",
-    show_default=False,
+MODEL = flag(f"{MODEL_HELP} \\[default: the most recent run's encoder]")
+ARCH = flag(
+    "resnet18, resnet34 or resnet50: the architecture of --model imagenet (default resnet18) or of a plain state dict."
 )
-IMAGE_SIZE = typer.Option(
-    None,
-    help="Input size in pixels: for --model imagenet (default 224) or a plain state dict; "
-    "for an encoder file, instead of the size it was trained at.",
-    show_default=False,
+IMAGE_SIZE = flag(
+    "Input size in pixels: for --model imagenet (default 224) or a plain state dict; "
+    "for an encoder file, instead of the size it was trained at."
 )
 
 
@@ -125,7 +125,7 @@ def scan(
     """Find and check the images in FOLDER: what would be used, what is skipped and why.
 
     Walks FOLDER recursively (jpg, jpeg, png, webp, bmp, gif, tif, tiff; heic, heif, avif with the
-    [i]heif[/i] extra), skips hidden files and OS litter, and decodes every image to catch broken ones.
+    *heif* extra), skips hidden files and OS litter, and decodes every image to catch broken ones.
     Results are cached per folder outside it, so a rerun only re-checks files that changed.
     """
     with user_errors():
@@ -140,65 +140,34 @@ def scan(
 @app.command()
 def train(
     folder: Path = FOLDER,
-    out: Optional[Path] = typer.Option(
-        None,
-        help="Run folder for plan, checkpoints, metrics and the encoder. [default: ./byol-runs/<folder name>]",
-        show_default=False,
+    out: Optional[Path] = flag(
+        "Run folder for plan, checkpoints, metrics and the encoder. \\[default: ./byol-runs/<folder name>]"
     ),
-    time: Optional[str] = typer.Option(
-        None,
-        "--time",
-        help="Wall-clock budget, e.g. 30m or 2h; the plan picks the epochs to fit it.",
-        show_default=False,
+    time: Optional[str] = flag("Wall-clock budget, e.g. 30m or 2h; the plan picks the epochs to fit it.", "--time"),
+    epochs: Optional[int] = flag("Number of epochs (instead of --time)."),
+    backbone: Optional[str] = flag("resnet18, resnet34 or resnet50. \\[default: chosen for the hardware]"),
+    image_size: Optional[int] = flag("Training crop size in pixels. \\[default: chosen from the images and hardware]"),
+    stem: Optional[str] = flag(
+        "The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) "
+        "or small (3x3 stride 1, no max-pool, for images of 32-64 px). \\[default: small on a GPU up to"
+        " 64 px]"
     ),
-    epochs: Optional[int] = typer.Option(None, help="Number of epochs (instead of --time).", show_default=False),
-    backbone: Optional[str] = typer.Option(
-        None, help="resnet18, resnet34 or resnet50. [default: chosen for the hardware]", show_default=False
+    batch_size: Optional[int] = flag(
+        "Images per step on the device. \\[default: the largest that fits, probed on GPUs]"
     ),
-    image_size: Optional[int] = typer.Option(
-        None, help="Training crop size in pixels. [default: chosen from the images and hardware]", show_default=False
+    lr: Optional[float] = flag(
+        "Base learning rate for batch 256 (scaled with the batch). \\[default: from the run length]"
     ),
-    stem: Optional[str] = typer.Option(
-        None,
-        help=(
-            "The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) "
-            "or small (3x3 stride 1, no max-pool, for images of 32-64 px). [default: small on a GPU up to"
-            " 64 px]"
-        ),
-        show_default=False,
+    device: Optional[str] = flag("cuda, cuda:N, mps or cpu. \\[default: the best available]"),
+    workers: Optional[int] = flag("Data-loading processes. \\[default: from the CPU cores]"),
+    precision: Optional[str] = flag("fp32, bf16 or fp16. \\[default: the fastest the device supports]"),
+    augment_on: Optional[str] = flag(
+        "Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image "
+        "parameters). \\[default: device on CUDA at >= 96 px]"
     ),
-    batch_size: Optional[int] = typer.Option(
-        None, help="Images per step on the device. [default: the largest that fits, probed on GPUs]", show_default=False
-    ),
-    lr: Optional[float] = typer.Option(
-        None,
-        help="Base learning rate for batch 256 (scaled with the batch). [default: from the run length]",
-        show_default=False,
-    ),
-    device: Optional[str] = typer.Option(
-        None, help="cuda, cuda:N, mps or cpu. [default: the best available]", show_default=False
-    ),
-    workers: Optional[int] = typer.Option(
-        None, help="Data-loading processes. [default: from the CPU cores]", show_default=False
-    ),
-    precision: Optional[str] = typer.Option(
-        None, help="fp32, bf16 or fp16. [default: the fastest the device supports]", show_default=False
-    ),
-    augment_on: Optional[str] = typer.Option(
-        None,
-        help=(
-            "Where views are augmented: cpu (loader processes) or device (batched on the GPU, per-image "
-            "parameters). [default: device on CUDA at >= 96 px]"
-        ),
-        show_default=False,
-    ),
-    init: Optional[str] = typer.Option(
-        None,
-        help=(
-            "Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once)"
-            " or an exported encoder.safetensors."
-        ),
-        show_default=False,
+    init: Optional[str] = flag(
+        "Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once)"
+        " or an exported encoder.safetensors."
     ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(
@@ -209,13 +178,9 @@ def train(
     checkpoint_every: str = typer.Option(
         "5m", help="How often to save a checkpoint (also saved at the end and on Ctrl-C or SIGTERM)."
     ),
-    gpus: Optional[str] = typer.Option(
-        None,
-        help=(
-            "Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several "
-            "machines, launch with torchrun (see README)."
-        ),
-        show_default=False,
+    gpus: Optional[str] = flag(
+        "Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several "
+        "machines, launch with torchrun (see README)."
     ),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
@@ -290,16 +255,10 @@ def embed(
     normalize: bool = typer.Option(False, "--normalize", help="L2-normalise each row."),
     dtype: str = typer.Option("float32", help="float32 or float16 (half the size)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
-    workers: Optional[int] = typer.Option(
-        None, help="Decoding processes. [default: from the CPU cores]", show_default=False
-    ),
-    device: Optional[str] = typer.Option(
-        None, help="cuda, mps or cpu. [default: the best available]", show_default=False
-    ),
-    precision: Optional[str] = typer.Option(
-        None,
-        help="fp32 (exact), bf16 or fp16. [default: bf16 where the hardware computes it natively, else fp32]",
-        show_default=False,
+    workers: Optional[int] = flag("Decoding processes. \\[default: from the CPU cores]"),
+    device: Optional[str] = flag("cuda, mps or cpu. \\[default: the best available]"),
+    precision: Optional[str] = flag(
+        "fp32 (exact), bf16 or fp16. \\[default: bf16 where the hardware computes it natively, else fp32]"
     ),
 ) -> None:
     """Embed every image of FOLDER with an encoder: one row per image in OUT.
@@ -343,40 +302,24 @@ def evaluate(
     model: Optional[Path] = MODEL,
     arch: Optional[str] = ARCH,
     image_size: Optional[int] = IMAGE_SIZE,
-    root: Optional[Path] = typer.Option(
-        None, help="Folder the CSV paths are relative to. [default: the CSV's folder]", show_default=False
+    root: Optional[Path] = flag("Folder the CSV paths are relative to. \\[default: the CSV's folder]"),
+    embeddings: Optional[Path] = flag(
+        "Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again."
     ),
-    embeddings: Optional[Path] = typer.Option(
-        None,
-        help="Evaluate vectors from `byol embed` (its .npy, with the files beside it) instead of embedding again.",
-        show_default=False,
-    ),
-    baseline: Optional[Path] = typer.Option(
-        None,
-        help=(
-            "Another encoder file to compare against, side by side, or 'imagenet' for torchvision's "
-            "pretrained weights of the same architecture."
-        ),
-        show_default=False,
+    baseline: Optional[Path] = flag(
+        "Another encoder file to compare against, side by side, or 'imagenet' for torchvision's "
+        "pretrained weights of the same architecture."
     ),
     skip_missing: bool = typer.Option(
         False,
         "--skip-missing",
         help="Evaluate the rows whose files exist (and decode) instead of stopping at the first problem.",
     ),
-    device: Optional[str] = typer.Option(
-        None, help="cuda, mps or cpu. [default: the best available]", show_default=False
-    ),
-    json_out: Optional[Path] = typer.Option(
-        None, "--json", help="Also write the results as JSON here.", show_default=False
-    ),
-    report: Optional[Path] = typer.Option(
-        None,
-        help=(
-            "Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images "
-            "per class, and the confusion matrix."
-        ),
-        show_default=False,
+    device: Optional[str] = flag("cuda, mps or cpu. \\[default: the best available]"),
+    json_out: Optional[Path] = flag("Also write the results as JSON here.", "--json"),
+    report: Optional[Path] = flag(
+        "Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images "
+        "per class, and the confusion matrix."
     ),
 ) -> None:
     """How good is the encoder on the images you labelled, compared with an untrained one?
@@ -422,7 +365,7 @@ def export(
     The model takes uint8 RGB images, shape (batch, 3, size, size), resized on the short side and
     centre-cropped as `byol embed` does, and returns float32 embeddings, shape (batch, features):
     the normalisation is inside. The file's metadata says the same, with the encoder's own. The
-    export is checked with onnx's checker and against PyTorch with onnxruntime. Needs the [i]onnx[/i]
+    export is checked with onnx's checker and against PyTorch with onnxruntime. Needs the *onnx*
     extra: pip install "byolcli\[onnx]".
     """
     with user_errors():

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from byolcli.embed import iter_embeddings, pick_device
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
+from byolcli.inference import iter_embeddings, pick_device
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
 from byolcli.model import make_backbone
@@ -179,6 +179,42 @@ def keep_usable(
     return data, {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
 
 
+def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter):
+    """Every compared encoder's features of the labelled images: the encoder's (or the vectors of
+    --embeddings), --baseline's and the random-init network's. Returns (features by name, rows every
+    encoder could embed, the encoder's metadata, what a failed row means, the encoder's name)."""
+    encoders: dict[str, torch.Tensor] = {}
+    good = np.ones(len(data.paths), dtype=bool)
+    if embeddings is not None:
+        features, ok, meta = load_embeddings(embeddings, data)
+        encoders["embeddings"] = features
+        good &= ok
+        metadata = embeddings_model(meta)
+        unmatched, source = "is not in the embeddings", None
+    else:
+        choice = choose_model(model, arch, image_size)
+        encoder = choice.load(torch_device)
+        metadata = choice.metadata
+    other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
+    if embeddings is None:
+        reporter.info(
+            f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(data.classes)} classes"
+        )
+        with reporter.progress("embedding (encoder)", unit="images") as progress:
+            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
+        encoders["encoder"] = features
+        good &= ok
+        unmatched, source = "could not be decoded", str(choice.path or choice.description)
+    compared = {"baseline": other, RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None}
+    for name, network in compared.items():
+        if network is not None:
+            with reporter.progress(f"embedding ({name})", unit="images") as progress:
+                encoders[name], ok = embed_labelled(data.paths, network, torch_device, batch_size, workers, progress)
+            good &= ok
+
+    return encoders, good, metadata, unmatched, source
+
+
 def evaluate_command(
     labels: Path,
     model: Path | None,
@@ -202,33 +238,9 @@ def evaluate_command(
     classes = data.classes
     torch_device = pick_device(device)
 
-    encoders: dict[str, torch.Tensor] = {}
-    good = np.ones(len(data.paths), dtype=bool)
-    if embeddings is not None:
-        features, ok, meta = load_embeddings(embeddings, data)
-        encoders["embeddings"] = features
-        good &= ok
-        metadata = embeddings_model(meta)
-        unmatched = "is not in the embeddings"
-    else:
-        choice = choose_model(model, arch, image_size)
-        encoder = choice.load(torch_device)
-        metadata = choice.metadata
-    other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
-    if embeddings is None:
-        reporter.info(f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(classes)} classes")
-        with reporter.progress("embedding (encoder)", unit="images") as progress:
-            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
-        encoders["encoder"] = features
-        good &= ok
-        unmatched = "could not be decoded"
-    compared = {"baseline": other, RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None}
-    for name, network in compared.items():
-        if network is not None:
-            with reporter.progress(f"embedding ({name})", unit="images") as progress:
-                encoders[name], ok = embed_labelled(data.paths, network, torch_device, batch_size, workers, progress)
-            good &= ok
-
+    encoders, good, metadata, unmatched, source = _embed_all(
+        data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter
+    )
     data, encoders = keep_usable(data, encoders, good, labels, unmatched, skip_missing, reporter)
     classes = data.classes
 
@@ -238,7 +250,7 @@ def evaluate_command(
     results = {name: score(f.to(torch_device), y, len(classes), protocol) for name, f in encoders.items()}
     sources = {
         "embeddings": str(embeddings),
-        "encoder": None if embeddings else str(choice.path or choice.description),
+        "encoder": source,
         "baseline": str(baseline),
         "random init": f"{metadata['architecture']}, seed 0" if metadata else None,
     }

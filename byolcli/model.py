@@ -109,10 +109,7 @@ def pretrained_backbone(name: str) -> nn.Module:
 def mlp(in_dim: int, hidden: int = RECIPE.projection_hidden, out_dim: int = RECIPE.projection_dim) -> nn.Sequential:
     """Linear → BN → ReLU → Linear: BYOL's projector and predictor (their batch norm per view)."""
     return nn.Sequential(
-        nn.Linear(in_dim, hidden),
-        PerViewBatchNorm1d(hidden),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden, out_dim),
+        nn.Linear(in_dim, hidden), PerViewBatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim)
     )
 
 

@@ -50,16 +50,17 @@ class Plan:
     images: int
     skipped: int
     steps_per_epoch: int
-    total_steps: int
-    epochs: float
-    warmup_steps: int
-    base_lr: float
-    lr: float
-    tau_base: float
-    weight_decay: float
-    seed: int
-    step_seconds: float  # measured per optimizer step (compute, or data if slower)
-    time_budget: float | None
+    # The schedule (set by schedule()): how long the run is and how fast it learns.
+    total_steps: int = 0
+    epochs: float = 0.0
+    warmup_steps: int = 0
+    base_lr: float = 0.0
+    lr: float = 0.0
+    tau_base: float = 0.0
+    weight_decay: float = RECIPE.weight_decay
+    seed: int = 0
+    step_seconds: float = 0.0  # measured per optimizer step (compute, or data if slower)
+    time_budget: float | None = None
     reasons: dict[str, str] = field(default_factory=dict)
     augment_on: str = "cpu"  # "cpu": loader processes; "device": batched on the training device
     in_memory: bool = False  # all images decoded once, before training (needs augment_on "device")
@@ -142,6 +143,55 @@ def make_plan(
     if images < MIN_IMAGES:
         raise UserError(f"only {images} usable images; training needs at least {MIN_IMAGES}")
     reasons: dict[str, str] = {}
+    setting, workers, in_memory = choose_step(short_sides, hw, over, probe, world_size, reasons)
+    image_size, augment_on = setting.image_size, setting.augment_on
+    batch, step_seconds, cap, reasons["batch_size"] = choose_batch(
+        setting, images, hw, over.batch_size, probe, world_size
+    )
+    accumulation, reasons["accumulation"] = choose_accumulation(
+        batch, cap, images, hw, over.batch_size is not None, world_size
+    )
+    if not in_memory and over.workers is None:
+        workers, reasons["workers"] = fit_workers_to_shared_memory(
+            workers, batch, image_size, augment_on, hw, reasons["workers"]
+        )
+    data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
+    reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)[1]
+    reasons["init"] = "set by flag" if over.init else "random (--init imagenet or --init ENCODER to start from weights)"
+    plan = Plan(
+        device=hw.device,
+        device_name=hw.name,
+        backbone=setting.backbone,
+        image_size=image_size,
+        batch_size=batch,
+        accumulation=accumulation,
+        precision=setting.precision,
+        workers=workers,
+        channels_last=setting.channels_last,
+        images=images,
+        skipped=skipped,
+        steps_per_epoch=max(1, images // (batch * accumulation * world_size)),
+        seed=over.seed,
+        step_seconds=step_time(step_seconds, data_seconds, workers) * accumulation,
+        time_budget=over.time_budget,
+        reasons=reasons,
+        augment_on=augment_on,
+        in_memory=in_memory,
+        init=over.init,
+        world_size=world_size,
+        sync_batchnorm=choose_sync_batchnorm(batch, world_size)[0],
+        stem=setting.stem,
+    )
+    schedule(plan, over.epochs, over.lr)
+    return plan
+
+
+def choose_step(
+    short_sides: list[int], hw: Hardware, over: Overrides, probe, world_size: int, reasons: dict
+) -> tuple[StepSetting, int, bool]:
+    """What one training step runs (network, size, precision, where the views are made), as the
+    probe will time it; and the loader workers and whether the images are decoded into memory."""
+    images = len(short_sides)
 
     def pick(name, override, chosen):
         value, why = chosen() if override is None else (override, "set by flag")
@@ -159,68 +209,26 @@ def make_plan(
     )
     # The probe runs the step as training will: views made where training makes them, beside the
     # decoded images that a GPU keeps in its memory.
+    resident = resident_bytes(images, image_size, in_memory, hw)
     setting = StepSetting(
-        backbone,
-        image_size,
-        0,
-        precision,
-        channels_last=hw.kind in ("cuda", "cpu"),
-        stem=stem,
-        augment_on=augment_on,
-        resident=resident_bytes(images, image_size, in_memory, hw),
-        gradient_buckets=world_size > 1,
+        backbone, image_size, 0, precision, hw.kind in ("cuda", "cpu"), stem, augment_on, resident, world_size > 1
     )
-    batch, step_seconds, cap, reasons["batch_size"] = choose_batch(
-        setting, images, hw, over.batch_size, probe, world_size
+    return setting, workers, in_memory
+
+
+def schedule(plan: Plan, epochs: int | None, lr: float | None) -> None:
+    """The run's length (--epochs, --time at the measured step time, or the default), its warm-up,
+    learning rate and EMA rate, set on `plan`."""
+    reasons = plan.reasons
+    plan.total_steps, reasons["epochs"] = choose_length(
+        epochs, plan.time_budget, plan.steps_per_epoch, plan.step_seconds
     )
-    accumulation, reasons["accumulation"] = choose_accumulation(
-        batch, cap, images, hw, over.batch_size is not None, world_size
-    )
-    if not in_memory and over.workers is None:
-        workers, reasons["workers"] = fit_workers_to_shared_memory(
-            workers, batch, image_size, augment_on, hw, reasons["workers"]
-        )
-    data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
-    seconds_per_step = step_time(step_seconds, data_seconds, workers) * accumulation
-    global_batch = batch * accumulation * world_size
-    steps_per_epoch = max(1, images // global_batch)
-    total_steps, reasons["epochs"] = choose_length(over.epochs, over.time_budget, steps_per_epoch, seconds_per_step)
-    epochs = total_steps / steps_per_epoch
-    base_lr, reasons["lr"] = (over.lr, "set by flag") if over.lr is not None else choose_base_lr(epochs)
-    sync_batchnorm, reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)
-    reasons["init"] = "set by flag" if over.init else "random (--init imagenet or --init ENCODER to start from weights)"
-    tau_base, reasons["tau_base"] = tau_for(epochs, total_steps)
-    return Plan(
-        device=hw.device,
-        device_name=hw.name,
-        backbone=backbone,
-        image_size=image_size,
-        batch_size=batch,
-        accumulation=accumulation,
-        precision=precision,
-        workers=workers,
-        channels_last=setting.channels_last,
-        images=images,
-        skipped=skipped,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        epochs=round(epochs, 3),
-        warmup_steps=warmup_for(steps_per_epoch, total_steps),
-        base_lr=base_lr,
-        lr=base_lr * global_batch / 256,
-        tau_base=tau_base,
-        weight_decay=RECIPE.weight_decay,
-        seed=over.seed,
-        step_seconds=seconds_per_step,
-        time_budget=over.time_budget,
-        reasons=reasons,
-        augment_on=augment_on,
-        in_memory=in_memory,
-        init=over.init,
-        world_size=world_size,
-        sync_batchnorm=sync_batchnorm,
-        stem=stem,
-    )
+    run_epochs = plan.total_steps / plan.steps_per_epoch
+    plan.epochs = round(run_epochs, 3)
+    plan.base_lr, reasons["lr"] = (lr, "set by flag") if lr is not None else choose_base_lr(run_epochs)
+    plan.lr = plan.base_lr * plan.effective_batch / 256
+    plan.tau_base, reasons["tau_base"] = tau_for(run_epochs, plan.total_steps)
+    plan.warmup_steps = warmup_for(plan.steps_per_epoch, plan.total_steps)
 
 
 def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_seconds: float) -> None:

@@ -19,7 +19,7 @@ import torch
 from byolcli import distributed
 from byolcli.data import MEAN, STD, CanvasDataset, TwoViewDataset
 from byolcli.distributed import World
-from byolcli.encoder import read_metadata, save_encoder
+from byolcli.encoder import save_encoder
 from byolcli.engine import Trainer, load_checkpoint
 from byolcli.errors import Stopped, UserError
 from byolcli.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
@@ -31,6 +31,7 @@ from byolcli.plan import Overrides, Plan, fit_to_world, make_plan, refit_to_budg
 from byolcli.probe import probe_step
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
+from byolcli.train_flags import validate, warn_changed_flags
 
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.safetensors"
@@ -74,34 +75,37 @@ def train_folder(request: TrainRequest, reporter) -> Path:
         distributed.stop(world)
 
 
+def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
+    """Rank 0's part: scan, take the run folder's lock, and plan a new run or load the saved one.
+    Returns (plan, image paths, checkpoint or None, run folder, the folder's root)."""
+    overrides = validate(request.choices)  # before anything is scanned, moved or written
+    with reporter.progress("checking images") as progress:
+        manifest = scan(request.folder, progress=progress)
+    out = Path(request.out) if request.out else default_run_dir(request.folder)
+    check_outside_input(out, manifest.root)
+    held.enter_context(exclusive(out / LOCK, out))
+    if request.restart:
+        _move_aside(out, reporter)
+
+    state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    if state is not None:
+        plan, paths = _resume(state, manifest.root, out, overrides, reporter, world)
+        _truncate_metrics(out / METRICS, state["step"])
+    else:
+        plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
+
+    from byolcli.report import plan_report
+
+    plan_report(plan, manifest, out, reporter)
+    warning = short_run_warning(plan) if state is None else None
+    if warning:
+        reporter.warn(warning)
+    return plan, paths, state, out, str(manifest.root)
+
+
 def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack) -> Path:
-    def prepare():
-        overrides = _validate(request.choices)  # before anything is scanned, moved or written
-        with reporter.progress("checking images") as progress:
-            manifest = scan(request.folder, progress=progress)
-        out = Path(request.out) if request.out else default_run_dir(request.folder)
-        check_outside_input(out, manifest.root)
-        held.enter_context(exclusive(out / LOCK, out))
-        if request.restart:
-            _move_aside(out, reporter)
-
-        state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
-        if state is not None:
-            plan, paths = _resume(state, manifest.root, out, overrides, reporter, world)
-            _truncate_metrics(out / METRICS, state["step"])
-        else:
-            plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
-
-        from byolcli.report import plan_report
-
-        plan_report(plan, manifest, out, reporter)
-        warning = short_run_warning(plan) if state is None else None
-        if warning:
-            reporter.warn(warning)
-        return plan, paths, state, out, str(manifest.root)
-
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
-    plan, paths, state, out, root = distributed.share(world, prepare)
+    plan, paths, state, out, root = distributed.share(world, lambda: _prepare(request, reporter, world, held))
     while True:
         decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
         with decoding as progress:
@@ -194,7 +198,7 @@ def _resume(
             f"{out} already holds a finished run ({out / ENCODER}); "
             "use --restart to train again or --out for a new run folder"
         )
-    _warn_changed_flags(overrides, plan, reporter)
+    warn_changed_flags(overrides, plan, reporter)
     detect_hardware(plan.device)  # fails clearly if that device is gone
     # The image list the run started with: the sampler's order depends on it.
     paths = [root / name for name in read_names((out / IMAGES).read_text(encoding="utf-8"))]
@@ -326,79 +330,6 @@ def _move_aside(out: Path, reporter) -> None:
     for entry in previous:
         shutil.move(str(entry), str(aside / entry.name))
     reporter.info(f"previous run moved to {aside}")
-
-
-# Override name -> the Plan field it sets.
-PLANNED_AS = {
-    "time_budget": "time_budget",
-    "backbone": "backbone",
-    "image_size": "image_size",
-    "batch_size": "batch_size",
-    "lr": "base_lr",
-    "workers": "workers",
-    "precision": "precision",
-    "augment_on": "augment_on",
-    "init": "init",
-    "stem": "stem",
-    "seed": "seed",
-}
-
-
-def _warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
-    """Rerunning the same command resumes silently; flags that would change the plan are named."""
-    changed = [
-        f"--{name.replace('_', '-')}"
-        for name, field_name in PLANNED_AS.items()
-        if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)
-    ]
-    if over.epochs is not None and (plan.time_budget is not None or over.epochs != round(plan.epochs)):
-        changed.append("--epochs")
-    if over.device is not None and not plan.device.startswith(over.device):
-        changed.append("--device")
-    if changed:
-        reporter.warn(
-            f"resuming with the saved plan; {', '.join(changed)} differ from it and are ignored "
-            "(--restart to start a new run with them)"
-        )
-
-
-def _validate(over: Overrides) -> Overrides:
-    """Refuse contradictory or impossible flags; returns them with what --init implies filled in."""
-    from byolcli.model import BACKBONES, STEMS
-
-    if over.backbone is not None and over.backbone not in BACKBONES:
-        raise UserError(f"--backbone {over.backbone}: choose one of {', '.join(BACKBONES)}")
-    if over.precision is not None and over.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {over.precision}: choose fp32, bf16 or fp16")
-    for name in ("image_size", "batch_size", "epochs"):
-        value = getattr(over, name)
-        if value is not None and value < 1:
-            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if over.image_size is not None and over.image_size < 16:
-        raise UserError(f"--image-size {over.image_size}: must be at least 16")
-    if over.augment_on is not None and over.augment_on not in ("cpu", "device"):
-        raise UserError(f"--augment-on {over.augment_on}: choose cpu or device")
-    if over.workers is not None and over.workers < 0:
-        raise UserError(f"--workers {over.workers}: must be 0 or more")
-    if over.lr is not None and not over.lr > 0:
-        raise UserError(f"--lr {over.lr}: must be positive")
-    if over.epochs is not None and over.time_budget is not None:
-        raise UserError("--epochs and --time both set: give one")
-    if over.stem is not None and over.stem not in STEMS:
-        raise UserError(f"--stem {over.stem}: choose {' or '.join(STEMS)}")
-    if over.init == "imagenet":  # torchvision's weights come with its strided stem
-        if over.stem not in (None, "standard"):
-            raise UserError(f"--init imagenet has the standard stem; --stem {over.stem} does not match it")
-        return replace(over, stem="standard")
-    if over.init is not None:
-        metadata = read_metadata(over.init)  # one-line error if not an encoder
-        architecture, stem = metadata["architecture"], metadata["stem"]
-        if over.backbone not in (None, architecture):
-            raise UserError(f"--init {over.init} is a {architecture}; --backbone {over.backbone} does not match it")
-        if over.stem not in (None, stem):
-            raise UserError(f"--init {over.init} has the {stem} stem; --stem {over.stem} does not match it")
-        return replace(over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()))
-    return over
 
 
 def _time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:

@@ -8,10 +8,10 @@ import torch
 from helpers import shapes_folder, tiny_plan
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from byolcli.embed import autocast_dtype
 from byolcli.engine import OVERFLOWS_IN_A_ROW, Trainer
 from byolcli.errors import TrainingFailed
 from byolcli.hardware import GiB, detect_hardware
+from byolcli.inference import autocast_dtype
 from byolcli.rules import device_precision
 
 # (name, compute capability, memory): what torch.cuda reports for each fake device.
@@ -189,7 +189,7 @@ def test_the_collapse_monitor_runs_where_the_device_has_no_svd():
 
 def test_fp32_never_enters_autocast(shapes, monkeypatch):
     """torch 2.4 raises on torch.autocast("mps", enabled=False): fp32 must not call it at all."""
-    from byolcli import embed
+    from byolcli import inference
     from byolcli.hardware import Hardware
     from byolcli.probe import StepSetting, probe_step
 
@@ -203,7 +203,7 @@ def test_fp32_never_enters_autocast(shapes, monkeypatch):
     assert probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False), steps=1) > 0
     encoder = trainer.model.online_encoder
     encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
-    rows = list(embed.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
+    rows = list(inference.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
     assert rows[0][1].shape == (2, 512)
 
 

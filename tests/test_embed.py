@@ -9,6 +9,7 @@ from helpers import noise_image, random_encoder_file, run_byol, shapes_folder
 from byolcli import embed as e
 from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import load_encoder
+from byolcli.inference import load_for_embedding
 from byolcli.report import Reporter
 
 
@@ -35,7 +36,7 @@ def test_each_row_is_the_embedding_of_its_file_alone(folder, encoder_file, tmp_p
     assert paths == sorted(p.name for p in folder.iterdir()) and vectors.shape == (13, 512)
     model = load_encoder(encoder_file)
     for row in (0, 7, 12):
-        image = normalize_images(e.load_for_embedding(folder / paths[row], 32)[None], MEAN, STD)
+        image = normalize_images(load_for_embedding(folder / paths[row], 32)[None], MEAN, STD)
         with torch.no_grad():
             alone = model(image)[0].numpy()
         np.testing.assert_allclose(vectors[row], alone, atol=1e-4)
@@ -47,7 +48,7 @@ def test_images_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
     picture = Image.new("RGB", (300, 100), (255, 0, 0))
     picture.paste((0, 0, 255), (100, 0, 200, 100))  # blue middle third
     picture.save(tmp_path / "wide.png")
-    pixels = e.load_for_embedding(tmp_path / "wide.png", 32)
+    pixels = load_for_embedding(tmp_path / "wide.png", 32)
     assert pixels.shape == (3, 32, 32) and pixels.dtype == torch.uint8
     assert pixels[2].float().mean() > 250 and pixels[0].float().mean() < 5  # only the blue centre is kept
 

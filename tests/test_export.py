@@ -14,6 +14,7 @@ from byolcli import embed as e
 from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import save_encoder
 from byolcli.errors import UserError
+from byolcli.inference import load_for_embedding
 from byolcli.model import make_backbone
 from byolcli.names import read_names
 from byolcli.report import Reporter
@@ -53,7 +54,7 @@ def embed_rows(folder, out, model, **flags):
 
 def onnx_rows(model_file, folder, names, size):
     session = onnxruntime.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
-    images = np.stack([e.load_for_embedding(folder / name, size).numpy() for name in names])
+    images = np.stack([load_for_embedding(folder / name, size).numpy() for name in names])
     return session.run(None, {"images": images})[0]
 
 
@@ -125,7 +126,7 @@ def test_embed_and_evaluate_with_torchvisions_imagenet_weights(tmp_path, monkeyp
     rows, names = embed_rows(folder, tmp_path / "vecs.npy", "imagenet", image_size=32)
     reference = make_backbone("resnet18")
     reference.load_state_dict(weights)
-    images = torch.stack([e.load_for_embedding(folder / n, 32) for n in names])
+    images = torch.stack([load_for_embedding(folder / n, 32) for n in names])
     with torch.no_grad():
         expected = reference.eval()(normalize_images(images, MEAN, STD))
     np.testing.assert_allclose(rows, expected.numpy(), atol=1e-4)
@@ -166,7 +167,7 @@ def test_a_plain_torchvision_state_dict_embeds_with_arch_and_image_size(tmp_path
     save_file(stock.state_dict(), plain)  # fc included, as torchvision saves it
     rows, names = embed_rows(folder, tmp_path / "vecs.npy", plain, arch="resnet18", image_size=64)
     stock.fc = torch.nn.Identity()
-    images = torch.stack([e.load_for_embedding(folder / n, 64) for n in names])
+    images = torch.stack([load_for_embedding(folder / n, 64) for n in names])
     with torch.no_grad():
         expected = stock.eval()(normalize_images(images, MEAN, STD))
     np.testing.assert_allclose(rows, expected.numpy(), atol=1e-4)

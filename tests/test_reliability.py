@@ -218,23 +218,23 @@ def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
 def test_sigterm_finishes_the_step_in_progress_and_checkpoints_it(tmp_path, monkeypatch):
     from helpers import tiny_plan
 
-    from byolcli import engine as t
+    from byolcli import engine, train
 
     folder = shapes_folder(tmp_path / "photos", count=16)
-    trainer = t.Trainer(tiny_plan(16, total_steps=10), sorted(folder.iterdir()))
-    real_rate = t.learning_rate
+    trainer = engine.Trainer(tiny_plan(16, total_steps=10), sorted(folder.iterdir()))
+    real_rate = engine.learning_rate
 
     def rate_then_sigterm(step, *args):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # during step 3
         return real_rate(step, *args)
 
-    monkeypatch.setattr(t, "learning_rate", rate_then_sigterm)
+    monkeypatch.setattr(engine, "learning_rate", rate_then_sigterm)
     out = tmp_path / "run"
     out.mkdir()
-    request = t.TrainRequest(folder, checkpoint_every=3600.0)  # no periodic checkpoint comes
+    request = train.TrainRequest(folder, checkpoint_every=3600.0)  # no periodic checkpoint comes
     with pytest.raises(Stopped) as stopped:
-        t._train(trainer, out, request, Reporter(quiet=True))
+        train._train(trainer, out, request, Reporter(quiet=True))
     assert stopped.value.signum == signal.SIGTERM
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3 == trainer.step
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3

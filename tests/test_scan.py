@@ -134,12 +134,7 @@ def test_byol_scan_prints_summary_and_exits_zero(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "make, message",
-    [
-        ("missing", "no such folder"),
-        ("file", "is a file, not a folder"),
-        ("empty", "no usable images"),
-    ],
+    "make, message", [("missing", "no such folder"), ("file", "is a file, not a folder"), ("empty", "no usable images")]
 )
 def test_byol_scan_bad_input_is_one_line_exit_2(tmp_path, make, message):
     target = tmp_path / "input"

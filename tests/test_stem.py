@@ -139,14 +139,14 @@ def test_the_memory_estimate_starts_the_batch_search_lower_for_the_heavier_stem(
 
 
 def test_flags_that_contradict_the_starting_weights_are_refused(tmp_path):
-    from byolcli.train import _validate
+    from byolcli.train_flags import validate
 
     with pytest.raises(UserError, match="--stem tiny"):
-        _validate(Overrides(stem="tiny"))
+        validate(Overrides(stem="tiny"))
     with pytest.raises(UserError, match="standard stem"):
-        _validate(Overrides(init="imagenet", stem="small"))
+        validate(Overrides(init="imagenet", stem="small"))
     path = tmp_path / "encoder.safetensors"
     save_encoder(make_backbone("resnet18", stem="small"), path, **SMALL)
-    assert _validate(Overrides(init=str(path))).stem == "small"
+    assert validate(Overrides(init=str(path))).stem == "small"
     with pytest.raises(UserError, match="small stem"):
-        _validate(Overrides(init=str(path), stem="standard"))
+        validate(Overrides(init=str(path), stem="standard"))

@@ -55,7 +55,7 @@ def load_split(split: str) -> tuple[list[Path], list[str]]:
 
 
 def pixels(paths: list[Path], size: int) -> torch.Tensor:
-    from byolcli.embed import load_for_embedding
+    from byolcli.inference import load_for_embedding
 
     return torch.stack([load_for_embedding(p, size) for p in paths])
 

@@ -1,0 +1,83 @@
+"""`byol train`'s flags: refusing contradictory or impossible ones before anything is scanned or
+written, filling in what starting weights imply, and naming the flags a resumed run ignores."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from byolcli.encoder import read_metadata
+from byolcli.errors import UserError
+from byolcli.plan import Overrides, Plan
+
+# Override name -> the Plan field it sets.
+PLANNED_AS = {
+    "time_budget": "time_budget",
+    "backbone": "backbone",
+    "image_size": "image_size",
+    "batch_size": "batch_size",
+    "lr": "base_lr",
+    "workers": "workers",
+    "precision": "precision",
+    "augment_on": "augment_on",
+    "init": "init",
+    "stem": "stem",
+    "seed": "seed",
+}
+
+
+def warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
+    """Rerunning the same command resumes silently; flags that would change the plan are named."""
+    changed = [
+        f"--{name.replace('_', '-')}"
+        for name, field_name in PLANNED_AS.items()
+        if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)
+    ]
+    if over.epochs is not None and (plan.time_budget is not None or over.epochs != round(plan.epochs)):
+        changed.append("--epochs")
+    if over.device is not None and not plan.device.startswith(over.device):
+        changed.append("--device")
+    if changed:
+        reporter.warn(
+            f"resuming with the saved plan; {', '.join(changed)} differ from it and are ignored "
+            "(--restart to start a new run with them)"
+        )
+
+
+def validate(over: Overrides) -> Overrides:
+    """Refuse contradictory or impossible flags; returns them with what --init implies filled in."""
+    from byolcli.model import BACKBONES, STEMS
+
+    if over.backbone is not None and over.backbone not in BACKBONES:
+        raise UserError(f"--backbone {over.backbone}: choose one of {', '.join(BACKBONES)}")
+    if over.precision is not None and over.precision not in ("fp32", "bf16", "fp16"):
+        raise UserError(f"--precision {over.precision}: choose fp32, bf16 or fp16")
+    for name in ("image_size", "batch_size", "epochs"):
+        value = getattr(over, name)
+        if value is not None and value < 1:
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
+    if over.image_size is not None and over.image_size < 16:
+        raise UserError(f"--image-size {over.image_size}: must be at least 16")
+    if over.augment_on is not None and over.augment_on not in ("cpu", "device"):
+        raise UserError(f"--augment-on {over.augment_on}: choose cpu or device")
+    if over.workers is not None and over.workers < 0:
+        raise UserError(f"--workers {over.workers}: must be 0 or more")
+    if over.lr is not None and not over.lr > 0:
+        raise UserError(f"--lr {over.lr}: must be positive")
+    if over.epochs is not None and over.time_budget is not None:
+        raise UserError("--epochs and --time both set: give one")
+    if over.stem is not None and over.stem not in STEMS:
+        raise UserError(f"--stem {over.stem}: choose {' or '.join(STEMS)}")
+    if over.init == "imagenet":  # torchvision's weights come with its strided stem
+        if over.stem not in (None, "standard"):
+            raise UserError(f"--init imagenet has the standard stem; --stem {over.stem} does not match it")
+        return replace(over, stem="standard")
+    if over.init is not None:
+        metadata = read_metadata(over.init)  # one-line error if not an encoder
+        architecture, stem = metadata["architecture"], metadata["stem"]
+        if over.backbone not in (None, architecture):
+            raise UserError(f"--init {over.init} is a {architecture}; --backbone {over.backbone} does not match it")
+        if over.stem not in (None, stem):
+            raise UserError(f"--init {over.init} has the {stem} stem; --stem {over.stem} does not match it")
+        return replace(over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()))
+    return over
