@@ -291,13 +291,12 @@ def embed(
 
 @app.command()
 def evaluate(
-    labels: Path = typer.Option(
-        ...,
-        help=(
-            "CSV with a header: an image path column (path/file/filename/image) and a label column "
-            "(label/class/category); optional split column."
-        ),
-        show_default=False,
+    folder: Optional[Path] = typer.Argument(
+        None, help="Judge the encoder on this folder without labels (instead of --labels).", show_default=False
+    ),
+    labels: Optional[Path] = flag(
+        "CSV with a header: an image path column (path/file/filename/image) and a label column "
+        "(label/class/category); optional split column."
     ),
     model: Optional[Path] = MODEL,
     arch: Optional[str] = ARCH,
@@ -322,15 +321,23 @@ def evaluate(
         "per class, and the confusion matrix."
     ),
 ) -> None:
-    """How good is the encoder on the images you labelled, compared with an untrained one?
+    """How good is the encoder, compared with an untrained one: on your labels, or without any.
 
-    Embeds the labelled images, then scores weighted kNN (k=20, T=0.07, cosine similarity) and a
-    linear probe (logistic regression on standardised frozen features, its regularisation chosen
-    on training rows only) on the CSV's split column (train/val/test) or, without one, by stratified
-    5-fold cross-validation; for the encoder and a random-init encoder of the same architecture,
-    side by side.
+    With --labels: weighted kNN (k=20, T=0.07, cosine) and a linear probe, on the CSV's split or by
+    stratified cross-validation. With FOLDER: effective rank (RankMe), alignment, uniformity and
+    near-duplicates of a seeded sample, and its nearest neighbours (--report). Both side by side with
+    a random-init encoder of the same architecture.
     """
     with user_errors():
+        if (folder is None) == (labels is None):
+            raise UserError("give FOLDER to judge without labels, or --labels CSV, not both or neither")
+        if folder is not None:
+            from byolcli.judge import judge_command
+
+            if root or embeddings or baseline:
+                raise UserError("--root, --embeddings and --baseline go with --labels")
+            judge_command(folder, model, arch, image_size, device, json_out, report, _reporter())
+            return
         from byolcli.evaluate import evaluate_command
 
         evaluate_command(

@@ -70,10 +70,10 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     """kNN and linear-probe results, pooled over the protocol's test rows."""
     features = features.float()
     knn_votes, linear_logits, tested = [], [], []
-    decays = []
+    decays, at_edge = [], False
     for train, test, val in protocol.folds:
         knn_votes.append(knn_scores(features[train], y[train], features[test], classes))
-        logits, decay = linear_probe_scores(
+        logits, decay, edge = linear_probe_scores(
             features[train],
             y[train],
             features[test],
@@ -82,10 +82,12 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
         )
         linear_logits.append(logits)
         decays.append(decay)
+        at_edge |= edge
         tested.append(test)
     truth = y[torch.cat(tested)]
     linear = summarize(torch.cat(linear_logits), truth, classes)
     linear["weight_decay"] = decays
+    linear["weight_decay_at_grid_edge"] = at_edge
     return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
 
 

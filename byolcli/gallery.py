@@ -1,10 +1,8 @@
-"""A self-contained HTML page for judging embeddings by eye.
-
-For a few query images per class: the query and its nearest neighbours among
-the training rows (green border: same label, red: another), then the kNN
-confusion matrix. Thumbnails are embedded as base64 JPEG, so the page is one
-file that can be mailed or opened anywhere.
-"""
+"""Self-contained HTML pages for judging embeddings by eye: one renderer for rows of an image and
+its nearest neighbours, used by the labelled page (`byol evaluate --labels --report`) and the
+label-free report (`byol train`'s report.html, `byol evaluate FOLDER`). Thumbnails are embedded as
+small base64 JPEGs, so a page is one file that can be mailed or opened anywhere, and its size
+depends on how many tiles it shows, not on the folder."""
 
 from __future__ import annotations
 
@@ -43,6 +41,29 @@ def tile(path: Path, label: str, border: str) -> str:
     )
 
 
+def neighbour_row(caption: str, tiles: list[str]) -> str:
+    """One row: a caption, the query's tile, then its neighbours' tiles."""
+    return f'<div class="row"><span>{html.escape(caption)}</span>{"".join(tiles)}</div>'
+
+
+STYLE = f"""body{{font:14px system-ui,sans-serif;margin:2em;max-width:80em}}
+.row{{display:flex;align-items:center;gap:6px;margin:4px 0}}.row span{{width:9em;font-weight:600}}
+figure{{margin:0;border:3px solid;width:{THUMB}px}}
+figure img{{width:{THUMB}px;height:{THUMB}px;object-fit:cover;display:block}}
+figcaption{{font-size:11px;overflow:hidden;white-space:nowrap}}table{{border-collapse:collapse;margin:1em 0}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td.text,th.text{{text-align:left}}
+.group{{margin:1.2em 0;padding-top:.4em;border-top:1px solid #ddd}}svg{{margin:4px 12px 4px 0}}"""
+
+
+def write_page(target: Path, title: str, body: str) -> Path:
+    """The page, written atomically (its folder made if needed)."""
+    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{STYLE}</style><h1>{html.escape(title)}</h1>{body}"""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, page)
+    return target
+
+
 def write_gallery(
     folder: Path,
     title: str,
@@ -65,7 +86,7 @@ def write_gallery(
             tiles += [
                 tile(paths[int(n)], labels[int(n)], "#2a2" if labels[int(n)] == name else "#d22") for n in nearest
             ]
-            rows_html.append(f'<div class="row"><span>{html.escape(name)}</span>{"".join(tiles)}</div>')
+            rows_html.append(neighbour_row(name, tiles))
 
     top = max(max(row) for row in confusion) or 1
     header = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
@@ -73,18 +94,8 @@ def write_gallery(
     for c, row in enumerate(confusion):
         cells = "".join(f'<td style="background:rgba(40,110,220,{v / top:.2f})">{v}</td>' for v in row)
         body.append(f"<tr><th>{html.escape(classes[c])}</th>{cells}</tr>")
-    page = f"""<!doctype html><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em}}.row{{display:flex;align-items:center;gap:6px;margin:4px 0}}
-.row span{{width:9em;font-weight:600}}figure{{margin:0;border:3px solid;width:{THUMB}px}}
-figure img{{width:{THUMB}px;height:{THUMB}px;object-fit:cover;display:block}}
-figcaption{{font-size:11px;overflow:hidden;white-space:nowrap}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}</style>
-<h1>{html.escape(title)}</h1>
-<h2>Nearest neighbours</h2><p>First tile: a test image; then its {NEIGHBOURS} nearest training images
+    body = f"""<h2>Nearest neighbours</h2><p>First tile: a test image; then its {NEIGHBOURS} nearest training images
 by cosine similarity (green: same label, red: another).</p>{"".join(rows_html)}
 <h2>kNN confusion matrix</h2><p>Rows: true class; columns: predicted.</p>
 <table><tr><th></th>{header}</tr>{"".join(body)}</table>"""
-    target = folder / "index.html"
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(target, page)
-    return target
+    return write_page(folder / "index.html", title, body)

@@ -260,6 +260,14 @@ def evaluation_report(report: dict) -> None:
             cells.append(f"[{'green' if gain > 0 else 'red'}]{gain * 100:+.1f} pts[/]")
         table.add_row(label, *cells)
     out.print(table)
+    edge = [n for n in names if results[n]["linear"].get("weight_decay_at_grid_edge")]
+    if edge:
+        out.print(
+            f"note: the linear probe's L2 strength for {', '.join(edge)} was chosen at an end of its grid; "
+            "the linear score may be an underestimate",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     per_class = Table(title=f"per-class recall ({names[0]})", title_justify="left")
     per_class.add_column("class")
@@ -273,3 +281,18 @@ def evaluation_report(report: dict) -> None:
             f"{first['linear']['per_class_recall'][i]:.1%}",
         )
     out.print(per_class)
+
+
+def judgement_report(result: dict) -> None:
+    """The label-free measures of the encoder and the random-init network, with what each means."""
+    out.print(f"[bold]{result['images']:,} images[/] (a seeded sample of the folder), no labels", highlight=False)
+    table = Table()
+    for column in ("measure", "encoder", "random init", "what it means"):
+        table.add_column(column, justify="left" if column in ("measure", "what it means") else "right")
+    for key, meaning in result["meanings"].items():
+        table.add_row(key, *(str(result["measures"][who][key]) for who in ("encoder", "random init")), meaning)
+    out.print(table)
+    pairs = result["near_duplicates"]
+    if pairs:
+        shown = ", ".join(f"{p['a']} ~ {p['b']}" for p in pairs[:5])
+        out.print(f"{len(pairs)} near-duplicate pairs (all in --json): {shown}", highlight=False, soft_wrap=True)

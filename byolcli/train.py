@@ -38,6 +38,7 @@ ENCODER = "encoder.safetensors"
 PLAN = "plan.json"
 METRICS = "metrics.jsonl"
 IMAGES = "images.txt"
+REPORT = "report.html"
 LOCK = ".lock"
 
 # With a time budget, the loop is timed over these steps (the first ones run slow
@@ -138,8 +139,27 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
             source=root,
         )
         reporter.info(f"encoder written to {encoder_path}")
+        _write_report(out, plan, paths, Path(root), reporter)
     distributed.barrier(world)  # nobody leaves before the encoder is written
     return encoder_path
+
+
+def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter) -> None:
+    """report.html beside the encoder: the plan, the curves, and the trained encoder against a
+    random-init one without labels; report.json holds the measures and neighbours."""
+    from byolcli.encoder import load_encoder
+    from byolcli.judge import judge
+    from byolcli.report_page import write_report
+
+    device = torch.device(plan.device)
+    judgement = judge(paths, load_encoder(out / ENCODER, device), device, reporter.progress, seed=plan.seed)
+    records = []
+    for line in (out / METRICS).read_text(encoding="utf-8", errors="replace").splitlines():
+        with suppress(ValueError):
+            records.append(json.loads(line))
+    page = write_report(out / REPORT, f"byol train {root.name}", judgement, plan.to_dict(), records)
+    atomic_write_text(out / "report.json", json.dumps(judgement.to_dict(root), indent=2))
+    reporter.info(f"report written to {page}")
 
 
 def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:

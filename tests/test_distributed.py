@@ -94,6 +94,8 @@ def test_torchrun_cli_writes_one_set_of_files_and_exports_rank_zeros_encoder(pho
         "images.txt",
         "metrics.jsonl",
         "plan.json",
+        "report.html",
+        "report.json",
     ]
     assert result.stderr.count("training plan") == 1 and result.stderr.count("encoder written") == 1
     plan = json.loads((run / "plan.json").read_text())

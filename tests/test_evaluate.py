@@ -27,7 +27,7 @@ def halves(x, y):
 def test_knn_and_linear_probe_separate_separable_classes():
     train_x, train_y, test_x, test_y = halves(*blobs())
     assert summarize(knn_scores(train_x, train_y, test_x, 4), test_y, 4)["top1"] == 1.0
-    logits, _ = linear_probe_scores(train_x, train_y, test_x, 4)
+    logits, _, _ = linear_probe_scores(train_x, train_y, test_x, 4)
     result = summarize(logits, test_y, 4)
     assert result["top1"] == 1.0 and result["balanced"] == 1.0
 

@@ -1,0 +1,140 @@
+"""Did training help, without labels: an encoder and a random-init network of the same architecture,
+side by side, on a seeded sample of a folder's images. Both get the label-free measures
+(label_free.py) and the same nearest-neighbour gallery; `byol train` writes the result into its
+run folder as report.html, `byol evaluate FOLDER` for any folder and encoder."""
+
+from __future__ import annotations
+
+import random
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from byolcli.label_free import NEAR_DUPLICATE, alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity
+
+SAMPLE = 2000  # images the measures and the neighbour search use: the page and the time stay bounded
+VIEW_PAIRS = 256  # images whose two augmented views measure alignment
+QUERIES = 12
+NEIGHBOURS = 6
+ENCODER, RANDOM_INIT = "encoder", "random init"
+
+MEANINGS = {
+    "rankme": "effective rank of the embeddings (RankMe): directions the images use; higher is better, ~1 is collapse",
+    "alignment": "mean squared distance between two augmented views of an image (0–4); lower is better",
+    "uniformity": "log mean exp(−2·distance²) over image pairs (0 down to about −4); lower spreads more evenly",
+    "near_duplicate_share": f"share of images whose nearest neighbour has cosine similarity above {NEAR_DUPLICATE}",
+}
+
+
+@dataclass
+class Judgement:
+    paths: list[Path]  # the sample, in row order
+    queries: list[int]  # rows of the gallery's query images
+    neighbours: dict[str, torch.Tensor]  # per encoder: (queries, NEIGHBOURS) rows
+    measures: dict[str, dict]  # per encoder: rankme, alignment, uniformity, near_duplicate_share
+    duplicates: list[tuple[int, int, float]]  # near-duplicate pairs under the encoder
+
+    def to_dict(self, root: Path) -> dict:
+        def name(row: int) -> str:
+            path = self.paths[row]
+            return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+        return {
+            "images": len(self.paths),
+            "measures": self.measures,
+            "meanings": MEANINGS,
+            "near_duplicates": [{"a": name(i), "b": name(j), "cosine": round(s, 4)} for i, j, s in self.duplicates],
+            "neighbours": {
+                who: {name(q): [name(int(r)) for r in rows] for q, rows in zip(self.queries, found)}
+                for who, found in self.neighbours.items()
+            },
+        }
+
+
+def sample_paths(paths: list[Path], size: int = SAMPLE, seed: int = 0) -> list[Path]:
+    """A seeded sample of at most `size` paths, in their original order."""
+    if len(paths) <= size:
+        return list(paths)
+    chosen = sorted(random.Random(seed).sample(range(len(paths)), size))
+    return [paths[i] for i in chosen]
+
+
+def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, workers: int | None = None) -> Judgement:
+    """Embed a seeded sample of `paths` with `encoder` and its random-init twin, and measure both."""
+    from byolcli.evaluate import embed_labelled, random_encoder
+
+    sample = sample_paths(paths, SAMPLE, seed)
+    networks = {ENCODER: encoder, RANDOM_INIT: random_encoder(encoder.byol_metadata, device)}
+    features, measures = {}, {}
+    for who, network in networks.items():
+        with progress(f"embedding a sample ({who})", unit="images") if progress else nullcontext() as step:
+            features[who], ok = embed_labelled(sample, network, device, 256, workers, step)
+        features[who] = features[who][torch.from_numpy(ok)]
+    keep = [p for p, good in zip(sample, ok) if good]
+    queries = sorted(random.Random(seed).sample(range(len(keep)), min(QUERIES, len(keep))))
+    neighbours, duplicates = {}, []
+    for who, network in networks.items():
+        found = near_duplicates(features[who])
+        duplicates = found if who == ENCODER else duplicates
+        measures[who] = {
+            "rankme": round(rankme(features[who]), 2),
+            "alignment": round(view_alignment(keep, network, device, seed), 4),
+            "uniformity": round(uniformity(features[who]), 4),
+            "near_duplicate_share": round(duplicate_share(found, len(keep)), 4),
+        }
+        neighbours[who] = nearest(features[who], torch.tensor(queries), NEIGHBOURS)[0]
+    return Judgement(keep, queries, neighbours, measures, duplicates)
+
+
+def view_alignment(paths: list[Path], network, device, seed: int) -> float:
+    """Alignment of two views made by byolcli's training augmentation at the encoder's size."""
+    from byolcli.data import TwoViewDataset
+
+    dataset = TwoViewDataset(sample_paths(paths, VIEW_PAIRS, seed), network.byol_metadata["image_size"], seed)
+    pairs = [dataset[0, i] for i in range(len(dataset))]
+    first, second = [], []
+    with torch.inference_mode():
+        for start in range(0, len(pairs), 64):
+            chunk = pairs[start : start + 64]
+            first.append(network(torch.stack([a for a, _ in chunk]).to(device)).float())
+            second.append(network(torch.stack([b for _, b in chunk]).to(device)).float())
+    return alignment(torch.cat(first), torch.cat(second))
+
+
+def judge_command(
+    folder: Path, model, arch, image_size, device, json_out: Path | None, report_dir: Path | None, reporter
+) -> dict:
+    """`byol evaluate FOLDER`: the label-free measures and gallery for any folder and encoder."""
+    import json
+
+    from byolcli.embed import pick_device
+    from byolcli.files import atomic_write_text, check_outside_input
+    from byolcli.models import choose_model
+    from byolcli.report import judgement_report
+    from byolcli.scan import scan
+
+    choice = choose_model(model, arch, image_size)
+    for out in (json_out, report_dir):
+        if out is not None:
+            check_outside_input(out, folder)
+    torch_device = pick_device(device)
+    with reporter.progress("checking images") as progress:
+        manifest = scan(folder, progress=progress)
+    reporter.info(f"judging {choice.description} without labels on {len(manifest.images):,} images")
+    judgement = judge(manifest.absolute_paths(), choice.load(torch_device), torch_device, reporter.progress)
+    result = {
+        "folder": str(manifest.root),
+        "encoder": str(choice.path or choice.description),
+        **judgement.to_dict(manifest.root),
+    }
+    judgement_report(result)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2))
+    if report_dir is not None:
+        from byolcli.report_page import write_report
+
+        page = write_report(report_dir / "index.html", f"{choice.description} on {manifest.root.name}", judgement)
+        reporter.info(f"report: {page}")
+    return result

@@ -1,0 +1,71 @@
+"""Judging embeddings without labels: how many directions they use, how close two views of an image
+land, how evenly the images spread, which images are near-duplicates, and who is whose neighbour.
+
+- RankMe (Garrido et al. 2023): exp of the entropy of the embedding matrix's normalised singular
+  values, from 1 (every image on one line) to the dimension (all directions used alike). Higher is
+  better; a collapsed encoder scores near 1.
+- Alignment (Wang & Isola 2020): the mean squared distance between the L2-normalised embeddings of
+  two augmented views of one image, from 0 (views agree) to 4. Lower is better.
+- Uniformity (Wang & Isola 2020): log of the mean of exp(−2·‖zᵢ − zⱼ‖²) over pairs of normalised
+  embeddings, from 0 (all images at one point) down to about −4. Lower is better.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NEAR_DUPLICATE = 0.98  # cosine similarity above which two images count as near-duplicates
+CHUNK = 4096
+
+
+def rankme(features: torch.Tensor) -> float:
+    singular = torch.linalg.svdvals(features.double().cpu())
+    p = singular / singular.sum().clamp_min(1e-12) + 1e-12
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def alignment(view1: torch.Tensor, view2: torch.Tensor) -> float:
+    z1, z2 = F.normalize(view1.float(), dim=1), F.normalize(view2.float(), dim=1)
+    return (z1 - z2).pow(2).sum(1).mean().item()
+
+
+def uniformity(features: torch.Tensor, t: float = 2.0) -> float:
+    z = F.normalize(features.float(), dim=1)
+    n = len(z)
+    total = 0.0
+    for start in range(0, n, CHUNK):
+        squared = torch.cdist(z[start : start + CHUNK], z).pow(2)
+        total += (-t * squared).exp().sum().item()
+    pairs = n * (n - 1)
+    return math.log(max((total - n) / pairs, 1e-30))  # the diagonal's n ones are not pairs
+
+
+def nearest(features: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k rows most cosine-similar to each query row (itself excluded): (indices, similarities)."""
+    z = F.normalize(features.float(), dim=1)
+    similarity = z[queries] @ z.T
+    similarity[torch.arange(len(queries)), queries] = -math.inf
+    top = similarity.topk(min(k, len(z) - 1), dim=1)
+    return top.indices, top.values
+
+
+def near_duplicates(features: torch.Tensor, threshold: float = NEAR_DUPLICATE) -> list[tuple[int, int, float]]:
+    """Pairs (i, j, cosine) with i < j whose cosine similarity is above `threshold`, each image's
+    nearest neighbour only, most similar first."""
+    z = F.normalize(features.float(), dim=1)
+    pairs = {}
+    for start in range(0, len(z), CHUNK):
+        rows = torch.arange(start, min(start + CHUNK, len(z)))
+        index, similarity = nearest(z, rows, 1)
+        for i, j, s in zip(rows.tolist(), index[:, 0].tolist(), similarity[:, 0].tolist()):
+            if s > threshold:
+                pairs[min(i, j), max(i, j)] = s
+    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: -pair[2])
+
+
+def duplicate_share(pairs: list[tuple[int, int, float]], images: int) -> float:
+    """The share of images whose nearest neighbour is a near-duplicate."""
+    return len({i for pair in pairs for i in pair[:2]}) / max(images, 1)

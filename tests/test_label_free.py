@@ -1,0 +1,112 @@
+"""Judging an encoder without labels: the measures on known data, the neighbour search, the report."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_encoder_file, run_byol, shapes_folder
+
+from byolcli.label_free import alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity
+
+
+def test_rankme_counts_the_directions_the_embeddings_use():
+    assert rankme(torch.eye(64)) == pytest.approx(64, rel=1e-6)
+    line = torch.randn(500, 1) @ torch.randn(1, 32)  # every row on one line
+    assert rankme(line) == pytest.approx(1, abs=1e-3)
+    assert 1 < rankme(torch.randn(500, 4) @ torch.randn(4, 32)) <= 4 + 1e-6
+
+
+def test_alignment_and_uniformity_at_their_ends():
+    z = torch.randn(200, 16)
+    assert alignment(z, z) == pytest.approx(0, abs=1e-6)
+    assert alignment(z, -z) == pytest.approx(4, abs=1e-5)  # opposite unit vectors are 2 apart
+    assert uniformity(torch.ones(50, 8)) == pytest.approx(0, abs=1e-6)  # everything at one point
+    spread = uniformity(torch.randn(2000, 64))
+    assert spread < -3.5 and math.isfinite(spread)  # uniform on a high-dimensional sphere: about −4
+
+
+def test_neighbours_are_those_of_a_brute_force_cosine_search():
+    torch.manual_seed(0)
+    features = torch.randn(300, 24)
+    queries = torch.tensor([0, 17, 150, 299])
+    found, similarity = nearest(features, queries, 6)
+    z = F.normalize(features, dim=1)
+    for row, q in enumerate(queries.tolist()):
+        scores = [(float(z[q] @ z[j]), j) for j in range(len(z)) if j != q]
+        expected = [j for _, j in sorted(scores, reverse=True)[:6]]
+        assert found[row].tolist() == expected
+        assert similarity[row].tolist() == pytest.approx([s for s, _ in sorted(scores, reverse=True)[:6]], abs=1e-5)
+
+
+def test_near_duplicates_are_found_and_counted_once():
+    torch.manual_seed(0)
+    features = torch.randn(100, 32)
+    features[40] = features[7] * 3 + 1e-3 * torch.randn(32)  # the same direction: a near-duplicate
+    pairs = near_duplicates(features)
+    assert [(i, j) for i, j, _ in pairs] == [(7, 40)] and pairs[0][2] > 0.98
+    assert duplicate_share(pairs, 100) == pytest.approx(0.02)
+
+
+def test_evaluate_without_labels_reports_both_networks_and_writes_outside_the_folder(tmp_path):
+    import json
+
+    folder = shapes_folder(tmp_path / "photos", count=24)
+    model = random_encoder_file(tmp_path / "encoder.safetensors", seed=3)
+    inside = run_byol("evaluate", folder, "--model", model, "--report", folder / "page")
+    assert inside.returncode == 2 and "inside the input folder" in inside.stderr
+    result = run_byol(
+        "-q", "evaluate", folder, "--model", model, "--json", tmp_path / "judged.json", "--report", tmp_path / "page"
+    )
+    assert result.returncode == 0, result.stderr
+    judged = json.loads((tmp_path / "judged.json").read_text())
+    assert judged["images"] == 24 and set(judged["measures"]) == {"encoder", "random init"}
+    assert set(judged["measures"]["encoder"]) == set(judged["meanings"])
+    page = (tmp_path / "page" / "index.html").read_text()
+    assert page.count('class="group"') == 12 and page.count("data:image/jpeg;base64,") == 12 * 2 * 7
+    assert sorted(p.name for p in (tmp_path / "page").iterdir()) == ["index.html"]  # no temporary file left
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i:03d}.png" for i in range(24))
+
+
+def test_the_page_stays_the_same_size_for_any_folder(tmp_path, monkeypatch):
+    from byolcli import judge
+    from byolcli.encoder import load_encoder
+    from byolcli.inference import pick_device
+    from byolcli.report_page import write_report
+    from byolcli.scan import scan
+
+    monkeypatch.setattr(judge, "SAMPLE", 20)
+    model = load_encoder(random_encoder_file(tmp_path / "encoder.safetensors"))
+    sizes = []
+    for count in (24, 60):
+        paths = scan(shapes_folder(tmp_path / f"photos{count}", count=count)).absolute_paths()
+        judgement = judge.judge(paths, model, pick_device("cpu"))
+        assert len(judgement.paths) == 20
+        sizes.append(write_report(tmp_path / f"{count}.html", "t", judgement).stat().st_size)
+    assert abs(sizes[0] - sizes[1]) < 0.1 * sizes[0]
+
+
+def test_byol_train_writes_its_report_even_when_quiet(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    result = run_byol(
+        "-q",
+        "train",
+        folder,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--image-size",
+        "32",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--out",
+        tmp_path / "run",
+    )
+    assert result.returncode == 0, result.stderr
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert "Training curves" in page or "Plan" in page
+    assert 'class="group"' in page and "random init" in page
+    assert (tmp_path / "run" / "report.json").exists()
