@@ -150,3 +150,15 @@ def test_flags_that_contradict_the_starting_weights_are_refused(tmp_path):
     assert validate(Overrides(init=str(path))).stem == "small"
     with pytest.raises(UserError, match="small stem"):
         validate(Overrides(init=str(path), stem="standard"))
+
+
+def test_the_onnx_export_rebuilds_the_small_stem_in_a_stock_network():
+    from byolcli.export import stock_backbone
+
+    torch.manual_seed(0)
+    encoder = make_backbone("resnet18", stem="small").eval()
+    stock = stock_backbone(encoder, "resnet18")
+    assert type(stock.conv1) is torch.nn.Conv2d and stock.conv1.kernel_size == (3, 3)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(stock(images), encoder(images))
