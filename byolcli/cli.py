@@ -149,8 +149,7 @@ def train(
     image_size: Optional[int] = flag("Training crop size in pixels. \\[default: chosen from the images and hardware]"),
     stem: Optional[str] = flag(
         "The backbone's first layers: standard (torchvision's 7x7 stride-2 convolution and max-pool) "
-        "or small (3x3 stride 1, no max-pool, for images of 32-64 px). \\[default: small on a GPU up to"
-        " 64 px]"
+        "or small (3x3 stride 1, no max-pool, for images of 32-64 px). \\[default: standard]"
     ),
     batch_size: Optional[int] = flag(
         "Images per step on the device. \\[default: the largest that fits, probed on GPUs]"

@@ -30,7 +30,7 @@ DEFAULT_EPOCHS = 100
 BYTES_PER_IMAGE_224 = {"resnet18": 60e6, "resnet34": 90e6, "resnet50": 200e6}
 # The small-image stem keeps every feature map 4× larger per side: the strided stem's activations at 4× the size.
 STEM_SCALE = {"standard": 1, "small": 4}
-SMALL_STEM_UP_TO = 64  # px, on GPUs (benchmarks/learning_curve.py)
+SMALL_IMAGES = 64  # px: where the strided stem leaves the last stages a pixel or two
 
 
 def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
@@ -52,12 +52,13 @@ def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
 
 
 def choose_stem(size: int, hw: Hardware) -> tuple[str, str]:
+    """The strided stem everywhere, for now: each reason says what was measured (docs/experiments.md)."""
     if hw.kind == "cpu":
-        return "standard", "a CPU run is bound by time, and the small-image stem costs several times more per step"
-    if size <= SMALL_STEM_UP_TO:
-        return (
-            "small",
-            f"at {size} px the strided stem leaves the last stages single pixels; the small stem learns more per epoch",
+        return "standard", "a CPU run is bound by time, and the small-image stem costs about 10x more per step"
+    if size <= SMALL_IMAGES:
+        return "standard", (
+            f"at {size} px the small-image stem (--stem small) has not learned more per epoch in the curves "
+            "measured so far"
         )
     return "standard", f"at {size} px the strided stem still leaves the last stages maps to work on"
 

@@ -108,24 +108,22 @@ def planned(kind, size, memory=80 * GiB, **overrides):
     return plan, probed
 
 
-@pytest.mark.parametrize(
-    "kind, size, stem",
-    [
-        ("cuda", 32, "small"),
-        ("cuda", 64, "small"),
-        ("cuda", 128, "standard"),
-        ("mps", 32, "small"),
-        ("mps", 64, "small"),
-        ("mps", 128, "standard"),
-        ("cpu", 32, "standard"),
-        ("cpu", 64, "standard"),
-        ("cpu", 128, "standard"),
-    ],
-)
-def test_the_plan_picks_the_stem_for_the_device_and_size(kind, size, stem):
+@pytest.mark.parametrize("kind", ["cuda", "mps", "cpu"])
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_the_plan_keeps_the_strided_stem_until_the_small_one_is_measured_to_learn_more(kind, size):
     plan, probed = planned(kind, size)
-    assert plan.stem == stem
-    assert probed and all(setting.stem == stem for setting in probed)  # the step it timed is the one it trains
+    assert plan.stem == "standard"
+    assert probed and all(setting.stem == "standard" for setting in probed)  # the step it timed is the one it trains
+    if kind == "cpu":
+        assert "costs about 10x more per step" in plan.reasons["stem"]
+    elif size <= 64:
+        assert "--stem small" in plan.reasons["stem"] and "measured" in plan.reasons["stem"]
+
+
+def test_the_small_stem_is_probed_and_trained_when_asked_for():
+    plan, probed = planned("cuda", 32, stem="small")
+    assert plan.stem == "small" and plan.reasons["stem"] == "set by flag"
+    assert all(setting.stem == "small" for setting in probed)
 
 
 def test_the_flag_overrides_the_rule():
