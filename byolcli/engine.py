@@ -323,16 +323,14 @@ def initial_weights(init: str, architecture: str) -> dict:
 def projection_health(projections: torch.Tensor) -> tuple[float, float]:
     """(per-dimension std of L2-normalised projections × √d, effective rank) of one batch.
 
-    Effective rank (Roy & Vetterli 2007): exp of the entropy of the normalised
-    singular values; 1 when every image maps to one direction.
+    The effective rank is that of the centred batch (label_free.effective_rank).
     """
+    from byolcli.label_free import effective_rank
+
     # On the CPU: one small copy per log line, and MPS has no SVD in the torch versions byolcli takes.
     z = F.normalize(projections.detach().float().cpu(), dim=1)
     spread = z.std(dim=0).mean().item() * math.sqrt(z.shape[1])
-    singular = torch.linalg.svdvals(z - z.mean(dim=0))
-    p = singular / singular.sum().clamp_min(1e-12)
-    rank = math.exp(-(p * torch.log(p.clamp_min(1e-12))).sum().item())
-    return spread, rank
+    return spread, effective_rank(z - z.mean(dim=0))
 
 
 def _as_python_rng_state(state):

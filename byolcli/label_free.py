@@ -21,10 +21,17 @@ NEAR_DUPLICATE = 0.98  # cosine similarity above which two images count as near-
 CHUNK = 4096
 
 
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values (Roy & Vetterli 2007): 1 when every row
+    lies on one line, the dimension when all directions are used alike."""
+    singular = torch.linalg.svdvals(matrix.double().cpu())  # on the CPU: MPS has no SVD in the torches byolcli takes
+    p = singular / singular.sum().clamp_min(1e-12)
+    return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
+
+
 def rankme(features: torch.Tensor) -> float:
-    singular = torch.linalg.svdvals(features.double().cpu())
-    p = singular / singular.sum().clamp_min(1e-12) + 1e-12
-    return math.exp(-(p * p.log()).sum().item())
+    """RankMe: the effective rank of the embedding matrix itself, uncentred, as Garrido et al. define it."""
+    return effective_rank(features)
 
 
 def alignment(view1: torch.Tensor, view2: torch.Tensor) -> float:
