@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
+# A training small enough for a test: 32 px, batch 8, in this process's threads, fp32 on any CPU.
+TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
+
+
 def run_byol(*args, cwd=None, env_extra=None, timeout=600):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
@@ -25,6 +29,13 @@ def run_byol(*args, cwd=None, env_extra=None, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def start_training(folder, cwd, epochs=40):
+    """`byol -q train` in the background, checkpointing as often as it can: for tests that stop it."""
+    command = [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", str(epochs), *TRAIN_ARGS]
+    command += ["--checkpoint-every", "0.01"]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def noise_image(size=(40, 32), seed=0, mode="RGB"):

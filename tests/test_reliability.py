@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import noise_image, random_encoder_file, run_byol, shapes_folder, wait_for_file
+from helpers import TRAIN_ARGS, noise_image, random_encoder_file, run_byol, shapes_folder, start_training, wait_for_file
 
 from byolcli import embed as e
 from byolcli.errors import Stopped, UserError, WriteFailed
@@ -21,7 +21,6 @@ from byolcli.model import BYOL
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.report import Reporter
 
-TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
 HOSTILE_NAMES = [
     "new\nline.png",
     "tab\there.png",
@@ -127,32 +126,10 @@ def test_an_image_listed_twice_alike_is_one_row_and_a_warning(tmp_path):
 # --- one process per run folder and per output ---------------------------------------------
 
 
-def _start_training(folder, cwd, epochs=40):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "byolcli",
-            "-q",
-            "train",
-            folder,
-            "--epochs",
-            str(epochs),
-            *TRAIN_ARGS,
-            "--checkpoint-every",
-            "0.01",
-        ],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_a_second_training_process_on_a_run_folder_is_refused_with_the_first_ones_pid(tmp_path):
     folder = shapes_folder(tmp_path / "photos", count=16)
     run = tmp_path / "byol-runs" / "photos"
-    first = _start_training(folder, tmp_path)
+    first = start_training(folder, tmp_path)
     try:
         wait_for_file(first, run / "checkpoint.pt")
         plan_before = (run / "plan.json").read_text()
@@ -201,7 +178,7 @@ def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
 def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
     folder = shapes_folder(tmp_path / "photos", count=16)
     run = tmp_path / "byol-runs" / "photos"
-    process = _start_training(folder, tmp_path, epochs=12)
+    process = start_training(folder, tmp_path, epochs=12)
     wait_for_file(process, run / "checkpoint.pt")  # the loop runs, with its signal handlers in place
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

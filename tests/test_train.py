@@ -2,13 +2,20 @@ import copy
 import json
 import math
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torchvision
-from helpers import cache_imagenet_weights, noise_image, run_byol, shapes_folder, tiny_plan, wait_for_file
+from helpers import (
+    TRAIN_ARGS,
+    cache_imagenet_weights,
+    noise_image,
+    run_byol,
+    shapes_folder,
+    start_training,
+    tiny_plan,
+    wait_for_file,
+)
 from safetensors.torch import load_file
 
 from byolcli.data import TwoViewDataset
@@ -226,8 +233,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(shapes, tmp_pa
 
 # --- the command ------------------------------------------------------------------
 
-TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
-
 
 def test_byol_train_writes_plan_metrics_and_encoder_and_refuses_to_overwrite(tmp_path):
     folder = shapes_folder(tmp_path / "photos", count=16)
@@ -274,33 +279,11 @@ def test_init_flag_refuses_what_is_not_an_encoder_or_does_not_match(tmp_path):
     assert not (tmp_path / "byol-runs").exists()
 
 
-def _start_training(folder, cwd, epochs):
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "byolcli",
-            "-q",
-            "train",
-            folder,
-            "--epochs",
-            str(epochs),
-            *TRAIN_ARGS,
-            "--checkpoint-every",
-            "0.01",
-        ],
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("how", ["kill -9", "ctrl-c"])
 def test_interrupted_run_resumes_with_the_same_command(tmp_path, how):
     folder = shapes_folder(tmp_path / "photos", count=16)
     run = tmp_path / "byol-runs" / "photos"
-    process = _start_training(folder, tmp_path, epochs=20)
+    process = start_training(folder, tmp_path, epochs=20)
     wait_for_file(process, run / "checkpoint.pt")
     process.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGINT)
     process.communicate(timeout=120)
