@@ -12,20 +12,43 @@ from pathlib import Path
 
 import torch
 
-from byolcli.label_free import NEAR_DUPLICATE, alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity
+from byolcli.label_free import (
+    NEAR_DUPLICATE,
+    alignment,
+    duplicate_share,
+    near_duplicates,
+    nearest,
+    rankme,
+    uniformity,
+    view_retrieval,
+)
 
 SAMPLE = 2000  # images the measures and the neighbour search use: the page and the time stay bounded
-VIEW_PAIRS = 256  # images whose two augmented views measure alignment
+# Images whose two augmented views measure alignment and view retrieval: among 256, retrieval was too coarse to
+# rank encoders as kNN does; among 1,000 it mostly does (docs/experiments.md).
+VIEW_PAIRS = 1000
 QUERIES = 12
 NEIGHBOURS = 6
 ENCODER, RANDOM_INIT = "encoder", "random init"
 
+# What each measure says and how to read it, as measured against kNN on labels (benchmarks/README.md): view
+# retrieval and alignment rank checkpoints and runs as kNN does, RankMe and uniformity do not, and none of them
+# compares fairly with a random-init network, whose embeddings crowd into a narrow cone whether training helped.
 MEANINGS = {
-    "rankme": "effective rank of the embeddings (RankMe): directions the images use; higher is better, ~1 is collapse",
-    "alignment": "mean squared distance between two augmented views of an image (0–4); lower is better",
-    "uniformity": "log mean exp(−2·distance²) over image pairs (0 down to about −4); lower spreads more evenly",
+    "rankme": "effective rank of the embeddings (RankMe): how many directions the images use; near 1 is collapse, "
+    "otherwise not a verdict (trained encoders score above random init even when worse)",
+    "alignment": "mean squared distance between two augmented views of an image (0–4); lower is better between "
+    "runs, not against random init",
+    "uniformity": "log mean exp(−2·distance²) over image pairs (0 down to about −4); lower spreads the images more "
+    "evenly",
+    "view_retrieval": f"share of up to {VIEW_PAIRS:,} images whose second augmented view is, of all their second "
+    "views, the nearest to the first (chance: 1 in their number); higher is better between runs",
     "near_duplicate_share": f"share of images whose nearest neighbour has cosine similarity above {NEAR_DUPLICATE}",
 }
+VERDICT = (
+    "Compare runs or checkpoints with these; whether training beat an untrained network takes labels: "
+    "byol evaluate --labels on a few hundred labelled images."
+)
 
 
 @dataclass
@@ -45,6 +68,7 @@ class Judgement:
             "images": len(self.paths),
             "measures": self.measures,
             "meanings": MEANINGS,
+            "how_to_read": VERDICT,
             "near_duplicates": [{"a": name(i), "b": name(j), "cosine": round(s, 4)} for i, j, s in self.duplicates],
             "neighbours": {
                 who: {name(q): [name(int(r)) for r in rows] for q, rows in zip(self.queries, found)}
@@ -74,33 +98,44 @@ def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, work
         features[who] = features[who][torch.from_numpy(ok)]
     keep = [p for p, good in zip(sample, ok) if good]
     queries = sorted(random.Random(seed).sample(range(len(keep)), min(QUERIES, len(keep))))
+    views = view_embeddings(keep, networks, encoder.byol_metadata["image_size"], device, seed, progress)
     neighbours, duplicates = {}, []
-    for who, network in networks.items():
+    for who in networks:
         found = near_duplicates(features[who])
         duplicates = found if who == ENCODER else duplicates
+        first, second = views[who]
         measures[who] = {
             "rankme": round(rankme(features[who]), 2),
-            "alignment": round(view_alignment(keep, network, device, seed), 4),
+            "alignment": round(alignment(first, second), 4),
             "uniformity": round(uniformity(features[who]), 4),
+            "view_retrieval": round(view_retrieval(first, second), 4),
             "near_duplicate_share": round(duplicate_share(found, len(keep)), 4),
         }
         neighbours[who] = nearest(features[who], torch.tensor(queries), NEIGHBOURS)[0]
     return Judgement(keep, queries, neighbours, measures, duplicates)
 
 
-def view_alignment(paths: list[Path], network, device, seed: int) -> float:
-    """Alignment of two views made by byolcli's training augmentation at the encoder's size."""
+def view_embeddings(
+    paths: list[Path], networks: dict, image_size: int, device, seed: int, progress=None
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Two views each of a seeded sample of the images, made by byolcli's training augmentation, embedded
+    by every network (all are judged on the same views): per network, both views' rows, row i of each
+    from image i. Views are made a chunk at a time, so memory stays bounded at any image size."""
     from byolcli.data import TwoViewDataset
 
-    dataset = TwoViewDataset(sample_paths(paths, VIEW_PAIRS, seed), network.byol_metadata["image_size"], seed)
-    pairs = [dataset[0, i] for i in range(len(dataset))]
-    first, second = [], []
-    with torch.inference_mode():
-        for start in range(0, len(pairs), 64):
-            chunk = pairs[start : start + 64]
-            first.append(network(torch.stack([a for a, _ in chunk]).to(device)).float())
-            second.append(network(torch.stack([b for _, b in chunk]).to(device)).float())
-    return alignment(torch.cat(first), torch.cat(second))
+    dataset = TwoViewDataset(sample_paths(paths, VIEW_PAIRS, seed), image_size, seed)
+    rows = {who: ([], []) for who in networks}
+    with progress("embedding augmented views", unit="images") if progress else nullcontext() as step:
+        with torch.inference_mode():
+            for start in range(0, len(dataset), 64):
+                pairs = [dataset[0, i] for i in range(start, min(start + 64, len(dataset)))]
+                views = [torch.stack(view).to(device) for view in zip(*pairs)]
+                for who, network in networks.items():
+                    for embedded, view in zip(rows[who], views):
+                        embedded.append(network(view).float())
+                if step:
+                    step(start + len(pairs), len(dataset))
+    return {who: (torch.cat(first), torch.cat(second)) for who, (first, second) in rows.items()}
 
 
 def judge_command(

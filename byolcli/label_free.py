@@ -8,6 +8,9 @@ land, how evenly the images spread, which images are near-duplicates, and who is
   two augmented views of one image, from 0 (views agree) to 4. Lower is better.
 - Uniformity (Wang & Isola 2020): log of the mean of exp(−2·‖zᵢ − zⱼ‖²) over pairs of normalised
   embeddings, from 0 (all images at one point) down to about −4. Lower is better.
+- View retrieval: the share of images whose second view is, of all the images' second views, the
+  nearest to their first. It asks alignment and spread at once: a collapsed encoder aligns views
+  perfectly and retrieves at chance, a noisy one spreads evenly and retrieves nothing. Higher is better.
 """
 
 from __future__ import annotations
@@ -37,6 +40,11 @@ def rankme(features: torch.Tensor) -> float:
 def alignment(view1: torch.Tensor, view2: torch.Tensor) -> float:
     z1, z2 = F.normalize(view1.float(), dim=1), F.normalize(view2.float(), dim=1)
     return (z1 - z2).pow(2).sum(1).mean().item()
+
+
+def view_retrieval(view1: torch.Tensor, view2: torch.Tensor) -> float:
+    similarity = F.normalize(view1.float(), dim=1) @ F.normalize(view2.float(), dim=1).T
+    return (similarity.argmax(1) == torch.arange(len(similarity))).float().mean().item()
 
 
 def uniformity(features: torch.Tensor, t: float = 2.0) -> float:

@@ -166,7 +166,7 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
         f"{format_seconds(epoch)} per epoch, {format_seconds(plan.estimated_seconds)} in all",
         f"{plan.step_seconds:.2f} s per step, measured",
     )
-    table.add_row("output", Text(str(out)), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors")
+    table.add_row("output", Text(str(out)), "plan.json, metrics.jsonl, checkpoint.pt, encoder.safetensors, report.html")
     err.print(table)
 
 
@@ -292,6 +292,7 @@ def judgement_report(result: dict) -> None:
     for key, meaning in result["meanings"].items():
         table.add_row(key, *(str(result["measures"][who][key]) for who in ("encoder", "random init")), meaning)
     out.print(table)
+    out.print(result["how_to_read"], highlight=False, soft_wrap=True, markup=False)
     pairs = result["near_duplicates"]
     if pairs:
         shown = ", ".join(f"{p['a']} ~ {p['b']}" for p in pairs[:5])

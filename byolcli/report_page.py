@@ -8,7 +8,7 @@ import html
 from pathlib import Path
 
 from byolcli.gallery import neighbour_row, tile, write_page
-from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, RANDOM_INIT, Judgement
+from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, RANDOM_INIT, VERDICT, Judgement
 
 CURVES = (
     ("loss", "loss"),
@@ -71,7 +71,7 @@ def measures_html(judgement: Judgement) -> str:
     return (
         f"<h2>Without labels</h2><p>On {len(judgement.paths):,} images (a seeded sample of the folder).</p>"
         f'<table><tr><th></th><th>encoder</th><th>random init</th><th class="text">what it means</th></tr>'
-        f"{''.join(rows)}</table>"
+        f"{''.join(rows)}</table><p>{html.escape(VERDICT)}</p>"
     )
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_encoder_file, run_byol, shapes_folder
 
-from byolcli.label_free import alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity
+from byolcli.label_free import alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity, view_retrieval
 
 
 def test_rankme_counts_the_directions_the_embeddings_use():
@@ -24,6 +24,18 @@ def test_alignment_and_uniformity_at_their_ends():
     assert uniformity(torch.ones(50, 8)) == pytest.approx(0, abs=1e-6)  # everything at one point
     spread = uniformity(torch.randn(2000, 64))
     assert spread < -3.5 and math.isfinite(spread)  # uniform on a high-dimensional sphere: about −4
+
+
+def test_view_retrieval_rewards_views_that_agree_and_images_that_differ():
+    torch.manual_seed(0)
+    images = torch.randn(100, 32)
+    assert view_retrieval(images, images + 0.1 * torch.randn(100, 32)) == 1.0
+    collapsed = torch.ones(100, 32)
+    assert view_retrieval(collapsed, collapsed) == pytest.approx(1 / 100)  # aligned, but every view alike
+    assert view_retrieval(images, torch.randn(100, 32)) < 0.1  # spread, but the views unrelated
+    swapped = images.clone()
+    swapped[[0, 1]] = images[[1, 0]]
+    assert view_retrieval(images, swapped) == pytest.approx(0.98)
 
 
 def test_neighbours_are_those_of_a_brute_force_cosine_search():
@@ -64,6 +76,7 @@ def test_evaluate_without_labels_reports_both_networks_and_writes_outside_the_fo
     assert set(judged["measures"]["encoder"]) == set(judged["meanings"])
     page = (tmp_path / "page" / "index.html").read_text()
     assert page.count('class="group"') == 12 and page.count("data:image/jpeg;base64,") == 12 * 2 * 7
+    assert "takes labels" in judged["how_to_read"] and judged["how_to_read"] in page  # the caveat travels with them
     assert sorted(p.name for p in (tmp_path / "page").iterdir()) == ["index.html"]  # no temporary file left
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{i:03d}.png" for i in range(24))
 
