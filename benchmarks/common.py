@@ -177,3 +177,31 @@ def learning_curve_table(curves: list[dict]) -> str:
                 f"{p['train_seconds'] / 60:.1f} min | {p['images_per_second']:.0f} |"
             )
     return "\n".join(rows)
+
+
+LABEL_FREE = ("rankme", "alignment", "uniformity", "view_retrieval")
+
+
+def label_free_table(curves: list[dict]) -> str:
+    """Markdown: the label-free measures beside kNN and the linear probe, for the curves that recorded
+    them, with the random-init network as each curve's first row."""
+    rows = [
+        "| data | stem | size | host | epoch of | kNN top-1 | linear top-1 | RankMe | alignment ↓ | uniformity ↓ "
+        "| view retrieval |",
+        "|---" * 11 + "|",
+    ]
+
+    def row(c: dict, when: str, scores: dict) -> str:
+        measures = scores["label_free"]
+        return (
+            f"| {c['folder']} | {c['stem']} | {c['image_size']} px | {c['host']} | {when} | "
+            f"{scores['knn_top1']:.1%} | {scores['linear_top1']:.1%} | {measures['rankme']:.1f} | "
+            f"{measures['alignment']:.3f} | {measures['uniformity']:.3f} | {measures['view_retrieval']:.1%} |"
+        )
+
+    for c in curves:
+        points = [p for p in c["curve"] if "label_free" in p]
+        if points:
+            rows.append(row(c, "random init", points[0]["random_init"]))
+            rows += [row(c, f"{p['epoch']} / {c['epochs']}", p) for p in points]
+    return "\n".join(rows)

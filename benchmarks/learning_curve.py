@@ -1,21 +1,24 @@
 """Quality per epoch: train for a fixed number of epochs and score the encoder at several points.
 
     python benchmarks/learning_curve.py FOLDER --labels LABELS.csv --epochs 30 --at 10,20,30 \
-        [--stem small|standard] [--image-size 32] [--batch-size 64] [--precision bf16] [--device cuda]
+        [--stem small|standard] [--image-size 32] [--batch-size 64] [--precision bf16] [--device cuda] [--keep DIR]
 
 Trains as `byol train FOLDER --epochs N` plans it (the same planner, recipe and schedule, with the
 flags given pinned), stops at each epoch of --at to export the encoder and score it with
 `byol evaluate --labels` (weighted kNN and the linear probe, and the random-init encoder of the
-same network), then goes on. The schedule is the one of the whole run, so the scores at epoch 10
-of a 30-epoch curve are those of a run partway through, not of a 10-epoch run. Each curve is
-written to --record (default benchmarks/learning_curve.json) after each point, with its host,
-device and the training wall time up to each point (evaluation excluded).
+same network) and with the label-free measures of `byol train`'s report on the trained folder
+(RankMe, alignment, uniformity, view retrieval), then goes on; --keep DIR keeps each point's
+encoder. The schedule is the one of the whole run, so the scores at epoch 10 of a 30-epoch curve
+are those of a run partway through, not of a 10-epoch run. Each curve is written to --record
+(default benchmarks/learning_curve.json) after each point, with its host, device and the training
+wall time up to each point (evaluation excluded).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -24,11 +27,13 @@ from pathlib import Path
 from common import host_cpu
 
 from byolcli.data import MEAN, STD
-from byolcli.encoder import save_encoder
+from byolcli.encoder import load_encoder, save_encoder
 from byolcli.engine import Trainer
 from byolcli.evaluate import RANDOM_INIT, evaluate_command
 from byolcli.files import atomic_write_text
 from byolcli.hardware import detect_hardware
+from byolcli.inference import pick_device
+from byolcli.judge import ENCODER, judge
 from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
 from byolcli.report import Reporter
@@ -55,6 +60,7 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--record", type=Path, default=RECORD)
+    parser.add_argument("--keep", type=Path, default=None, help="a folder to keep each point's encoder in")
     args = parser.parse_args()
     points = sorted({int(e) for e in args.at.split(",")}) if args.at else [args.epochs]
 
@@ -82,7 +88,8 @@ def main() -> None:
         f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps",
         flush=True,
     )
-    trainer = Trainer(plan, manifest.absolute_paths())
+    paths = manifest.absolute_paths()
+    trainer = Trainer(plan, paths)
     curve, trained_seconds, quiet = [], 0.0, Reporter(quiet=True)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory() as scratch:
@@ -103,13 +110,19 @@ def main() -> None:
                 steps=trainer.step,
             )
             report = evaluate_command(args.labels, encoder, None, args.device, None, quiet)
+            device = pick_device(args.device)
+            unlabelled = judge(paths, load_encoder(encoder, device), device, seed=args.seed).measures
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(encoder, args.keep / f"epoch{epoch}.safetensors")
             point = {
                 "epoch": epoch,
                 "steps": trainer.step,
                 "train_seconds": round(trained_seconds, 1),
                 "images_per_second": round(trainer.step * plan.effective_batch / trained_seconds, 1),
                 **scores(report, "encoder"),
-                "random_init": scores(report, RANDOM_INIT),
+                "label_free": unlabelled[ENCODER],
+                "random_init": {**scores(report, RANDOM_INIT), "label_free": unlabelled[RANDOM_INIT]},
             }
             curve.append(point)
             print(json.dumps(point), flush=True)

@@ -4,7 +4,8 @@
     python benchmarks/tables.py --check  # exit 1 if a block differs from what the data gives
 
 A block is the text between `<!-- generated: NAME -->` and `<!-- end: NAME -->`; NAME says which
-data it shows (peers: benchmarks/peers/results.json; learning-curve: benchmarks/learning_curve.json).
+data it shows (peers: benchmarks/peers/results.json; learning-curve and label-free:
+benchmarks/learning_curve.json).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from common import learning_curve_table, peers_tables
+from common import label_free_table, learning_curve_table, peers_tables
 
 HERE = Path(__file__).resolve().parent
 README = HERE / "README.md"
@@ -28,6 +29,7 @@ def blocks() -> dict[str, str]:
     return {
         "peers": peers_tables(stored(HERE / "peers" / "results.json", {})),
         "learning-curve": learning_curve_table(stored(HERE / "learning_curve.json", [])),
+        "label-free": label_free_table(stored(HERE / "learning_curve.json", [])),
     }
 
 
