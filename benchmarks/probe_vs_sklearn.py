@@ -10,14 +10,19 @@ byolcli: standardised features, LogisticRegressionCV over 17 values of C from 1e
 stratified 5-fold cross-validation, and for reference the best C chosen on the test rows
 themselves (an upper bound no honest probe reaches). `--classes` and `--train-rows` cut a small
 subset: the train rows of those classes, a stratified sample of that many, and all their test rows.
+
+It also times both: byolcli's probe as the median of --rounds runs after a warm-up, scikit-learn's
+`LogisticRegressionCV` as one fit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +36,7 @@ from byolcli.models import choose_model
 
 PEER_PYTHON = Path(__file__).resolve().parent / "peers" / ".venv" / "bin" / "python"
 SKLEARN = """
-import json, sys
+import json, sys, time
 import numpy as np
 from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.model_selection import StratifiedKFold
@@ -42,10 +47,12 @@ scaler = StandardScaler().fit(data["train_x"])
 train_x, test_x = scaler.transform(data["train_x"]), scaler.transform(data["test_x"])
 Cs = np.logspace(-4, 4, 17)
 cv = LogisticRegressionCV(Cs=Cs, cv=StratifiedKFold(5, shuffle=True, random_state=0), max_iter=3000)
+start = time.perf_counter()
 cv.fit(train_x, data["train_y"])
+seconds = time.perf_counter() - start
 oracle = max((LogisticRegression(C=C, max_iter=3000).fit(train_x, data["train_y"]).score(test_x, data["test_y"]), C)
              for C in Cs)
-print(json.dumps({"top1": cv.score(test_x, data["test_y"]), "C": float(cv.C_[0]),
+print(json.dumps({"top1": cv.score(test_x, data["test_y"]), "C": float(cv.C_[0]), "seconds": round(seconds, 2),
                   "best_C_on_test": {"top1": oracle[0], "C": float(oracle[1])}}))
 """
 
@@ -56,6 +63,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--classes", default=None, help="comma-separated: keep only these classes")
     parser.add_argument("--train-rows", type=int, default=None, help="a stratified sample of this many train rows")
+    parser.add_argument("--rounds", type=int, default=3, help="timed runs of byolcli's probe")
     args = parser.parse_args()
 
     data = read_labels(args.labels)
@@ -70,7 +78,9 @@ def main() -> None:
     model = choose_model(args.model)
     features, ok = embed_labelled([data.paths[i] for i in keep], model.load("cpu"), torch.device("cpu"), 256, None)
     assert ok.all(), "some listed images could not be decoded"
-    logits, decay, at_edge = linear_probe_scores(features[train], y[train], features[test], len(classes))
+    probe = lambda: linear_probe_scores(features[train], y[train], features[test], len(classes))  # noqa: E731
+    logits, decay, at_edge = probe()  # also the warm-up of the timed rounds
+    seconds = timed_probe(probe, args.rounds)
     ours = (logits.argmax(1) == y[test]).float().mean().item()
     with tempfile.TemporaryDirectory() as scratch:
         arrays = Path(scratch) / "vectors.npz"
@@ -95,12 +105,22 @@ def main() -> None:
                 "classes": len(classes),
                 "train_rows": len(train),
                 "test_rows": len(test),
-                "byolcli": {"top1": round(ours, 4), "weight_decay": decay, "at_grid_edge": at_edge},
+                "byolcli": {"top1": round(ours, 4), "weight_decay": decay, "at_grid_edge": at_edge, "seconds": seconds},
                 "sklearn": theirs,
                 "difference_points": round((ours - theirs["top1"]) * 100, 2),
             }
         )
     )
+
+
+def timed_probe(probe, rounds: int) -> float:
+    """Median seconds of `probe` over `rounds` runs (the caller has warmed it up)."""
+    seconds = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        probe()
+        seconds.append(time.perf_counter() - start)
+    return round(statistics.median(seconds), 2)
 
 
 if __name__ == "__main__":
