@@ -179,9 +179,6 @@ def learning_curve_table(curves: list[dict]) -> str:
     return "\n".join(rows)
 
 
-LABEL_FREE = ("rankme", "alignment", "uniformity", "view_retrieval")
-
-
 def label_free_table(curves: list[dict]) -> str:
     """Markdown: the label-free measures beside kNN and the linear probe, for the curves that recorded
     them, with the random-init network as each curve's first row."""

@@ -44,7 +44,7 @@ def alignment(view1: torch.Tensor, view2: torch.Tensor) -> float:
 
 def view_retrieval(view1: torch.Tensor, view2: torch.Tensor) -> float:
     similarity = F.normalize(view1.float(), dim=1) @ F.normalize(view2.float(), dim=1).T
-    return (similarity.argmax(1) == torch.arange(len(similarity))).float().mean().item()
+    return (similarity.argmax(1) == torch.arange(len(similarity), device=similarity.device)).float().mean().item()
 
 
 def uniformity(features: torch.Tensor, t: float = 2.0) -> float:
