@@ -132,8 +132,9 @@ def scan(
         from byolcli.report import scan_report
         from byolcli.scan import scan as run_scan
 
-        with _reporter().progress("checking images") as progress:
-            manifest = run_scan(folder, progress=progress, use_cache=not no_cache)
+        reporter = _reporter()
+        with reporter.progress("checking images") as progress:
+            manifest = run_scan(folder, progress=progress, use_cache=not no_cache, warn=reporter.warn)
         scan_report(manifest, show_all_skipped=all_skipped)
 
 

@@ -129,7 +129,7 @@ def embed_command(
     torch_device = pick_device(device)
     encoder = choice.load(torch_device)  # weights that do not fit are refused before any slow work
     with reporter.progress("checking images") as progress:
-        manifest = scan(folder, progress=progress)
+        manifest = scan(folder, progress=progress, warn=reporter.warn)
     check_outside_input(out, manifest.root)
     files = sidecars(out)
     with exclusive(files["lock"], out):

@@ -156,7 +156,7 @@ def judge_command(
             check_outside_input(out, folder)
     torch_device = pick_device(device)
     with reporter.progress("checking images") as progress:
-        manifest = scan(folder, progress=progress)
+        manifest = scan(folder, progress=progress, warn=reporter.warn)
     reporter.info(f"judging {choice.description} without labels on {len(manifest.images):,} images")
     judgement = judge(manifest.absolute_paths(), choice.load(torch_device), torch_device, reporter.progress)
     result = {

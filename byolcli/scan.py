@@ -21,8 +21,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from byolcli.errors import UserError
-from byolcli.files import atomic_write_text, cache_dir, is_inside
+from byolcli.errors import UserError, WriteFailed
+from byolcli.files import atomic_write_text, cache_dir, is_inside, os_error_behind
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 HEIF_EXTENSIONS = {".heic", ".heif", ".avif"}
@@ -94,8 +94,14 @@ def heif_available() -> bool:
     return True
 
 
-def scan(folder: str | Path, progress: Progress | None = None, use_cache: bool = True) -> Manifest:
-    """Scan `folder` recursively. Raises UserError when it is not a folder or holds no images."""
+def scan(
+    folder: str | Path,
+    progress: Progress | None = None,
+    use_cache: bool = True,
+    warn: Callable[[str], None] | None = None,
+) -> Manifest:
+    """Scan `folder` recursively. Raises UserError when it is not a folder or holds no images.
+    `warn` hears, once, that the verdicts could not be cached: the scan goes on without the cache."""
     root = Path(folder)
     if not root.exists():
         raise UserError(f"{folder}: no such folder")
@@ -127,7 +133,9 @@ def scan(folder: str | Path, progress: Progress | None = None, use_cache: bool =
         else:
             images.append(ImageEntry(rel, fmt, width, height, size, mtime))
     if cache_file is not None and to_check:
-        _save_cache(cache_file, root, verdicts)
+        problem = _save_cache(cache_file, root, verdicts)
+        if problem and warn:
+            warn(f"scan cache: {problem}; this folder's checks will not be cached (BYOL_CACHE_DIR sets where)")
 
     manifest = Manifest(root, images, skipped + bad, ignored, reused, cache_file)
     if not images:
@@ -264,9 +272,11 @@ def _cache_file(root: Path) -> Path | None:
 
 
 def _load_cache(cache_file: Path | None) -> dict[str, tuple]:
-    if cache_file is None or not cache_file.exists():
+    if cache_file is None:
         return {}
     try:
+        if not cache_file.exists():
+            return {}
         data = json.loads(cache_file.read_text(encoding="utf-8"))
         if data.get("version") != CACHE_VERSION:
             return {}
@@ -275,9 +285,13 @@ def _load_cache(cache_file: Path | None) -> dict[str, tuple]:
         return {}  # a damaged cache only costs a full re-check
 
 
-def _save_cache(cache_file: Path, root: Path, verdicts: dict[str, tuple]) -> None:
+def _save_cache(cache_file: Path, root: Path, verdicts: dict[str, tuple]) -> str | None:
+    """Write the verdicts; returns what went wrong, if anything. A cache only saves time: a
+    folder that cannot be written (read-only home, full disk) must not fail the scan."""
     data = {"version": CACHE_VERSION, "root": str(root), "entries": verdicts}
     try:
         atomic_write_text(cache_file, json.dumps(data, separators=(",", ":")))
-    except OSError:
-        pass  # an unwritable cache folder must not fail the scan
+    except (OSError, WriteFailed) as exc:
+        cause = os_error_behind(exc)
+        return f"could not write {cache_file} ({(cause.strerror if cause else None) or cause or exc})"
+    return None

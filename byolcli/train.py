@@ -81,7 +81,7 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
     Returns (plan, image paths, checkpoint or None, run folder, the folder's root)."""
     overrides = validate(request.choices)  # before anything is scanned, moved or written
     with reporter.progress("checking images") as progress:
-        manifest = scan(request.folder, progress=progress)
+        manifest = scan(request.folder, progress=progress, warn=reporter.warn)
     out = Path(request.out) if request.out else default_run_dir(request.folder)
     check_outside_input(out, manifest.root)
     held.enter_context(exclusive(out / LOCK, out))

@@ -4,7 +4,17 @@ import subprocess
 import sys
 
 import pytest
-from helpers import SHARED_DATA, broken_files, deny_read, good_images, litter, noise_image, run_byol
+from helpers import (
+    SHARED_DATA,
+    TRAIN_ARGS,
+    broken_files,
+    deny_read,
+    good_images,
+    litter,
+    noise_image,
+    run_byol,
+    shapes_folder,
+)
 
 from byolcli import scan as s
 from byolcli.errors import UserError
@@ -131,6 +141,33 @@ def test_byol_scan_prints_summary_and_exits_zero(tmp_path):
         assert fmt in result.stdout
     rerun = run_byol("scan", folder)
     assert "results reused from the scan cache" in rerun.stdout
+
+
+def test_an_unwritable_cache_is_said_once_and_scan_train_and_embed_go_on(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be: no one can write under it, root included")
+    unwritable = {"BYOL_CACHE_DIR": str(blocker / "cache")}
+    run = tmp_path / "run"
+    results = [
+        run_byol("scan", folder, env_extra=unwritable),
+        run_byol("train", folder, "--epochs", "1", *TRAIN_ARGS, "--out", run, env_extra=unwritable),
+        run_byol(
+            "embed",
+            folder,
+            "--out",
+            tmp_path / "vecs.npy",
+            "--model",
+            run / "encoder.safetensors",
+            env_extra=unwritable,
+        ),
+    ]
+    for result in results:
+        assert result.returncode == 0, result.stderr
+        warnings = [line for line in result.stderr.splitlines() if "will not be cached" in line]
+        assert len(warnings) == 1 and str(blocker) in warnings[0], result.stderr
+    assert "16 images" in results[0].stdout
+    assert (run / "encoder.safetensors").is_file() and (tmp_path / "vecs.npy").is_file()
 
 
 @pytest.mark.parametrize(
