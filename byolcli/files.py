@@ -45,7 +45,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
+        try:
+            # mkstemp makes the file private (0600); others may read what byolcli writes as they could
+            # read any file the user makes: a teammate loads the encoder, a web server serves the report.
+            os.fchmod(fd, 0o666 & ~current_umask())
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise write_failed(path, exc) from exc
     try:
@@ -59,6 +64,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it, so it is set back at once
+    os.umask(mask)
+    return mask
 
 
 def os_error_behind(exc: BaseException) -> OSError | None:

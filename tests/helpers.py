@@ -19,7 +19,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
 
 
-def run_byol(*args, cwd=None, env_extra=None, timeout=600):
+def run_byol(*args, cwd=None, env_extra=None, timeout=600, umask=None):
     env = dict(os.environ, **(env_extra or {}))
     return subprocess.run(
         [sys.executable, "-m", "byolcli", *map(str, args)],
@@ -28,6 +28,7 @@ def run_byol(*args, cwd=None, env_extra=None, timeout=600):
         capture_output=True,
         text=True,
         timeout=timeout,
+        preexec_fn=None if umask is None else lambda: os.umask(umask),
     )
 
 

@@ -407,6 +407,21 @@ def hostile_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     return good, bad
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_every_file_written_has_the_mode_the_umask_gives(tmp_path, umask):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    run, vectors = tmp_path / "run", tmp_path / "vecs" / "vecs.npy"
+    trained = run_byol("train", folder, "--epochs", "1", *TRAIN_ARGS, "--out", run, umask=umask)
+    assert trained.returncode == 0, trained.stderr
+    embedded = run_byol("embed", folder, "--out", vectors, "--model", run / "encoder.safetensors", umask=umask)
+    assert embedded.returncode == 0, embedded.stderr
+    written = [*run.iterdir(), *vectors.parent.iterdir()]
+    names = {path.name for path in written}
+    assert {"encoder.safetensors", "checkpoint.pt", "report.html", "plan.json", "vecs.npy", "vecs.meta.json"} <= names
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in written if path.is_file()}
+    assert modes == dict.fromkeys(modes, oct(0o666 & ~umask))
+
+
 def test_a_folder_of_hostile_files_goes_through_scan_train_embed_and_evaluate(tmp_path):
     folder = tmp_path / "photos"
     good, bad = hostile_folder(folder)
