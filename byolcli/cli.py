@@ -191,15 +191,12 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
-        if gpus is not None:
-            from byolcli.distributed import gpu_processes, launch_local
-
-            processes = gpu_processes(gpus, device)
-            if processes > 1:  # each process runs this same command, without --gpus
-                raise typer.Exit(launch_local(processes, _without_option(sys.argv[1:], "--gpus")))
+        from byolcli.inputs import require_folder, require_model_flags
         from byolcli.plan import Overrides
-        from byolcli.train import TrainRequest, train_folder
+        from byolcli.train_flags import validate
 
+        require_folder(folder)
+        require_model_flags(init, None, None)
         choices = Overrides(
             backbone=backbone,
             image_size=image_size,
@@ -215,12 +212,19 @@ def train(
             stem=stem,
             seed=seed,
         )
+        checkpoint_seconds = parse_duration(checkpoint_every, "--checkpoint-every")
+        if init is None or init == "imagenet":
+            validate(choices)  # before torch is imported; an --init file is read, with torch, by the run
+        if gpus is not None:
+            from byolcli.distributed import gpu_processes, launch_local
+
+            processes = gpu_processes(gpus, device)
+            if processes > 1:  # each process runs this same command, without --gpus
+                raise typer.Exit(launch_local(processes, _without_option(sys.argv[1:], "--gpus")))
+        from byolcli.train import TrainRequest, train_folder
+
         request = TrainRequest(
-            folder=folder,
-            choices=choices,
-            out=out,
-            restart=restart,
-            checkpoint_every=parse_duration(checkpoint_every, "--checkpoint-every"),
+            folder=folder, choices=choices, out=out, restart=restart, checkpoint_every=checkpoint_seconds
         )
         train_folder(request, _reporter())
 
@@ -271,6 +275,12 @@ def embed(
     encoder file.
     """
     with user_errors():
+        from byolcli.inputs import EMBEDDING_DTYPES, PRECISIONS, require_choice, require_folder, require_model_flags
+
+        require_folder(folder)
+        require_model_flags(model, arch, image_size)
+        require_choice("--precision", precision, PRECISIONS)
+        require_choice("--dtype", dtype, EMBEDDING_DTYPES)
         from byolcli.embed import embed_command
 
         embed_command(
@@ -329,8 +339,16 @@ def evaluate(
     a random-init encoder of the same architecture.
     """
     with user_errors():
+        from byolcli.inputs import require_folder, require_model_flags
+
         if (folder is None) == (labels is None):
             raise UserError("give FOLDER to judge without labels, or --labels CSV, not both or neither")
+        for path in filter(None, (folder, root)):
+            require_folder(path)
+        if labels is not None and not labels.is_file():
+            raise UserError(f"{labels}: no such file")
+        require_model_flags(model, arch, image_size)
+        require_model_flags(baseline, None, None)
         if folder is not None:
             from byolcli.judge import judge_command
 
@@ -376,6 +394,9 @@ def export(
     extra: pip install "byolcli\[onnx]".
     """
     with user_errors():
+        from byolcli.inputs import require_model_flags
+
+        require_model_flags(model, arch, image_size)
         from byolcli.export import export_onnx
 
         export_onnx(model, onnx, batch, fp16, _reporter(), arch=arch, image_size=image_size)

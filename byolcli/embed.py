@@ -31,13 +31,14 @@ import numpy as np
 from byolcli.errors import Stopped, UserError
 from byolcli.files import atomic_path, atomic_write_text, check_outside_input, write_failed
 from byolcli.inference import autocast_dtype, iter_embeddings, pick_device
+from byolcli.inputs import EMBEDDING_DTYPES, PRECISIONS, require_choice
 from byolcli.locks import exclusive
 from byolcli.models import ModelChoice, choose_model
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.scan import Skipped, scan
 from byolcli.signals import StopRequests
 
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {name: np.dtype(name) for name in EMBEDDING_DTYPES}
 # How many rows between progress records of a partial run (and so the most work
 # an interruption can lose).
 SAVE_EVERY_ROWS = 4096
@@ -116,10 +117,8 @@ def embed_command(
     arch: str | None = None,
     image_size: int | None = None,
 ) -> None:
-    if precision not in (None, "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {precision}: choose fp32, bf16 or fp16")
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype}: choose float32 or float16")
+    require_choice("--precision", precision, PRECISIONS)
+    require_choice("--dtype", dtype, tuple(DTYPES))
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     if out.suffix != ".npy":

@@ -15,20 +15,12 @@ import torchvision
 from torch import nn
 
 from byolcli.errors import UserError
+from byolcli.inputs import ARCHITECTURES, STEMS
 from byolcli.recipe import RECIPE
 from byolcli.small_maps import use_small_map_convolutions
 
 # name -> (torchvision constructor, feature dimension after global pooling)
-BACKBONES = {
-    "resnet18": (torchvision.models.resnet18, 512),
-    "resnet34": (torchvision.models.resnet34, 512),
-    "resnet50": (torchvision.models.resnet50, 2048),
-}
-
-# "standard": torchvision's 7×7 stride-2 convolution and max-pool, a quarter of the image per side
-# before the first residual stage. "small": a 3×3 stride-1 convolution and no max-pool, the
-# CIFAR-style stem, so that 32–64 px images still reach the last stages as maps, not single pixels.
-STEMS = ("standard", "small")
+BACKBONES = {name: (getattr(torchvision.models, name), dim) for name, dim in ARCHITECTURES.items()}
 
 
 class PerViewStatistics:

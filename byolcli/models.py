@@ -19,8 +19,8 @@ from torch import nn
 
 from byolcli.errors import UserError
 from byolcli.files import RUNS_DIR
+from byolcli.inputs import IMAGENET, require_choice, require_image_size
 
-IMAGENET = "imagenet"
 IMAGENET_SIZE = 224
 DEFAULT_ARCH = "resnet18"
 
@@ -64,10 +64,8 @@ def choose_model(
     from byolcli.encoder import FORMAT, file_metadata, read_metadata
     from byolcli.model import BACKBONES
 
-    if arch is not None and arch not in BACKBONES:
-        raise UserError(f"--arch {arch}: choose one of {', '.join(BACKBONES)}")
-    if image_size is not None and image_size < 16:
-        raise UserError(f"--image-size {image_size}: must be at least 16")
+    require_choice("--arch", arch, tuple(BACKBONES))
+    require_image_size(image_size)
     if model is not None and str(model) == IMAGENET and not Path(model).exists():
         arch, size = arch or DEFAULT_ARCH, image_size or IMAGENET_SIZE
         metadata = _plain_metadata(arch, size, IMAGENET, MEAN, STD, BACKBONES, "standard")

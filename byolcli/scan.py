@@ -23,6 +23,7 @@ from PIL import Image, UnidentifiedImageError
 
 from byolcli.errors import UserError, WriteFailed
 from byolcli.files import atomic_write_text, cache_dir, is_inside, os_error_behind
+from byolcli.inputs import require_folder
 
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 HEIF_EXTENSIONS = {".heic", ".heif", ".avif"}
@@ -102,12 +103,8 @@ def scan(
 ) -> Manifest:
     """Scan `folder` recursively. Raises UserError when it is not a folder or holds no images.
     `warn` hears, once, that the verdicts could not be cached: the scan goes on without the cache."""
-    root = Path(folder)
-    if not root.exists():
-        raise UserError(f"{folder}: no such folder")
-    if not root.is_dir():
-        raise UserError(f"{folder}: is a file, not a folder of images")
-    root = root.resolve()
+    require_folder(folder)
+    root = Path(folder).resolve()
     extensions = EXTENSIONS | (HEIF_EXTENSIONS if heif_available() else set())
 
     candidates, skipped, ignored = _walk(root, extensions)

@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from byolcli.encoder import read_metadata
 from byolcli.errors import UserError
+from byolcli.inputs import ARCHITECTURES, IMAGENET, PRECISIONS, STEMS, require_choice, require_image_size
 from byolcli.plan import Overrides, Plan
 
 # Override name -> the Plan field it sets.
@@ -46,33 +46,28 @@ def warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
 
 def validate(over: Overrides) -> Overrides:
     """Refuse contradictory or impossible flags; returns them with what --init implies filled in."""
-    from byolcli.model import BACKBONES, STEMS
-
-    if over.backbone is not None and over.backbone not in BACKBONES:
-        raise UserError(f"--backbone {over.backbone}: choose one of {', '.join(BACKBONES)}")
-    if over.precision is not None and over.precision not in ("fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {over.precision}: choose fp32, bf16 or fp16")
+    require_choice("--backbone", over.backbone, tuple(ARCHITECTURES))
+    require_choice("--precision", over.precision, PRECISIONS)
     for name in ("image_size", "batch_size", "epochs"):
         value = getattr(over, name)
         if value is not None and value < 1:
             raise UserError(f"--{name.replace('_', '-')} {value}: must be at least 1")
-    if over.image_size is not None and over.image_size < 16:
-        raise UserError(f"--image-size {over.image_size}: must be at least 16")
-    if over.augment_on is not None and over.augment_on not in ("cpu", "device"):
-        raise UserError(f"--augment-on {over.augment_on}: choose cpu or device")
+    require_image_size(over.image_size)
+    require_choice("--augment-on", over.augment_on, ("cpu", "device"))
     if over.workers is not None and over.workers < 0:
         raise UserError(f"--workers {over.workers}: must be 0 or more")
     if over.lr is not None and not over.lr > 0:
         raise UserError(f"--lr {over.lr}: must be positive")
     if over.epochs is not None and over.time_budget is not None:
         raise UserError("--epochs and --time both set: give one")
-    if over.stem is not None and over.stem not in STEMS:
-        raise UserError(f"--stem {over.stem}: choose {' or '.join(STEMS)}")
-    if over.init == "imagenet":  # torchvision's weights come with its strided stem
+    require_choice("--stem", over.stem, STEMS)
+    if over.init == IMAGENET:  # torchvision's weights come with its strided stem
         if over.stem not in (None, "standard"):
             raise UserError(f"--init imagenet has the standard stem; --stem {over.stem} does not match it")
         return replace(over, stem="standard")
     if over.init is not None:
+        from byolcli.encoder import read_metadata  # torch: only for a file
+
         metadata = read_metadata(over.init)  # one-line error if not an encoder
         architecture, stem = metadata["architecture"], metadata["stem"]
         if over.backbone not in (None, architecture):

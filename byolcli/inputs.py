@@ -1,0 +1,51 @@
+"""What a command can refuse before torch is imported: a path that is not there, a flag value outside
+its choices. A mistyped path or flag is answered at once instead of after seconds of imports; the
+commands, called from Python, check the same things through these functions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from byolcli.errors import UserError
+
+# name -> feature dimension after global pooling (model.py builds each from torchvision)
+ARCHITECTURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
+# "standard": torchvision's 7×7 stride-2 convolution and max-pool, a quarter of the image per side
+# before the first residual stage. "small": a 3×3 stride-1 convolution and no max-pool, the
+# CIFAR-style stem, so that 32–64 px images still reach the last stages as maps, not single pixels.
+STEMS = ("standard", "small")
+PRECISIONS = ("fp32", "bf16", "fp16")
+EMBEDDING_DTYPES = ("float32", "float16")
+IMAGENET = "imagenet"  # --model, --init and --baseline: torchvision's ImageNet weights
+MIN_IMAGE_SIZE = 16
+
+
+def require_folder(path: str | Path) -> None:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such folder")
+    if not path.is_dir():
+        raise UserError(f"{path}: is a file, not a folder of images")
+
+
+def require_model_file(model: str | Path | None) -> None:
+    """--model, --init, --baseline: a file, or imagenet (unless a file has that name); None is the default."""
+    if model is not None and str(model) != IMAGENET and not Path(model).is_file():
+        raise UserError(f"{model}: no such model file")
+
+
+def require_choice(flag: str, value: str | None, choices) -> None:
+    if value is not None and value not in choices:
+        raise UserError(f"{flag} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
+
+
+def require_image_size(value: int | None) -> None:
+    if value is not None and value < MIN_IMAGE_SIZE:
+        raise UserError(f"--image-size {value}: must be at least {MIN_IMAGE_SIZE}")
+
+
+def require_model_flags(model, arch: str | None, image_size: int | None) -> None:
+    """The flags that name a model: --model (or --init, --baseline), --arch, --image-size."""
+    require_model_file(model)
+    require_choice("--arch", arch, tuple(ARCHITECTURES))
+    require_image_size(image_size)
