@@ -195,8 +195,11 @@ def train(
         from byolcli.plan import Overrides
         from byolcli.train_flags import validate
 
-        require_folder(folder)
-        require_model_flags(init, None, None)
+        # Under a launcher every process runs this command: the run's own checks on rank 0 speak for all.
+        launched = "WORLD_SIZE" in os.environ
+        if not launched:
+            require_folder(folder)
+            require_model_flags(init, None, None)
         choices = Overrides(
             backbone=backbone,
             image_size=image_size,
@@ -213,7 +216,7 @@ def train(
             seed=seed,
         )
         checkpoint_seconds = parse_duration(checkpoint_every, "--checkpoint-every")
-        if init is None or init == "imagenet":
+        if not launched and init in (None, "imagenet"):
             validate(choices)  # before torch is imported; an --init file is read, with torch, by the run
         if gpus is not None:
             from byolcli.distributed import gpu_processes, launch_local

@@ -44,18 +44,10 @@ def knn_scores(
     return torch.cat(votes)
 
 
-def fit_logistic(
-    x: torch.Tensor,
-    y: torch.Tensor,
-    classes: int,
-    weight_decay: float,
-    iterations: int = 100,
-    start: tuple[torch.Tensor, torch.Tensor] | None = None,
-):
-    """Multinomial logistic regression by full-batch L-BFGS, from zeros or from `start`; returns (W, b)."""
-    if start is None:
-        start = torch.zeros(x.shape[1], classes, device=x.device), torch.zeros(classes, device=x.device)
-    weight, bias = (t.clone().requires_grad_(True) for t in start)
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, iterations: int = 100):
+    """Multinomial logistic regression by full-batch L-BFGS; returns (W, b)."""
+    weight = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(classes, device=x.device, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure():
@@ -104,19 +96,14 @@ def linear_probe_scores(
 
 def choose_weight_decay(splits: list[tuple], classes: int) -> float:
     """The grid's L2 strength with the best summed accuracy over the (fit x, check x, fit y, check y)
-    splits: coarse to fine (every other value, then the two beside the best), each fit starting from
-    the solution of the nearest stronger strength already fitted on its split, which L-BFGS finishes
-    in fewer steps than one from zeros (benchmarks/README.md)."""
+    splits, coarse to fine: every other value, then the two beside the best (benchmarks/README.md)."""
     accuracy: dict[float, float] = {}
-    solutions: dict[tuple[int, float], tuple] = {}
 
     def measure(decays) -> None:
-        for decay in sorted(set(decays) - set(accuracy), reverse=True):
+        for decay in set(decays) - set(accuracy):
             accuracy[decay] = 0.0
-            for i, (fit_x, check_x, fit_y, check_y) in enumerate(splits):
-                stronger = [d for d in accuracy if d > decay and (i, d) in solutions]
-                start = solutions[(i, min(stronger))] if stronger else None
-                w, b = solutions[(i, decay)] = fit_logistic(fit_x, fit_y, classes, decay, SEARCH_ITERATIONS, start)
+            for fit_x, check_x, fit_y, check_y in splits:
+                w, b = fit_logistic(fit_x, fit_y, classes, decay, SEARCH_ITERATIONS)
                 accuracy[decay] += ((check_x @ w + b).argmax(1) == check_y).float().mean().item()
 
     best = lambda: max(accuracy, key=lambda d: (accuracy[d], d))  # noqa: E731 - ties: the stronger regulariser
