@@ -342,14 +342,14 @@ def evaluate(
     a random-init encoder of the same architecture.
     """
     with user_errors():
-        from byolcli.inputs import require_folder, require_model_flags
+        from byolcli.inputs import require_file, require_folder, require_model_flags
 
         if (folder is None) == (labels is None):
             raise UserError("give FOLDER to judge without labels, or --labels CSV, not both or neither")
         for path in filter(None, (folder, root)):
             require_folder(path)
-        if labels is not None and not labels.is_file():
-            raise UserError(f"{labels}: no such file")
+        if labels is not None:
+            require_file(labels)
         require_model_flags(model, arch, image_size)
         require_model_flags(baseline, None, None)
         if folder is not None:

@@ -28,6 +28,11 @@ def require_folder(path: str | Path) -> None:
         raise UserError(f"{path}: is a file, not a folder of images")
 
 
+def require_file(path: str | Path) -> None:
+    if not Path(path).is_file():
+        raise UserError(f"{path}: no such file")
+
+
 def require_model_file(model: str | Path | None) -> None:
     """--model, --init, --baseline: a file, or imagenet (unless a file has that name); None is the default."""
     if model is not None and str(model) != IMAGENET and not Path(model).is_file():

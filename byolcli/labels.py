@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from byolcli.errors import UserError
+from byolcli.inputs import require_file
 
 PATH_COLUMNS = ("path", "file", "filename", "file_name", "filepath", "image", "image_path", "img")
 LABEL_COLUMNS = ("label", "class", "category", "class_name", "target")
@@ -47,8 +48,7 @@ class LabelledImages:
 
 def _read_table(csv_path: Path) -> list[list[str]]:
     """The CSV's non-blank rows; UserError for a file that is missing, empty, binary or not CSV."""
-    if not csv_path.is_file():
-        raise UserError(f"{csv_path}: no such file")
+    require_file(csv_path)
     raw = csv_path.read_bytes()
     if not raw.strip():
         raise UserError(f"{csv_path}: empty file")

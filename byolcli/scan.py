@@ -289,6 +289,6 @@ def _save_cache(cache_file: Path, root: Path, verdicts: dict[str, tuple]) -> str
     try:
         atomic_write_text(cache_file, json.dumps(data, separators=(",", ":")))
     except (OSError, WriteFailed) as exc:
-        cause = os_error_behind(exc)
-        return f"could not write {cache_file} ({(cause.strerror if cause else None) or cause or exc})"
+        cause = os_error_behind(exc) or exc
+        return f"could not write {cache_file} ({getattr(cause, 'strerror', None) or cause})"
     return None
