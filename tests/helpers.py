@@ -5,6 +5,7 @@ import struct
 import subprocess
 import sys
 import time
+import traceback
 import zlib
 from pathlib import Path
 
@@ -19,16 +20,40 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TRAIN_ARGS = ("--image-size", "32", "--batch-size", "8", "--workers", "0", "--precision", "fp32")
 
 
-def run_byol(*args, cwd=None, env_extra=None, timeout=600, umask=None):
-    env = dict(os.environ, **(env_extra or {}))
+def run_byol(*args, cwd=None, env_extra=None, umask=None):
+    """`byol ARGS` in this process, as a subprocess would see it: exit code, stdout, stderr (with the
+    traceback of an unexpected exception). Torch is imported once for the session instead of once per
+    call, which is most of a small command's time. `run_byol_process` is for what needs a process."""
+    import torch
+    from typer.testing import CliRunner
+
+    from byolcli.cli import app
+
+    here, threads = Path.cwd(), torch.get_num_threads()
+    previous_umask = None if umask is None else os.umask(umask)
+    try:
+        os.chdir(cwd or here)
+        result = CliRunner().invoke(app, [str(a) for a in args], env=env_extra)
+    finally:
+        os.chdir(here)
+        torch.set_num_threads(threads)
+        if previous_umask is not None:
+            os.umask(previous_umask)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(*result.exc_info))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, stderr)
+
+
+def run_byol_process(*args, cwd=None, env_extra=None, timeout=600):
+    """`byol ARGS` in its own process: where the process itself matters (how it encodes names it prints)."""
     return subprocess.run(
         [sys.executable, "-m", "byolcli", *map(str, args)],
         cwd=cwd,
-        env=env,
+        env=dict(os.environ, **(env_extra or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
-        preexec_fn=None if umask is None else lambda: os.umask(umask),
     )
 
 

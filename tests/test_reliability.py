@@ -12,7 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TRAIN_ARGS, noise_image, random_encoder_file, run_byol, shapes_folder, start_training, wait_for_file
+from helpers import (
+    TRAIN_ARGS,
+    noise_image,
+    random_encoder_file,
+    run_byol,
+    run_byol_process,
+    shapes_folder,
+    start_training,
+    wait_for_file,
+)
 
 from byolcli import embed as e
 from byolcli.errors import Stopped, UserError, WriteFailed
@@ -86,12 +95,12 @@ def test_byol_embed_and_scan_take_names_that_are_not_utf8(tmp_path, encoder_file
         noise_image(seed=i).save(folder / os.fsdecode(raw), "PNG")
     (folder / os.fsdecode(b"bad\xff.png")).write_bytes(b"")
     out = tmp_path / "vecs.npy"
-    result = run_byol("embed", folder, "--out", out, "--model", encoder_file, "--precision", "fp32")
+    result = run_byol_process("embed", folder, "--out", out, "--model", encoder_file, "--precision", "fp32")
     assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
     names = read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))
     assert os.fsdecode(b"caf\xe9-1.png") in names and len(names) == 8
     assert e.sidecars(out)["skipped"].read_text(encoding="utf-8") == "bad\\xff.png\tzero bytes\n"
-    scan = run_byol("scan", folder)
+    scan = run_byol_process("scan", folder)
     assert scan.returncode == 0 and "Traceback" not in scan.stderr, scan.stderr
 
 
