@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from byolcli.logistic import fit_logistic
+
 K = 20
 TEMPERATURE = 0.07
 # L2 strengths on the summed squared weights against the mean loss, in half-decades: wide enough that a
@@ -44,23 +46,6 @@ def knn_scores(
     return torch.cat(votes)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, classes: int, weight_decay: float, iterations: int = 100):
-    """Multinomial logistic regression by full-batch L-BFGS; returns (W, b)."""
-    weight = torch.zeros(x.shape[1], classes, device=x.device, requires_grad=True)
-    bias = torch.zeros(classes, device=x.device, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], max_iter=iterations, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight + bias, y) + weight_decay * weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    return weight.detach(), bias.detach()
-
-
 def linear_probe_scores(
     train_x: torch.Tensor,
     train_y: torch.Tensor,
@@ -90,27 +75,18 @@ def linear_probe_scores(
         fit_index, val_index = stratified_holdout(train_y, 0.2, seed)
         splits = [(train_x[fit_index], train_y[fit_index], train_x[val_index], train_y[val_index])]
     best = choose_weight_decay([tuple(map(standard, (a, c))) + (b, d) for a, b, c, d in splits], classes)
-    w, b = fit_logistic(standard(train_x), train_y, classes, best)
-    return standard(test_x) @ w + b, best, best in (WEIGHT_DECAYS[0], WEIGHT_DECAYS[-1])
+    w, b = fit_logistic(standard(train_x), train_y, classes, [best])
+    return standard(test_x) @ w[0] + b[0], best, best in (WEIGHT_DECAYS[0], WEIGHT_DECAYS[-1])
 
 
 def choose_weight_decay(splits: list[tuple], classes: int) -> float:
     """The grid's L2 strength with the best summed accuracy over the (fit x, check x, fit y, check y)
-    splits, coarse to fine: every other value, then the two beside the best (benchmarks/README.md)."""
-    accuracy: dict[float, float] = {}
-
-    def measure(decays) -> None:
-        for decay in set(decays) - set(accuracy):
-            accuracy[decay] = 0.0
-            for fit_x, check_x, fit_y, check_y in splits:
-                w, b = fit_logistic(fit_x, fit_y, classes, decay, SEARCH_ITERATIONS)
-                accuracy[decay] += ((check_x @ w + b).argmax(1) == check_y).float().mean().item()
-
-    best = lambda: max(accuracy, key=lambda d: (accuracy[d], d))  # noqa: E731 - ties: the stronger regulariser
-    measure(WEIGHT_DECAYS[::2])
-    at = WEIGHT_DECAYS.index(best())
-    measure(WEIGHT_DECAYS[max(0, at - 1) : at + 2])
-    return best()
+    splits; every strength of a split is fitted in one batch."""
+    accuracy = torch.zeros(len(WEIGHT_DECAYS))
+    for fit_x, check_x, fit_y, check_y in splits:
+        w, b = fit_logistic(fit_x, fit_y, classes, WEIGHT_DECAYS, SEARCH_ITERATIONS)
+        accuracy += ((check_x @ w + b[:, None]).argmax(-1) == check_y).float().mean(1).cpu()
+    return max(zip(accuracy.tolist(), WEIGHT_DECAYS))[1]  # ties: the stronger regulariser
 
 
 def present_counts(y: torch.Tensor) -> torch.Tensor:

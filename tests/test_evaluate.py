@@ -8,6 +8,7 @@ from helpers import cache_imagenet_weights, noise_image, random_encoder_file, ru
 from byolcli.errors import UserError
 from byolcli.evaluate import make_protocol, score
 from byolcli.labels import drop_missing, read_labels
+from byolcli.logistic import fit_logistic
 from byolcli.metrics import knn_scores, linear_probe_scores, summarize
 
 
@@ -39,6 +40,20 @@ def test_shuffled_labels_score_at_chance():
     knn = summarize(knn_scores(train_x, train_y, test_x, 4), test_y, 4)["top1"]
     linear = summarize(linear_probe_scores(train_x, train_y, test_x, 4)[0], test_y, 4)["top1"]
     assert 0.15 < knn < 0.35 and 0.15 < linear < 0.35
+
+
+def test_strengths_fitted_together_each_reach_their_own_optimum():
+    x, y = blobs(per_class=30, classes=3, dim=8)
+    decays = [1e-3, 1e-1, 10.0]
+    w, b = fit_logistic(x, y, 3, decays)
+    for i, decay in enumerate(decays):
+        alone_w, alone_b = fit_logistic(x, y, 3, [decay])
+        assert (w[i] - alone_w[0]).norm() < 1e-3 * alone_w[0].norm()  # the others do not change its path
+        weight, bias = w[i].clone().requires_grad_(), b[i].clone().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(x @ weight + bias, y) + decay * weight.pow(2).sum()
+        grad = torch.cat([g.flatten() for g in torch.autograd.grad(loss, [weight, bias])])
+        assert grad.abs().max() < 1e-4, (decay, grad.abs().max())  # a minimum, not just a step towards one
+    assert w[2].norm() < w[1].norm() < w[0].norm()
 
 
 def test_top5_and_per_class_recall():

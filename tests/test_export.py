@@ -152,8 +152,12 @@ def test_embed_and_evaluate_with_torchvisions_imagenet_weights(tmp_path, monkeyp
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["results"]) == {"encoder", "random init"}
     assert "ImageNet resnet18 (32 px)" in report["sources"]["encoder"]
+    # As a user would: `byol embed` then `byol evaluate --embeddings`, each in the precision it picks.
+    vectors = tmp_path / "user.npy"
+    embedded = run_byol("embed", folder, "--out", vectors, "--model", "imagenet", "--image-size", "32", env_extra=env)
+    assert embedded.returncode == 0, embedded.stderr
     embedded = run_byol(
-        "evaluate", "--labels", csv, "--embeddings", tmp_path / "vecs.npy", "--json", tmp_path / "e.json", env_extra=env
+        "evaluate", "--labels", csv, "--embeddings", vectors, "--json", tmp_path / "e.json", env_extra=env
     )
     assert embedded.returncode == 0, embedded.stderr
     assert json.loads((tmp_path / "e.json").read_text())["results"]["embeddings"] == report["results"]["encoder"]
