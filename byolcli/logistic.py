@@ -14,7 +14,7 @@ ARMIJO = 1e-4  # the share of the predicted decrease a step must achieve
 HALVINGS = 30
 TOLERANCE_GRAD = 1e-7  # converged: no gradient entry above this, or no parameter moved more than the next
 TOLERANCE_CHANGE = 1e-9
-MEMORY = 2**27  # floats the fits' parameters and history may take together; more strengths take turns
+MEMORY = 2**27  # floats the fits may take together; past it, strengths take turns
 
 
 def fit_logistic(
@@ -23,7 +23,8 @@ def fit_logistic(
     """For each strength λ, the (W, b) minimising mean cross-entropy + λ‖W‖²:
     W (strengths, features, classes), b (strengths, classes)."""
     decays = torch.as_tensor(weight_decays, dtype=x.dtype, device=x.device)
-    per_fit = (x.shape[1] + 1) * classes * (2 * HISTORY + 6)
+    # Per strength: its parameters, gradients and curvature pairs, and its logits over the rows.
+    per_fit = (x.shape[1] + 1) * classes * (2 * min(HISTORY, iterations) + 6) + 4 * len(x) * classes
     group = max(1, MEMORY // per_fit)
     fits = [_fit_together(x, y, classes, decays[i : i + group], iterations) for i in range(0, len(decays), group)]
     return torch.cat([w for w, _ in fits]), torch.cat([b for _, b in fits])
