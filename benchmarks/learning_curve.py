@@ -1,15 +1,18 @@
 """Quality per epoch: train for a fixed number of epochs and score the encoder at several points.
 
     python benchmarks/learning_curve.py FOLDER --labels LABELS.csv --epochs 30 --at 10,20,30 \
-        [--stem small|standard] [--image-size 32] [--batch-size 64] [--precision bf16] [--device cuda] [--keep DIR]
+        [--init imagenet|random|WEIGHTS --backbone resnet18] [--lr 0.45] [--tau 0.97] [--stem small|standard] \
+        [--image-size 32] [--batch-size 64] [--precision bf16] [--device cuda] [--keep DIR] [--no-label-free]
 
 Trains as `byol train FOLDER --epochs N` plans it (the same planner, recipe and schedule, with the
 flags given pinned), stops at each epoch of --at to export the encoder and score it with
 `byol evaluate --labels` (weighted kNN and the linear probe, and the random-init encoder of the
-same network) and with the label-free measures of `byol train`'s report on the trained folder
-(RankMe, alignment, uniformity, view retrieval), then goes on; --keep DIR keeps each point's
-encoder. The schedule is the one of the whole run, so the scores at epoch 10 of a 30-epoch curve
-are those of a run partway through, not of a 10-epoch run. Each curve is written to --record
+same network) and, unless --no-label-free, with the label-free measures of `byol train`'s report
+on the trained folder (RankMe, alignment, uniformity, view retrieval), then goes on; --keep DIR
+keeps each point's encoder. Epoch 0 in --at scores the start itself (--init's weights, frozen);
+--lr and --tau pin the base learning rate and EMA rate the plan would choose. The schedule is the
+one of the whole run, so the scores at epoch 10 of a 30-epoch curve are those of a run partway
+through, not of a 10-epoch run. Each curve is written to --record
 (default benchmarks/learning_curve.json) after each point, with its host, device and the training
 wall time up to each point (evaluation excluded).
 """
@@ -38,6 +41,8 @@ from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
 from byolcli.report import Reporter
 from byolcli.scan import scan
+from byolcli.start import start_name
+from byolcli.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"
 
@@ -53,6 +58,11 @@ def main() -> None:
     parser.add_argument("--labels", type=Path, required=True)
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--at", default=None, help="comma-separated epochs to score at [default: the last]")
+    parser.add_argument("--init", default="random", help="imagenet, random, or a weights file")
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (for batch 256)")
+    parser.add_argument("--tau", type=float, default=None, help="base EMA rate of the target network")
+    parser.add_argument("--no-label-free", action="store_true", help="skip the label-free measures")
     parser.add_argument("--stem", default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
@@ -66,14 +76,19 @@ def main() -> None:
 
     manifest = scan(args.folder)
     hw = detect_hardware(args.device)
-    over = Overrides(
-        epochs=args.epochs,
-        stem=args.stem,
-        image_size=args.image_size,
-        batch_size=args.batch_size,
-        precision=args.precision,
-        device=args.device,
-        seed=args.seed,
+    over = validate(
+        Overrides(
+            epochs=args.epochs,
+            init=args.init,
+            backbone=args.backbone,
+            lr=args.lr,
+            stem=args.stem,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            precision=args.precision,
+            device=args.device,
+            seed=args.seed,
+        )
     )
     plan = make_plan(
         [min(i.width, i.height) for i in manifest.images],
@@ -83,9 +98,12 @@ def main() -> None:
         probe=lambda setting: probe_step(hw, setting),
         world_size=1,
     )
+    if args.tau is not None:
+        plan.tau_base = args.tau
     print(
         f"{host_cpu()}; {hw.name}; {plan.backbone} ({plan.stem} stem) at {plan.image_size} px, batch "
-        f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps",
+        f"{plan.batch_size}, {plan.precision}, {plan.total_steps:,} steps, "
+        f"base lr {plan.base_lr}, tau {plan.tau_base}, warm-up {plan.warmup_steps} steps, from {start_name(plan.init)}",
         flush=True,
     )
     paths = manifest.absolute_paths()
@@ -108,10 +126,14 @@ def main() -> None:
                 train_images=plan.images,
                 epochs=epoch,
                 steps=trainer.step,
+                init=start_name(plan.init),
+                init_path=plan.init if plan.init not in (None, "imagenet") else "",
             )
             report = evaluate_command(args.labels, encoder, None, args.device, None, quiet)
-            device = pick_device(args.device)
-            unlabelled = judge(paths, load_encoder(encoder, device), device, seed=args.seed).measures
+            unlabelled = {ENCODER: None, RANDOM_INIT: None}
+            if not args.no_label_free:
+                device = pick_device(args.device)
+                unlabelled = judge(paths, load_encoder(encoder, device), device, seed=args.seed).measures
             if args.keep:
                 args.keep.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(encoder, args.keep / f"epoch{epoch}.safetensors")
@@ -122,7 +144,7 @@ def main() -> None:
                 "images_per_second": round(trainer.step * plan.effective_batch / trained_seconds, 1),
                 **scores(report, "encoder"),
                 "label_free": unlabelled[ENCODER],
-                "random_init": {**scores(report, RANDOM_INIT), "label_free": unlabelled[RANDOM_INIT]},
+                "random_init": {**scores(report, RANDOM_INIT), "label_free": unlabelled.get(RANDOM_INIT)},
             }
             curve.append(point)
             print(json.dumps(point), flush=True)
@@ -144,6 +166,10 @@ def record(args, plan, hw, curve: list, started: str) -> None:
         "batch_size": plan.effective_batch,
         "precision": plan.precision,
         "epochs": args.epochs,
+        "init": start_name(plan.init),
+        "base_lr": plan.base_lr,
+        "tau_base": plan.tau_base,
+        "warmup_steps": plan.warmup_steps,
         "seed": args.seed,
         "curve": curve,
     }

@@ -166,8 +166,9 @@ def train(
         "parameters). \\[default: device on CUDA at >= 96 px]"
     ),
     init: Optional[str] = flag(
-        "Start from these weights instead of random ones: 'imagenet' (torchvision's, downloaded once)"
-        " or an exported encoder.safetensors."
+        "Starting weights: auto (torchvision's ImageNet weights when cached or downloadable, else random), "
+        "random, imagenet (insist), or a file: an exported encoder or a plain torchvision state dict "
+        "(with --backbone). \\[default: auto]"
     ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(
@@ -191,7 +192,7 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
-        from byolcli.inputs import require_folder, require_model_flags
+        from byolcli.inputs import AUTO, IMAGENET, RANDOM, require_folder, require_model_file
         from byolcli.plan import Overrides
         from byolcli.train_flags import validate
 
@@ -199,7 +200,7 @@ def train(
         launched = "WORLD_SIZE" in os.environ
         if not launched:
             require_folder(folder)
-            require_model_flags(init, None, None)
+            require_model_file(init, (AUTO, RANDOM, IMAGENET))
         choices = Overrides(
             backbone=backbone,
             image_size=image_size,
@@ -216,7 +217,7 @@ def train(
             seed=seed,
         )
         checkpoint_seconds = parse_duration(checkpoint_every, "--checkpoint-every")
-        if not launched and init in (None, "imagenet"):
+        if not launched and init in (None, AUTO, RANDOM, IMAGENET):
             validate(choices)  # before torch is imported; an --init file is read, with torch, by the run
         if gpus is not None:
             from byolcli.distributed import gpu_processes, launch_local

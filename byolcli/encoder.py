@@ -39,7 +39,10 @@ def save_encoder(
     epochs: float,
     steps: int,
     source: str = "",
+    init: str = "random",
+    init_path: str = "",
 ) -> None:
+    """`init` names the weights training started from (start.start_name), `init_path` their file, if any."""
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
     metadata = {
         "format": FORMAT,
@@ -54,6 +57,8 @@ def save_encoder(
         "epochs": str(epochs),
         "steps": str(steps),
         "source": source,
+        "init": init,
+        "init_path": init_path,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "byolcli_version": __version__,
         "torch_version": torch.__version__,

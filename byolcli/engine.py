@@ -32,14 +32,14 @@ from byolcli import distributed
 from byolcli.augment import byol_views
 from byolcli.data import CanvasDataset, EpochSampler, MemoryBatches, TwoViewDataset, decode_canvases, item_seed
 from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
-from byolcli.encoder import load_encoder
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path
 from byolcli.hardware import usable_cores, use_device
-from byolcli.model import BYOL, pretrained_backbone
+from byolcli.model import BYOL
 from byolcli.optim import ema_rate, learning_rate
 from byolcli.plan import Plan
 from byolcli.rules import GPU_RESIDENT_SHARE, LOADER_PREFETCH
+from byolcli.start import start_weights
 from byolcli.step import ByolStep
 
 # The loss scaler halves its scale at each fp16 overflow: this many in a row means it cannot
@@ -83,7 +83,7 @@ class Trainer:
         self.memory_format = torch.channels_last if plan.channels_last else torch.contiguous_format
         self.model = BYOL(plan.backbone, plan.stem)
         if plan.init and self.start_from is None:
-            self.model.start_from(initial_weights(plan.init, plan.backbone))
+            self.model.start_from(start_weights(plan.init, plan.backbone))
         if plan.sync_batchnorm and world.size > 1:
             synchronise_batchnorm(self.model)
         self.model.to(self.device, memory_format=self.memory_format)
@@ -311,13 +311,6 @@ def fits_on_gpu(device: torch.device, nbytes: int) -> bool:
     """Whether decoded images of `nbytes` may stay in GPU memory: a share of what is free there
     now (other processes may hold much of it), leaving the rest to training."""
     return nbytes < GPU_RESIDENT_SHARE * torch.cuda.mem_get_info(device)[0]
-
-
-def initial_weights(init: str, architecture: str) -> dict:
-    """The backbone weights `--init` names: torchvision's ImageNet ones, or an exported encoder's."""
-    if init == "imagenet":
-        return pretrained_backbone(architecture).state_dict()
-    return load_encoder(init).state_dict()
 
 
 def projection_health(projections: torch.Tensor) -> tuple[float, float]:

@@ -1,8 +1,9 @@
 """`byol evaluate`: how good are the embeddings on the user's labels, and did training help?
 
-The labelled images are embedded with the encoder and with a random-init
-encoder of the same architecture (the floor any training must clear), then
-scored with weighted kNN and a linear probe, either on the CSV's split column
+The labelled images are embedded with the encoder, with the network its training
+started from when that was not random (what the user had without training), and
+with a random-init encoder of the same architecture (the floor any training must
+clear), then scored with weighted kNN and a linear probe, either on the CSV's split column
 (train rows fit, test rows score) or by stratified k-fold cross-validation.
 """
 
@@ -24,6 +25,7 @@ from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, s
 from byolcli.model import make_backbone
 from byolcli.models import IMAGENET, choose_model
 from byolcli.names import read_names
+from byolcli.start import START, start_command, start_network
 
 MAX_FOLDS = 5
 RANDOM_INIT = "random init"
@@ -114,11 +116,12 @@ def random_encoder(metadata: dict, device) -> torch.nn.Module:
 
 def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Module:
     """--baseline: an encoder file, or 'imagenet' (unless a file has that name): torchvision's weights for
-    the evaluated encoder's architecture, at its image size."""
+    the evaluated encoder's architecture, at the size they were trained at, where pretrained networks
+    score higher than on small images (docs/experiments.md)."""
     if str(baseline) == IMAGENET and not baseline.exists():
         if metadata is None:
             raise UserError("--baseline imagenet: the embeddings' encoder is unknown, so is its architecture")
-        return choose_model(IMAGENET, metadata["architecture"], metadata["image_size"]).load(device)
+        return choose_model(IMAGENET, metadata["architecture"]).load(device)
     return choose_model(baseline).load(device)
 
 
@@ -184,7 +187,7 @@ def keep_usable(
 def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter):
     """Every compared encoder's features of the labelled images: the encoder's (or the vectors of
     --embeddings), --baseline's and the random-init network's. Returns (features by name, rows every
-    encoder could embed, the encoder's metadata, what a failed row means, the encoder's name)."""
+    encoder could embed, the encoder's metadata, what a failed row means, where each came from)."""
     encoders: dict[str, torch.Tensor] = {}
     good = np.ones(len(data.paths), dtype=bool)
     if embeddings is not None:
@@ -207,14 +210,30 @@ def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device
         encoders["encoder"] = features
         good &= ok
         unmatched, source = "could not be decoded", str(choice.path or choice.description)
-    compared = {"baseline": other, RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None}
+    start = None
+    if metadata and metadata.get("init", "random") != "random":
+        start, missing = start_network(metadata, torch_device)
+        if start is None:
+            reporter.warn(f"no column for the encoder's start: {missing}")
+    compared = {
+        "baseline": other,
+        START: start,
+        RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None,
+    }
     for name, network in compared.items():
         if network is not None:
             with reporter.progress(f"embedding ({name})", unit="images") as progress:
                 encoders[name], ok = embed_labelled(data.paths, network, torch_device, batch_size, workers, progress)
             good &= ok
 
-    return encoders, good, metadata, unmatched, source
+    sources = {
+        "embeddings": str(embeddings),
+        "encoder": source,
+        "baseline": None if other is None else f"{baseline} ({other.byol_metadata['image_size']} px)",
+        START: metadata.get("init") if metadata else None,
+        RANDOM_INIT: f"{metadata['architecture']}, seed 0" if metadata else None,
+    }
+    return encoders, good, metadata, unmatched, sources
 
 
 def evaluate_command(
@@ -240,7 +259,7 @@ def evaluate_command(
     classes = data.classes
     torch_device = pick_device(device)
 
-    encoders, good, metadata, unmatched, source = _embed_all(
+    encoders, good, metadata, unmatched, sources = _embed_all(
         data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter
     )
     data, encoders = keep_usable(data, encoders, good, labels, unmatched, skip_missing, reporter)
@@ -250,12 +269,6 @@ def evaluate_command(
     y = torch.tensor([index[label] for label in data.labels], device=torch_device)
     protocol = make_protocol(data, y, labels)
     results = {name: score(f.to(torch_device), y, len(classes), protocol) for name, f in encoders.items()}
-    sources = {
-        "embeddings": str(embeddings),
-        "encoder": source,
-        "baseline": str(baseline),
-        "random init": f"{metadata['architecture']}, seed 0" if metadata else None,
-    }
     report = {
         "labels": str(labels),
         "protocol": protocol.name,
@@ -264,6 +277,8 @@ def evaluate_command(
         "sources": {name: sources[name] for name in encoders},
         "results": results,
     }
+    if START in results and _worse_than_start(results[next(iter(results))], results[START]):
+        report["use_start"] = start_command(metadata)
     from byolcli.report import evaluation_report
 
     evaluation_report(report)
@@ -272,6 +287,11 @@ def evaluate_command(
     if report_dir is not None:
         _write_page(report_dir, labels, data, encoders, protocol, results, reporter)
     return report
+
+
+def _worse_than_start(encoder: dict, start: dict) -> bool:
+    """Whether the encoder scores below its start on both kNN and the linear probe."""
+    return all(encoder[method]["top1"] < start[method]["top1"] for method in ("knn", "linear"))
 
 
 def _write_page(

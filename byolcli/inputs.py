@@ -17,6 +17,8 @@ STEMS = ("standard", "small")
 PRECISIONS = ("fp32", "bf16", "fp16")
 EMBEDDING_DTYPES = ("float32", "float16")
 IMAGENET = "imagenet"  # --model, --init and --baseline: torchvision's ImageNet weights
+IMAGENET_SIZE = 224  # px: what torchvision's ImageNet weights were trained at
+AUTO, RANDOM = "auto", "random"  # --init: ImageNet's weights where available, else random; random weights
 MIN_IMAGE_SIZE = 16
 
 
@@ -33,9 +35,9 @@ def require_file(path: str | Path) -> None:
         raise UserError(f"{path}: no such file")
 
 
-def require_model_file(model: str | Path | None) -> None:
-    """--model, --init, --baseline: a file, or imagenet (unless a file has that name); None is the default."""
-    if model is not None and str(model) != IMAGENET and not Path(model).is_file():
+def require_model_file(model: str | Path | None, names: tuple[str, ...] = (IMAGENET,)) -> None:
+    """--model, --init, --baseline: a file, or one of `names` (unless a file has that name); None is the default."""
+    if model is not None and str(model) not in names and not Path(model).is_file():
         raise UserError(f"{model}: no such model file")
 
 

@@ -1,7 +1,8 @@
-"""Did training help, without labels: an encoder and a random-init network of the same architecture,
-side by side, on a seeded sample of a folder's images. Both get the label-free measures
-(label_free.py) and the same nearest-neighbour gallery; `byol train` writes the result into its
-run folder as report.html, `byol evaluate FOLDER` for any folder and encoder."""
+"""Did training help, without labels: an encoder beside the network it started from (when its training
+started from weights) or a random-init network of the same architecture, on a seeded sample of a
+folder's images. Both get the label-free measures (label_free.py) and the same nearest-neighbour
+gallery; `byol train` writes the result into its run folder as report.html, `byol evaluate FOLDER`
+for any folder and encoder."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from byolcli.label_free import (
     uniformity,
     view_retrieval,
 )
+from byolcli.start import START, start_network
 
 SAMPLE = 2000  # images the measures and the neighbour search use: the page and the time stay bounded
 # Images whose two augmented views measure alignment and view retrieval: among 256, retrieval was too coarse to
@@ -53,6 +55,7 @@ VERDICT = (
 
 @dataclass
 class Judgement:
+    reference: str  # what the encoder is compared with: RANDOM_INIT, or START (the weights it started from)
     paths: list[Path]  # the sample, in row order
     queries: list[int]  # rows of the gallery's query images
     neighbours: dict[str, torch.Tensor]  # per encoder: (queries, NEIGHBOURS) rows
@@ -66,6 +69,7 @@ class Judgement:
 
         return {
             "images": len(self.paths),
+            "reference": self.reference,
             "measures": self.measures,
             "meanings": MEANINGS,
             "how_to_read": VERDICT,
@@ -86,11 +90,14 @@ def sample_paths(paths: list[Path], size: int = SAMPLE, seed: int = 0) -> list[P
 
 
 def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, workers: int | None = None) -> Judgement:
-    """Embed a seeded sample of `paths` with `encoder` and its random-init twin, and measure both."""
+    """Embed a seeded sample of `paths` with `encoder` and with the network it started from (its random-init
+    twin when it started from random weights, or when its start cannot be had), and measure both."""
     from byolcli.evaluate import embed_labelled, random_encoder
 
     sample = sample_paths(paths, SAMPLE, seed)
-    networks = {ENCODER: encoder, RANDOM_INIT: random_encoder(encoder.byol_metadata, device)}
+    start, _ = start_network(encoder.byol_metadata, device)
+    reference = RANDOM_INIT if start is None else START
+    networks = {ENCODER: encoder, reference: start or random_encoder(encoder.byol_metadata, device)}
     features, measures = {}, {}
     for who, network in networks.items():
         with progress(f"embedding a sample ({who})", unit="images") if progress else nullcontext() as step:
@@ -112,7 +119,7 @@ def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, work
             "near_duplicate_share": round(duplicate_share(found, len(keep)), 4),
         }
         neighbours[who] = nearest(features[who], torch.tensor(queries), NEIGHBOURS)[0]
-    return Judgement(keep, queries, neighbours, measures, duplicates)
+    return Judgement(reference, keep, queries, neighbours, measures, duplicates)
 
 
 def view_embeddings(

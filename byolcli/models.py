@@ -19,9 +19,8 @@ from torch import nn
 
 from byolcli.errors import UserError
 from byolcli.files import RUNS_DIR
-from byolcli.inputs import IMAGENET, require_choice, require_image_size
+from byolcli.inputs import IMAGENET, IMAGENET_SIZE, require_choice, require_image_size
 
-IMAGENET_SIZE = 224
 DEFAULT_ARCH = "resnet18"
 
 

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from byolcli.errors import UserError
 from byolcli.hardware import Hardware
+from byolcli.inputs import IMAGENET, IMAGENET_SIZE
 from byolcli.probe import StepSetting
 from byolcli.recipe import RECIPE
 from byolcli.rules import (
@@ -20,6 +21,7 @@ from byolcli.rules import (
     choose_image_size,
     choose_length,
     choose_precision,
+    choose_start,
     choose_stem,
     choose_sync_batchnorm,
     choose_workers,
@@ -27,6 +29,7 @@ from byolcli.rules import (
     fit_workers_to_shared_memory,
     format_seconds,
     resident_bytes,
+    start_image_size,
     step_time,
     tau_for,
     warmup_for,
@@ -64,7 +67,7 @@ class Plan:
     reasons: dict[str, str] = field(default_factory=dict)
     augment_on: str = "cpu"  # "cpu": loader processes; "device": batched on the training device
     in_memory: bool = False  # all images decoded once, before training (needs augment_on "device")
-    init: str | None = None  # starting weights: "imagenet", an exported encoder's path, or None (random)
+    init: str | None = None  # starting weights: "imagenet", a weights file's path, or None (random)
     world_size: int = 1  # processes training together, one per device
     sync_batchnorm: bool = False
     stem: str = "standard"  # the backbone's first layers (model.STEMS)
@@ -100,7 +103,8 @@ class Overrides:
     workers: int | None = None
     precision: str | None = None
     augment_on: str | None = None
-    init: str | None = None
+    init: str | None = None  # None: ImageNet's weights where available (auto); "random", "imagenet" or a file
+    start_size: int | None = None  # px the --init file's weights were trained at, where it records them
     stem: str | None = None
     seed: int = 0
 
@@ -136,14 +140,17 @@ def make_plan(
     probe: Callable[[StepSetting], float],
     data_cost: Callable[[int, str], float] = lambda size, augment_on: 0.0,
     world_size: int = 1,
+    find_imagenet: Callable[[str], str | None] = lambda architecture: "ImageNet weights not looked for",
 ) -> Plan:
     """Choose everything. `probe(setting)` times one training step or raises OutOfMemory; `data_cost(size,
-    augment_on)` is one image's loader seconds. `hw` is one of `world_size` processes' share; batches are per device."""
+    augment_on)` is one image's loader seconds; `find_imagenet(architecture)` makes torchvision's ImageNet
+    weights available and returns None, or says why they are not. `hw` is one of `world_size` processes'
+    share; batches are per device."""
     images = len(short_sides)
     if images < MIN_IMAGES:
         raise UserError(f"only {images} usable images; training needs at least {MIN_IMAGES}")
     reasons: dict[str, str] = {}
-    setting, workers, in_memory = choose_step(short_sides, hw, over, probe, world_size, reasons)
+    setting, init, workers, in_memory = choose_step(short_sides, hw, over, probe, world_size, reasons, find_imagenet)
     image_size, augment_on = setting.image_size, setting.augment_on
     batch, step_seconds, cap, reasons["batch_size"] = choose_batch(
         setting, images, hw, over.batch_size, probe, world_size
@@ -157,7 +164,6 @@ def make_plan(
         )
     data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
     reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)[1]
-    reasons["init"] = "set by flag" if over.init else "random (--init imagenet or --init ENCODER to start from weights)"
     plan = Plan(
         device=hw.device,
         device_name=hw.name,
@@ -177,7 +183,7 @@ def make_plan(
         reasons=reasons,
         augment_on=augment_on,
         in_memory=in_memory,
-        init=over.init,
+        init=init,
         world_size=world_size,
         sync_batchnorm=choose_sync_batchnorm(batch, world_size)[0],
         stem=setting.stem,
@@ -187,10 +193,11 @@ def make_plan(
 
 
 def choose_step(
-    short_sides: list[int], hw: Hardware, over: Overrides, probe, world_size: int, reasons: dict
-) -> tuple[StepSetting, int, bool]:
+    short_sides: list[int], hw: Hardware, over: Overrides, probe, world_size: int, reasons: dict, find_imagenet
+) -> tuple[StepSetting, str | None, int, bool]:
     """What one training step runs (network, size, precision, where the views are made), as the
-    probe will time it; and the loader workers and whether the images are decoded into memory."""
+    probe will time it; the weights it starts from; and the loader workers and whether the images
+    are decoded into memory."""
     images = len(short_sides)
 
     def pick(name, override, chosen):
@@ -201,6 +208,10 @@ def choose_step(
     image_size = pick("image_size", over.image_size, lambda: choose_image_size(short_sides, hw))
     backbone = pick("backbone", over.backbone, lambda: choose_backbone(images, image_size, hw))
     stem = pick("stem", over.stem, lambda: choose_stem(image_size, hw))
+    init, reasons["init"] = choose_start(over.init, backbone, stem, find_imagenet)
+    if init is not None and over.image_size is None:
+        trained_at = over.start_size or (IMAGENET_SIZE if init == IMAGENET else None)
+        image_size, reasons["image_size"] = start_image_size(image_size, reasons["image_size"], trained_at, stem, hw)
     timing = StepSetting(backbone, image_size, cpu_batch(images), "", True, stem)  # how a CPU times precisions
     precision, reasons["precision"] = choose_precision(hw, over.precision, timing, probe)
     workers = pick("workers", over.workers, lambda: choose_workers(hw))
@@ -213,21 +224,22 @@ def choose_step(
     setting = StepSetting(
         backbone, image_size, 0, precision, hw.kind in ("cuda", "cpu"), stem, augment_on, resident, world_size > 1
     )
-    return setting, workers, in_memory
+    return setting, init, workers, in_memory
 
 
 def schedule(plan: Plan, epochs: int | None, lr: float | None) -> None:
     """The run's length (--epochs, --time at the measured step time, or the default), its warm-up,
     learning rate and EMA rate, set on `plan`."""
     reasons = plan.reasons
+    started = plan.init is not None
     plan.total_steps, reasons["epochs"] = choose_length(
-        epochs, plan.time_budget, plan.steps_per_epoch, plan.step_seconds
+        epochs, plan.time_budget, plan.steps_per_epoch, plan.step_seconds, started
     )
     run_epochs = plan.total_steps / plan.steps_per_epoch
     plan.epochs = round(run_epochs, 3)
-    plan.base_lr, reasons["lr"] = (lr, "set by flag") if lr is not None else choose_base_lr(run_epochs)
+    plan.base_lr, reasons["lr"] = (lr, "set by flag") if lr is not None else choose_base_lr(run_epochs, started)
     plan.lr = plan.base_lr * plan.effective_batch / 256
-    plan.tau_base, reasons["tau_base"] = tau_for(run_epochs, plan.total_steps)
+    plan.tau_base, reasons["tau_base"] = tau_for(run_epochs, plan.total_steps, started)
     plan.warmup_steps = warmup_for(plan.steps_per_epoch, plan.total_steps)
 
 
@@ -241,7 +253,7 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     plan.total_steps = max(total, steps_done + 1)
     plan.epochs = round(plan.total_steps / plan.steps_per_epoch, 3)
     plan.warmup_steps = warmup_for(plan.steps_per_epoch, plan.total_steps)
-    plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps)
+    plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps, plan.init is not None)
     plan.step_seconds = step_seconds
     plan.reasons["epochs"] = (
         f"what fits in the {format_seconds(plan.time_budget)} budget at "
@@ -258,5 +270,6 @@ def short_run_warning(plan: Plan) -> str | None:
         f"this plan trains {plan.epochs:.3g} epochs: too few to expect features better than an untrained "
         f"network's (measured: no run of up to 18 epochs beat it on kNN, a {USEFUL_EPOCHS}-epoch run did). "
         f"Give it --time {format_seconds(needed)} or more at this speed"
-        f"{'' if plan.device.startswith('cuda') else ', a GPU'}, or --init imagenet"
+        f"{'' if plan.device.startswith('cuda') else ', a GPU'}, or start from weights: ImageNet weights in "
+        "torch's cache, which the default --init auto takes, or --init FILE"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
@@ -134,6 +135,13 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     table.add_row("images", f"{plan.images:,} used, {plan.skipped:,} skipped", Text(str(manifest.root)))
     table.add_row("device", plan.device_name, plan.device)
     table.add_row("backbone", plan.backbone, r.get("backbone", ""))
+    start = {None: "random weights", "imagenet": "ImageNet weights"}.get(plan.init) or Text(Path(plan.init).name)
+    table.add_row("start", start, r.get("init", ""))
+    if plan.init is not None:
+        table.add_row("normalisation", "ImageNet's mean and std", "what torchvision's weights and byolcli's expect")
+        table.add_row(
+            "batch norm", "statistics of these images", "re-estimated as training runs: the start's are other images'"
+        )
     table.add_row("image size", f"{plan.image_size} px", r.get("image_size", ""))
     batch = f"{plan.batch_size}"
     if plan.world_size > 1:
@@ -227,10 +235,10 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
 
 
 def evaluation_report(report: dict) -> None:
-    """Side-by-side table of every encoder's scores, with the gain over the random init, and per-class recall."""
+    """Side-by-side table of every encoder's scores, with the gain over its start and over the random init,
+    and per-class recall."""
     results = report["results"]
     names = list(results)
-    baseline = "random init" if "random init" in results else None
     out.print(
         f"[bold]{report['images']:,} labelled images, {len(report['classes'])} classes[/]; {report['protocol']}",
         highlight=False,
@@ -240,8 +248,9 @@ def evaluation_report(report: dict) -> None:
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
-    if baseline and len(names) > 1:
-        table.add_column(f"Δ vs {baseline}", justify="right")
+    references = [n for n in ("start", "random init") if n in results and len(names) > 1]
+    for reference in references:
+        table.add_column(f"Δ vs {reference}", justify="right")
     rows = [
         ("kNN top-1", "knn", "top1"),
         ("kNN top-5", "knn", "top5"),
@@ -255,11 +264,19 @@ def evaluation_report(report: dict) -> None:
             continue
         values = [results[n][method][key] for n in names]
         cells = [f"{v:.1%}" for v in values]
-        if baseline and len(names) > 1:
-            gain = values[0] - results[baseline][method][key]
+        for reference in references:
+            gain = values[0] - results[reference][method][key]
             cells.append(f"[{'green' if gain > 0 else 'red'}]{gain * 100:+.1f} pts[/]")
         table.add_row(label, *cells)
     out.print(table)
+    if "use_start" in report:
+        out.print(
+            f"{names[0]} scores below the weights it started from on kNN and linear top-1: use the start "
+            f"instead, `{report['use_start']}`",
+            highlight=False,
+            soft_wrap=True,
+            markup=False,
+        )
     edge = [n for n in names if results[n]["linear"].get("weight_decay_at_grid_edge")]
     if edge:
         out.print(
@@ -284,13 +301,14 @@ def evaluation_report(report: dict) -> None:
 
 
 def judgement_report(result: dict) -> None:
-    """The label-free measures of the encoder and the random-init network, with what each means."""
+    """The label-free measures of the encoder and the network it is compared with, with what each means."""
     out.print(f"[bold]{result['images']:,} images[/] (a seeded sample of the folder), no labels", highlight=False)
     table = Table()
-    for column in ("measure", "encoder", "random init", "what it means"):
+    compared = ("encoder", result["reference"])
+    for column in ("measure", *compared, "what it means"):
         table.add_column(column, justify="left" if column in ("measure", "what it means") else "right")
     for key, meaning in result["meanings"].items():
-        table.add_row(key, *(str(result["measures"][who][key]) for who in ("encoder", "random init")), meaning)
+        table.add_row(key, *(str(result["measures"][who][key]) for who in compared), meaning)
     out.print(table)
     out.print(result["how_to_read"], highlight=False, soft_wrap=True, markup=False)
     pairs = result["near_duplicates"]

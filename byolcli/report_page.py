@@ -1,6 +1,6 @@
 """The label-free report page: the plan and the training curves when there was a run, the label-free
-measures of the encoder and of a random-init network, and each sampled image's nearest neighbours
-under both, one row above the other (gallery.py draws the rows)."""
+measures of the encoder and of the network it is compared with (its start, or a random-init network),
+and each sampled image's nearest neighbours under both, one row above the other (gallery.py draws the rows)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,12 @@ import html
 from pathlib import Path
 
 from byolcli.gallery import neighbour_row, tile, write_page
-from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, RANDOM_INIT, VERDICT, Judgement
+from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, RANDOM_INIT, START, VERDICT, Judgement
+
+REFERENCE_WORDS = {
+    RANDOM_INIT: "a random-init network of the same architecture",
+    START: "the weights training started from",
+}
 
 CURVES = (
     ("loss", "loss"),
@@ -66,11 +71,12 @@ def plan_html(plan: dict) -> str:
 def measures_html(judgement: Judgement) -> str:
     rows = []
     for key, meaning in MEANINGS.items():
-        cells = "".join(f"<td>{judgement.measures[who][key]}</td>" for who in (ENCODER, RANDOM_INIT))
+        cells = "".join(f"<td>{judgement.measures[who][key]}</td>" for who in (ENCODER, judgement.reference))
         rows.append(f'<tr><th class="text">{key}</th>{cells}<td class="text">{html.escape(meaning)}</td></tr>')
     return (
         f"<h2>Without labels</h2><p>On {len(judgement.paths):,} images (a seeded sample of the folder).</p>"
-        f'<table><tr><th></th><th>encoder</th><th>random init</th><th class="text">what it means</th></tr>'
+        f"<table><tr><th></th><th>encoder</th><th>{judgement.reference}</th>"
+        '<th class="text">what it means</th></tr>'
         f"{''.join(rows)}</table><p>{html.escape(VERDICT)}</p>"
     )
 
@@ -79,7 +85,7 @@ def gallery_html(judgement: Judgement) -> str:
     groups = []
     for row, query in enumerate(judgement.queries):
         lines = []
-        for who, border in ((ENCODER, "#2864dc"), (RANDOM_INIT, "#999")):
+        for who, border in ((ENCODER, "#2864dc"), (judgement.reference, "#999")):
             neighbours = [int(n) for n in judgement.neighbours[who][row]]
             tiles = [tile(judgement.paths[query], "query", "#333")]
             tiles += [tile(judgement.paths[n], judgement.paths[n].name, border) for n in neighbours]
@@ -87,8 +93,8 @@ def gallery_html(judgement: Judgement) -> str:
         groups.append(f'<div class="group">{"".join(lines)}</div>')
     return (
         f"<h2>Nearest neighbours</h2><p>Each sampled image, then its {NEIGHBOURS} nearest images by cosine "
-        "similarity under the trained encoder (blue) and, beneath, under a random-init network of the same "
-        f"architecture (grey). Training helped where the blue rows look more like their image.</p>{''.join(groups)}"
+        f"similarity under the trained encoder (blue) and, beneath, under {REFERENCE_WORDS[judgement.reference]} "
+        f"(grey). Training helped where the blue rows look more like their image.</p>{''.join(groups)}"
     )
 
 

@@ -7,9 +7,11 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 
 from byolcli.errors import UserError
 from byolcli.hardware import GiB, Hardware
+from byolcli.inputs import IMAGENET, IMAGENET_SIZE, RANDOM
 from byolcli.probe import MEMORY_MARGIN, OutOfMemory, StepSetting
 
 SIZES = (32, 64, 96, 128, 160, 192, 224)
@@ -31,6 +33,11 @@ BYTES_PER_IMAGE_224 = {"resnet18": 60e6, "resnet34": 90e6, "resnet50": 200e6}
 # The small-image stem keeps every feature map 4× larger per side: the strided stem's activations at 4× the size.
 STEM_SCALE = {"standard": 1, "small": 4}
 SMALL_IMAGES = 64  # px: where the strided stem leaves the last stages a pixel or two
+# A run that starts from trained weights adapts them instead of learning from nothing: a smaller
+# learning rate, a slower target and fewer epochs keep what the weights know (docs/experiments.md).
+START_BASE_LR = 0.1
+START_TAU = 0.99
+START_EPOCHS = 20
 
 
 def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
@@ -41,6 +48,45 @@ def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
     if size < fitting[-1]:
         why += f"; {size} px is the most a {hw.kind.upper()} trains in reasonable time"
     return size, why
+
+
+def choose_start(
+    init: str | None, backbone: str, stem: str, find_imagenet: Callable[[str], str | None]
+) -> tuple[str | None, str]:
+    """The weights the run starts from (Plan.init: "imagenet", a file, or None for random) and why.
+    `init` is --init after train_flags.validate: None for auto, RANDOM, IMAGENET or a file's path."""
+    if init == RANDOM:
+        return None, "random: set by flag"
+    if init not in (None, IMAGENET):
+        return init, f"{Path(init).name}: set by flag"
+    if init is None and stem != "standard":
+        return None, f"random: ImageNet's weights have the standard stem, and the {stem} stem is planned"
+    missing = find_imagenet(backbone)
+    if missing is None:
+        return IMAGENET, f"torchvision's ImageNet {backbone} weights" + (
+            ": set by flag" if init == IMAGENET else ", found; --init random to start from random weights"
+        )
+    if init == IMAGENET:
+        raise UserError(f"--init imagenet: {missing}; put the file there, or use --init random")
+    return None, f"random: {missing} (put the file there, or --init random)"
+
+
+def start_image_size(size: int, why: str, trained_at: int | None, stem: str, hw: Hardware) -> tuple[int, str]:
+    """Starting weights see most at the size they were trained at (a strided stem leaves small images
+    maps of a pixel or two): smaller images are upsampled toward it, as far as the device trains in
+    reasonable time. `trained_at` is None where the weights do not say (ImageNet's size is assumed)."""
+    if stem != "standard":
+        return size, why
+    target = max(s for s in SIZES if s <= min(trained_at or IMAGENET_SIZE, MAX_SIZE[hw.kind]))
+    if target <= size:
+        return size, why
+    said = f"{trained_at} px" if trained_at else f"ImageNet's {IMAGENET_SIZE} px (assumed)"
+    capped = (
+        f"; {target} px is the most a {hw.kind.upper()} trains in reasonable time"
+        if target < (trained_at or IMAGENET_SIZE)
+        else ""
+    )
+    return target, f"{why}; upsampled to {target} px toward the {said} the starting weights were trained at{capped}"
 
 
 def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
@@ -161,14 +207,22 @@ def base_lr_for(epochs: float) -> float:
     return 0.45 if epochs < 300 else 0.3 if epochs <= 1000 else 0.2
 
 
-def choose_base_lr(epochs: float) -> tuple[float, str]:
+def choose_base_lr(epochs: float, started: bool = False) -> tuple[float, str]:
+    if started:
+        return (
+            START_BASE_LR,
+            f"base {START_BASE_LR} to adapt starting weights without washing them out, × global batch/256",
+        )
     base_lr = base_lr_for(epochs)
     return base_lr, f"base {base_lr} for a {epochs:.3g}-epoch run, × global batch/256"
 
 
-def tau_for(epochs: float, total_steps: int) -> tuple[float, str]:
-    tau = 0.97 if epochs < 100 else 0.99 if epochs <= 1000 else 0.996
-    why = f"{epochs:.3g} epochs"
+def tau_for(epochs: float, total_steps: int, started: bool = False) -> tuple[float, str]:
+    if started:
+        tau, why = START_TAU, "a target that moves slowly holds on to the starting weights"
+    else:
+        tau = 0.97 if epochs < 100 else 0.99 if epochs <= 1000 else 0.996
+        why = f"{epochs:.3g} epochs"
     ceiling = 1 - 10 / max(total_steps, 1)
     if tau > ceiling:
         tau = max(0.9, round(ceiling, 4))
@@ -287,15 +341,21 @@ def choose_accumulation(
 
 
 def choose_length(
-    epochs: int | None, time_budget: float | None, steps_per_epoch: int, seconds_per_step: float
+    epochs: int | None, time_budget: float | None, steps_per_epoch: int, seconds_per_step: float, started: bool = False
 ) -> tuple[int, str]:
-    """The run's optimizer steps: from --epochs, from --time at the measured speed, or the default."""
+    """The run's optimizer steps: from --epochs, from --time at the measured speed, or the default
+    (fewer epochs for a run that starts from weights)."""
     if epochs is not None:
         return epochs * steps_per_epoch, "set by flag"
     if time_budget is not None:
         return (
             max(1, int(time_budget / seconds_per_step)),
             f"what fits in the {format_seconds(time_budget)} budget at the measured step time",
+        )
+    if started:
+        return (
+            START_EPOCHS * steps_per_epoch,
+            f"default for a start from weights: {START_EPOCHS} epochs (set --time or --epochs)",
         )
     return DEFAULT_EPOCHS * steps_per_epoch, f"default {DEFAULT_EPOCHS} epochs (set --time or --epochs)"
 

@@ -24,13 +24,14 @@ from byolcli.engine import Trainer, load_checkpoint
 from byolcli.errors import Stopped, UserError
 from byolcli.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
 from byolcli.hardware import detect_hardware, is_out_of_memory, release_cached_memory
+from byolcli.inputs import IMAGENET
 from byolcli.locks import exclusive
-from byolcli.model import pretrained_backbone
 from byolcli.names import read_names, write_names
 from byolcli.plan import Overrides, Plan, fit_to_world, make_plan, refit_to_budget, short_run_warning
 from byolcli.probe import probe_step
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
+from byolcli.start import fetch_imagenet, start_name
 from byolcli.train_flags import validate, warn_changed_flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -137,9 +138,16 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
             epochs=plan.epochs,
             steps=trainer.step,
             source=root,
+            init=start_name(plan.init),
+            init_path=plan.init if plan.init not in (None, IMAGENET) else "",
         )
         reporter.info(f"encoder written to {encoder_path}")
         _write_report(out, plan, paths, Path(root), reporter)
+        against = "the weights it started from and " if plan.init else ""
+        reporter.info(
+            f"next, to see it against {against}a random-init network on labels you have: "
+            f"byol evaluate --labels LABELS.csv --model {encoder_path}"
+        )
     distributed.barrier(world)  # nobody leaves before the encoder is written
     return encoder_path
 
@@ -180,9 +188,8 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
         probe=lambda setting: probe_step(hw, setting),
         data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
         world_size=world.size,
+        find_imagenet=fetch_imagenet,  # downloads here, once, before any rank needs the file
     )
-    if plan.init == "imagenet":
-        pretrained_backbone(plan.backbone)  # downloaded here, once, before any rank needs the file
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / IMAGES, write_names(image.path for image in manifest.images))
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))

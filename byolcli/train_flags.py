@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from byolcli.errors import UserError
-from byolcli.inputs import ARCHITECTURES, IMAGENET, PRECISIONS, STEMS, require_choice, require_image_size
+from byolcli.inputs import ARCHITECTURES, AUTO, IMAGENET, PRECISIONS, RANDOM, STEMS, require_choice, require_image_size
 from byolcli.plan import Overrides, Plan
 
 # Override name -> the Plan field it sets.
@@ -28,11 +28,14 @@ PLANNED_AS = {
 
 def warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
     """Rerunning the same command resumes silently; flags that would change the plan are named."""
-    changed = [
-        f"--{name.replace('_', '-')}"
-        for name, field_name in PLANNED_AS.items()
-        if getattr(over, name) is not None and getattr(over, name) != getattr(plan, field_name)
-    ]
+
+    def differs(name: str, field_name: str) -> bool:
+        wanted = getattr(over, name)
+        if name == "init" and wanted == RANDOM:
+            wanted = None  # a plan records random weights as no start
+        return getattr(over, name) is not None and wanted != getattr(plan, field_name)
+
+    changed = [f"--{name.replace('_', '-')}" for name, field_name in PLANNED_AS.items() if differs(name, field_name)]
     if over.epochs is not None and (plan.time_budget is not None or over.epochs != round(plan.epochs)):
         changed.append("--epochs")
     if over.device is not None and not plan.device.startswith(over.device):
@@ -61,18 +64,27 @@ def validate(over: Overrides) -> Overrides:
     if over.epochs is not None and over.time_budget is not None:
         raise UserError("--epochs and --time both set: give one")
     require_choice("--stem", over.stem, STEMS)
+    if over.init in (AUTO, RANDOM):
+        return replace(over, init=None if over.init == AUTO else RANDOM)
     if over.init == IMAGENET:  # torchvision's weights come with its strided stem
         if over.stem not in (None, "standard"):
             raise UserError(f"--init imagenet has the standard stem; --stem {over.stem} does not match it")
         return replace(over, stem="standard")
     if over.init is not None:
-        from byolcli.encoder import read_metadata  # torch: only for a file
+        from byolcli.start import describe_file, start_weights  # torch: only for a file
 
-        metadata = read_metadata(over.init)  # one-line error if not an encoder
-        architecture, stem = metadata["architecture"], metadata["stem"]
+        found = describe_file(Path(over.init))  # one-line error if it is not a ResNet's weights
+        architecture, stem = found["architecture"] or over.backbone, found["stem"]
+        if architecture is None:
+            raise UserError(
+                f"--init {over.init}: a plain state dict; add --backbone {'|'.join(ARCHITECTURES)} to say what it is"
+            )
         if over.backbone not in (None, architecture):
             raise UserError(f"--init {over.init} is a {architecture}; --backbone {over.backbone} does not match it")
         if over.stem not in (None, stem):
             raise UserError(f"--init {over.init} has the {stem} stem; --stem {over.stem} does not match it")
-        return replace(over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()))
+        start_weights(over.init, architecture)  # one-line error if the weights are another architecture's
+        return replace(
+            over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()), start_size=found["image_size"]
+        )
     return over

@@ -60,7 +60,7 @@ def run_byol_process(*args, cwd=None, env_extra=None, timeout=600):
 def start_training(folder, cwd, epochs=40):
     """`byol -q train` in the background, checkpointing as often as it can: for tests that stop it."""
     command = [sys.executable, "-m", "byolcli", "-q", "train", folder, "--epochs", str(epochs), *TRAIN_ARGS]
-    command += ["--checkpoint-every", "0.01"]
+    command += ["--checkpoint-every", "0.01", "--init", "random"]  # its own process: no download to try
     return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -213,8 +213,22 @@ def test_imagenet_baseline_uses_torchvisions_weights_for_the_same_architecture(t
     )
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["sources"]["baseline"] == "imagenet"
-    assert report["results"]["baseline"]["knn"] == report["results"]["encoder"]["knn"]
+    assert report["sources"]["baseline"] == "imagenet (224 px)"  # the size the weights were trained at
+    alone = run_byol(
+        "evaluate",
+        "--labels",
+        csv_path,
+        "--model",
+        "imagenet",
+        "--json",
+        tmp_path / "alone.json",
+        env_extra={"TORCH_HOME": str(tmp_path / "torch")},
+    )
+    assert alone.returncode == 0, alone.stderr
+    assert (
+        report["results"]["baseline"]["knn"]
+        == json.loads((tmp_path / "alone.json").read_text())["results"]["encoder"]["knn"]
+    )
 
     offline = run_byol(
         "evaluate",

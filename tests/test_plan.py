@@ -97,7 +97,7 @@ def test_a_run_too_short_to_beat_an_untrained_network_is_called_out_with_what_wo
     short = tiny_plan(800, steps_per_epoch=100, total_steps=1000, epochs=10.0, step_seconds=0.6)
     warning = short_run_warning(short)
     assert warning and "10 epochs" in warning and "--time 40m00s" in warning
-    assert "a GPU" in warning and "--init imagenet" in warning
+    assert "a GPU" in warning and "ImageNet weights" in warning
     assert "a GPU" not in short_run_warning(tiny_plan(800, epochs=10.0, device="cuda:0"))
     assert short_run_warning(tiny_plan(800, epochs=float(USEFUL_EPOCHS))) is None
     assert short_run_warning(tiny_plan(800, epochs=10.0, init="imagenet")) is None
@@ -141,3 +141,44 @@ def test_loader_processes_fit_in_a_small_dev_shm():
     assert docker.workers < 12 and "/dev/shm has 64 MiB free" in docker.reasons["workers"]
     held = 4 * docker.batch_size * 2 * 3 * 224 * 224 * 4  # prefetched batches of two fp32 views
     assert docker.workers * held <= 64 * 2**20
+
+
+def imagenet_found(architecture):
+    return None
+
+
+def imagenet_missing(architecture):
+    return f"no ImageNet weights in /cache/{architecture}.pth and none could be downloaded (offline)"
+
+
+def test_auto_starts_from_imagenet_weights_where_found_and_adapts_them():
+    laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    over = Overrides(time_budget=600)
+    found = make_plan([32] * 5_000, 0, laptop, over, fits_below(10**6, []), find_imagenet=imagenet_found)
+    missing = make_plan([32] * 5_000, 0, laptop, over, fits_below(10**6, []), find_imagenet=imagenet_missing)
+
+    assert found.init == "imagenet" and "ImageNet resnet18 weights" in found.reasons["init"]
+    assert missing.init is None and missing.reasons["init"].startswith("random: no ImageNet weights in /cache/")
+    assert "--init random" in missing.reasons["init"]
+    # Weights trained on larger images see 32-px images upsampled; random weights train at the images' size.
+    assert (found.image_size, missing.image_size) == (64, 32) and "upsampled" in found.reasons["image_size"]
+    # A start is adapted gently: a lower rate and a slower target than a run from random weights.
+    assert found.base_lr < missing.base_lr and found.tau_base > missing.tau_base
+    assert found.total_steps == 600 / 0.5  # --time still sets the length
+    default = make_plan([32] * 5_000, 0, laptop, Overrides(), fits_below(10**6, []), find_imagenet=imagenet_found)
+    scratch = make_plan([32] * 5_000, 0, laptop, Overrides(), fits_below(10**6, []), find_imagenet=imagenet_missing)
+    assert default.epochs < scratch.epochs  # without --time, a start needs fewer epochs
+
+
+def test_random_and_imagenet_and_a_pinned_stem_decide_the_start_over_what_is_found():
+    laptop = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+
+    def plan(find, **pinned):
+        return make_plan([32] * 500, 0, laptop, Overrides(**pinned), fits_below(10**6, []), find_imagenet=find)
+
+    assert plan(imagenet_found, init="random").init is None
+    assert plan(imagenet_found, stem="small").init is None
+    assert "standard stem" in plan(imagenet_found, stem="small").reasons["init"]
+    assert plan(imagenet_found, init="imagenet").init == "imagenet"
+    with pytest.raises(UserError, match="--init imagenet: no ImageNet weights in /cache/resnet18.pth"):
+        plan(imagenet_missing, init="imagenet")

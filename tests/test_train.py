@@ -248,7 +248,7 @@ def test_byol_train_writes_plan_metrics_and_encoder_and_refuses_to_overwrite(tmp
     # 2 epochs cannot beat random weights: said after the plan, before the first step
     warning = result.stderr.index("warning: this plan trains 2 epochs")
     assert result.stderr.index("training plan") < warning < result.stderr.index("step 4/4")
-    assert "--init imagenet" in result.stderr[warning:]
+    assert "ImageNet weights" in result.stderr[warning:]
 
     again = run_byol("train", folder, "--epochs", "2", *TRAIN_ARGS, cwd=tmp_path)
     assert again.returncode == 2 and "already holds a finished run" in again.stderr

@@ -1,0 +1,176 @@
+"""The weights a training run starts from (`byol train --init`), and what they are called afterwards.
+
+- `auto`, the default: torchvision's ImageNet weights for the planned backbone when they are in
+  torch's cache or can be downloaded, random weights otherwise, with the reason either way;
+- `random`; `imagenet`, which insists (a one-line error when the weights are unavailable);
+- a file: a byolcli encoder, or a plain torchvision ResNet state dict (safetensors, or torch's own
+  .pth, read without unpickling code) whose architecture `--backbone` names.
+
+A plan records the start as `Plan.init`: "imagenet", a file's absolute path, or None for random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torchvision
+from safetensors.torch import load_file
+
+from byolcli.errors import UserError
+from byolcli.inputs import IMAGENET, RANDOM
+from byolcli.model import make_backbone, stem_of
+
+START = "start"  # how evaluate's table and train's report name the network a run started from
+
+DOWNLOAD_TIMEOUT = 15  # seconds without a byte before a download is given up
+
+
+def imagenet_cache_file(architecture: str) -> Path:
+    """Where torchvision keeps (and first looks for) its ImageNet weights of `architecture`."""
+    url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+
+
+@contextmanager
+def _socket_timeout(seconds: float):
+    before = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(before)
+
+
+def fetch_imagenet(architecture: str) -> str | None:
+    """Make torchvision's ImageNet weights for `architecture` available in torch's cache, downloading
+    them (torchvision's hash check) if they are not there. Returns None when they are, else why not."""
+    cached = imagenet_cache_file(architecture)
+    if cached.is_file():
+        return None
+    url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+    try:
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            torch.hub.load_state_dict_from_url(url, progress=False, check_hash=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - offline, proxy, hash mismatch, full disk: the same answer
+        cached.unlink(missing_ok=True)
+        return f"no ImageNet weights in {cached} and none could be downloaded ({_first_line(exc)})"
+    return None
+
+
+def imagenet_state(architecture: str) -> dict:
+    """torchvision's ImageNet backbone weights (no `fc`), from torch's cache or downloaded into it."""
+    why = fetch_imagenet(architecture)
+    if why is not None:
+        url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+        raise UserError(f"imagenet: {why}; copy the file there from {url}, or use --init random")
+    return _backbone_only(torch.load(imagenet_cache_file(architecture), map_location="cpu", weights_only=True))
+
+
+def read_state_file(path: Path) -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of a weights file: safetensors, or a state dict saved by torch.save."""
+    from byolcli.encoder import file_metadata
+
+    with open(path, "rb") as f:
+        zipped = f.read(2) == b"PK"  # torch.save's format; safetensors begins with its header's length
+    if zipped:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
+            raise UserError(f"{path}: not a model file ({_first_line(exc)})") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"{path}: not a state dict (a mapping of names to tensors)")
+        return state, {}
+    metadata = file_metadata(path)  # one-line error if it is not safetensors either
+    return load_file(str(path)), metadata
+
+
+def start_weights(init: str, architecture: str) -> dict:
+    """The backbone weights a plan's `init` names, checked against `architecture`."""
+    if init == IMAGENET:
+        return imagenet_state(architecture)
+    state, _ = read_state_file(Path(init))
+    state = _backbone_only(state)
+    model = make_backbone(architecture, stem=stem_of(state) if "conv1.weight" in state else "standard")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UserError(
+            f"--init {init}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); "
+            "check --backbone"
+        ) from None
+    return model.state_dict()
+
+
+def describe_file(path: Path) -> dict:
+    """What an --init file is: architecture (None for a plain state dict), stem, image size and normalisation
+    where its metadata records them. UserError when it is not a ResNet's weights."""
+    from byolcli.encoder import FORMAT, read_metadata
+
+    state, metadata = read_state_file(path)
+    if metadata.get("format") == FORMAT:
+        encoder = read_metadata(path)
+        return {key: encoder[key] for key in ("architecture", "stem", "image_size", "mean", "std")}
+    if "conv1.weight" not in state or "layer4.0.conv1.weight" not in state:
+        raise UserError(f"--init {path}: not a torchvision ResNet state dict (no conv1 and layer4 weights)")
+    return {"architecture": None, "stem": stem_of(state), "image_size": None, "mean": None, "std": None}
+
+
+def start_name(init: str | None) -> str:
+    """How an encoder's metadata records its start: "random", "imagenet", or "NAME sha256:DIGEST"."""
+    if init is None:
+        return RANDOM
+    if init == IMAGENET:
+        return IMAGENET
+    digest = hashlib.sha256()
+    with open(init, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return f"{Path(init).name} sha256:{digest.hexdigest()}"
+
+
+def start_network(metadata: dict, device) -> tuple[torch.nn.Module | None, str]:
+    """The network an encoder's training started from, frozen, at the encoder's image size and
+    normalisation (read from its metadata), in eval mode on `device`; or None and why there is none."""
+    init, architecture = metadata.get("init", RANDOM), metadata["architecture"]
+    if init == RANDOM:
+        return None, "the encoder started from random weights"
+    if init == IMAGENET:
+        missing = fetch_imagenet(architecture)
+        if missing is not None:
+            return None, f"its start, torchvision's ImageNet {architecture}: {missing}"
+        state = imagenet_state(architecture)
+    else:
+        path = Path(metadata.get("init_path", ""))
+        if not path.is_file() or start_name(str(path)) != init:
+            return None, f"its start, {init.split(' ')[0]}, is no longer at {path} as it was"
+        state = start_weights(str(path), architecture)
+    model = make_backbone(architecture, stem=stem_of(state))
+    model.load_state_dict(state)
+    model.byol_metadata = metadata
+    return model.to(device).eval(), ""
+
+
+def start_command(metadata: dict) -> str:
+    """The `byol embed` command that uses an encoder's start, frozen, in its place."""
+    size, architecture = metadata["image_size"], metadata["architecture"]
+    if metadata["init"] == IMAGENET:
+        return f"byol embed FOLDER --model imagenet --arch {architecture} --image-size {size}"
+    path = metadata["init_path"]
+    from byolcli.encoder import FORMAT, file_metadata
+
+    if Path(path).suffix == ".safetensors" and file_metadata(path).get("format") == FORMAT:
+        return f"byol embed FOLDER --model {path}"
+    return f"byol embed FOLDER --model {path} --arch {architecture} --image-size {size}"
+
+
+def _backbone_only(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("fc.")}
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
