@@ -121,18 +121,3 @@ def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
         ) from None
     model.byol_metadata = metadata
     return model.to(device).eval()
-
-
-def load_plain(path: str | Path, architecture: str) -> nn.Module:
-    """A torchvision ResNet state dict saved as safetensors (its `fc.*` classifier, if any, dropped), with
-    whichever stem its first convolution has."""
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("fc.")}
-    model = make_backbone(architecture, stem=stem_of(state) if "conv1.weight" in state else "standard")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise UserError(
-            f"{path}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); check --arch"
-        ) from None
-    return model

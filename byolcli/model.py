@@ -14,7 +14,6 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from byolcli.errors import UserError
 from byolcli.inputs import ARCHITECTURES, STEMS
 from byolcli.recipe import RECIPE
 from byolcli.small_maps import use_small_map_convolutions
@@ -79,23 +78,6 @@ def small_stem(model: nn.Module) -> nn.Module:
 def stem_of(state: dict) -> str:
     """Which stem a ResNet state dict was trained with, from its first convolution's kernel."""
     return "small" if state["conv1.weight"].shape[-1] == 3 else "standard"
-
-
-def pretrained_backbone(name: str) -> nn.Module:
-    """`make_backbone(name)` with torchvision's ImageNet weights, downloaded once into torch's
-    cache (~/.cache/torch/hub/checkpoints, or $TORCH_HOME/hub/checkpoints) and read from there after."""
-    weights = torchvision.models.get_model_weights(name).DEFAULT
-    try:
-        state = weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - offline, proxy, corrupt cache: the same advice
-        cache = torch.hub.get_dir() + "/checkpoints/" + weights.url.rsplit("/", 1)[-1]
-        raise UserError(
-            f"imagenet: torchvision's {name} weights are not in {cache} and could not be downloaded "
-            f"({str(exc).splitlines()[0][:120]}); copy them there from {weights.url}"
-        ) from None
-    model = make_backbone(name)
-    model.load_state_dict({k: v for k, v in state.items() if not k.startswith("fc.")})
-    return model
 
 
 def mlp(in_dim: int, hidden: int = RECIPE.projection_hidden, out_dim: int = RECIPE.projection_dim) -> nn.Sequential:

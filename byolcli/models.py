@@ -3,22 +3,21 @@
 - a byolcli encoder file (encoder.safetensors): everything is in its metadata;
 - `imagenet`: torchvision's ImageNet weights for `--arch` (ResNet-18 unless told), at
   `--image-size` (224, ImageNet's, unless told), cached by torchvision after one download;
-- a plain torchvision ResNet state dict in safetensors (no byolcli metadata, `fc.*` keys
-  allowed and dropped): `--arch` and `--image-size` say what it is.
+- a plain torchvision ResNet state dict, in safetensors or torch.save's .pth (no byolcli metadata,
+  `fc.*` keys allowed and dropped): `--arch` and `--image-size` say what it is.
 
 Every one is normalised with ImageNet's mean and std, as torchvision's models are.
 """
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from byolcli.errors import UserError
-from byolcli.files import RUNS_DIR
+from byolcli.files import RUNS_DIR, file_sha256
 from byolcli.inputs import IMAGENET, IMAGENET_SIZE, require_choice, require_image_size
 
 DEFAULT_ARCH = "resnet18"
@@ -34,15 +33,16 @@ class ModelChoice:
 
     def load(self, device="cpu") -> nn.Module:
         """The encoder in eval mode on `device`, with `byol_metadata` attached."""
-        from byolcli.encoder import load_encoder, load_plain
-        from byolcli.model import pretrained_backbone
+        from byolcli.encoder import load_encoder
+        from byolcli.start import backbone_from, imagenet_state, read_state_file
 
+        architecture = self.metadata["architecture"]
         if self.kind == "encoder":
             model = load_encoder(self.path, device)
         elif self.kind == IMAGENET:
-            model = pretrained_backbone(self.metadata["architecture"])
+            model = backbone_from(imagenet_state(architecture), architecture, IMAGENET, "--arch")
         else:
-            model = load_plain(self.path, self.metadata["architecture"])
+            model = backbone_from(read_state_file(self.path)[0], architecture, str(self.path), "--arch")
         model.byol_metadata = self.metadata
         return model.to(device).eval()
 
@@ -60,8 +60,9 @@ def choose_model(
 ) -> ModelChoice:
     """Read what `--model` (with `--arch` and `--image-size`) names; UserError when it cannot be used."""
     from byolcli.data import MEAN, STD
-    from byolcli.encoder import FORMAT, file_metadata, read_metadata
-    from byolcli.model import BACKBONES
+    from byolcli.encoder import FORMAT, read_metadata
+    from byolcli.model import BACKBONES, stem_of
+    from byolcli.start import read_state_file
 
     require_choice("--arch", arch, tuple(BACKBONES))
     require_image_size(image_size)
@@ -71,7 +72,7 @@ def choose_model(
         return ModelChoice(IMAGENET, metadata, f"torchvision's ImageNet {arch} ({size} px)", f"{IMAGENET}:{arch}")
 
     path = Path(model) if model is not None else latest_encoder()
-    raw = file_metadata(path)  # one-line error if it is not a safetensors file
+    state, raw = read_state_file(path)  # one-line error if it is not a weights file
     if raw.get("format") == FORMAT:  # byolcli's own (other tools write {"format": "pt"})
         metadata = read_metadata(path)
         if arch is not None and arch != metadata["architecture"]:
@@ -79,16 +80,17 @@ def choose_model(
         if image_size is not None:
             metadata = {**metadata, "image_size": image_size}
         description = f"{path} ({metadata['architecture']}, {metadata['image_size']} px)"
-        return ModelChoice("encoder", metadata, description, _file_digest(path), path)
+        return ModelChoice("encoder", metadata, description, file_sha256(path), path)
     missing = [flag for flag, value in (("--arch", arch), ("--image-size", image_size)) if value is None]
     if missing:
         raise UserError(
             f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
             f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)"
         )
-    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, _plain_stem(path))
+    stem = stem_of(state) if "conv1.weight" in state else "standard"  # a missing one is reported on loading
+    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, stem)
     return ModelChoice(
-        "state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)", _file_digest(path), path
+        "state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)", file_sha256(path), path
     )
 
 
@@ -103,21 +105,3 @@ def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones, ste
         "train_images": 0,
         "source": source,
     }
-
-
-def _plain_stem(path: Path) -> str:
-    """The stem of a plain ResNet state dict, read from its first convolution's shape alone."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        if "conv1.weight" not in f.keys():
-            return "standard"  # load_plain reports the mismatch
-        return "small" if f.get_slice("conv1.weight").get_shape()[-1] == 3 else "standard"
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

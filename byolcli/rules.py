@@ -7,7 +7,6 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import replace
-from pathlib import Path
 
 from byolcli.errors import UserError
 from byolcli.hardware import GiB, Hardware
@@ -58,7 +57,7 @@ def choose_start(
     if init == RANDOM:
         return None, "random: set by flag"
     if init not in (None, IMAGENET):
-        return init, f"{Path(init).name}: set by flag"
+        return init, "set by flag"
     if init is None and stem != "standard":
         return None, f"random: ImageNet's weights have the standard stem, and the {stem} stem is planned"
     missing = find_imagenet(backbone)
@@ -80,13 +79,13 @@ def start_image_size(size: int, why: str, trained_at: int | None, stem: str, hw:
     target = max(s for s in SIZES if s <= min(trained_at or IMAGENET_SIZE, MAX_SIZE[hw.kind]))
     if target <= size:
         return size, why
-    said = f"{trained_at} px" if trained_at else f"ImageNet's {IMAGENET_SIZE} px (assumed)"
+    said = f"{trained_at} px" if trained_at else f"{IMAGENET_SIZE} px (ImageNet's, assumed)"
     capped = (
         f"; {target} px is the most a {hw.kind.upper()} trains in reasonable time"
         if target < (trained_at or IMAGENET_SIZE)
         else ""
     )
-    return target, f"{why}; upsampled to {target} px toward the {said} the starting weights were trained at{capped}"
+    return target, f"{why}; upsampled to {target} px: the starting weights were trained at {said}{capped}"
 
 
 def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:

@@ -1,4 +1,5 @@
-"""The weights a training run starts from (`byol train --init`), and what they are called afterwards.
+"""Weights from elsewhere: the ones a training run starts from (`byol train --init`), what they are
+called afterwards, and the files and ImageNet weights that `--model` names.
 
 - `auto`, the default: torchvision's ImageNet weights for the planned backbone when they are in
   torch's cache or can be downloaded, random weights otherwise, with the reason either way;
@@ -11,7 +12,7 @@ A plan records the start as `Plan.init`: "imagenet", a file's absolute path, or 
 
 from __future__ import annotations
 
-import hashlib
+import shlex
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +22,7 @@ import torchvision
 from safetensors.torch import load_file
 
 from byolcli.errors import UserError
+from byolcli.files import file_sha256
 from byolcli.inputs import IMAGENET, RANDOM
 from byolcli.model import make_backbone, stem_of
 
@@ -66,7 +68,7 @@ def imagenet_state(architecture: str) -> dict:
     why = fetch_imagenet(architecture)
     if why is not None:
         url = torchvision.models.get_model_weights(architecture).DEFAULT.url
-        raise UserError(f"imagenet: {why}; copy the file there from {url}, or use --init random")
+        raise UserError(f"imagenet: {why}; copy the file there from {url}")
     return _backbone_only(torch.load(imagenet_cache_file(architecture), map_location="cpu", weights_only=True))
 
 
@@ -74,9 +76,11 @@ def read_state_file(path: Path) -> tuple[dict, dict]:
     """(tensors, safetensors metadata) of a weights file: safetensors, or a state dict saved by torch.save."""
     from byolcli.encoder import file_metadata
 
+    if not path.is_file():
+        raise UserError(f"{path}: no such model file")
     with open(path, "rb") as f:
         zipped = f.read(2) == b"PK"  # torch.save's format; safetensors begins with its header's length
-    if zipped:
+    if zipped or path.suffix in (".pt", ".pth"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - any unreadable file means the same to the user
@@ -88,11 +92,9 @@ def read_state_file(path: Path) -> tuple[dict, dict]:
     return load_file(str(path)), metadata
 
 
-def start_weights(init: str, architecture: str) -> dict:
-    """The backbone weights a plan's `init` names, checked against `architecture`."""
-    if init == IMAGENET:
-        return imagenet_state(architecture)
-    state, _ = read_state_file(Path(init))
+def backbone_from(state: dict, architecture: str, name: str, hint: str) -> torch.nn.Module:
+    """A ResNet backbone holding `state` (its `fc` classifier, if any, dropped), with whichever stem its
+    first convolution has; a one-line error naming the weights (`name`) and what to check when they do not fit."""
     state = _backbone_only(state)
     model = make_backbone(architecture, stem=stem_of(state) if "conv1.weight" in state else "standard")
     try:
@@ -100,10 +102,17 @@ def start_weights(init: str, architecture: str) -> dict:
     except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
         raise UserError(
-            f"--init {init}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); "
-            "check --backbone"
+            f"{name}: weights do not match a {architecture} ({lines[min(1, len(lines) - 1)][:160]}); check {hint}"
         ) from None
-    return model.state_dict()
+    return model
+
+
+def start_weights(init: str, architecture: str) -> dict:
+    """The backbone weights a plan's `init` names, checked against `architecture`."""
+    if init == IMAGENET:
+        return imagenet_state(architecture)
+    state, _ = read_state_file(Path(init))
+    return backbone_from(state, architecture, f"--init {init}", "--backbone").state_dict()
 
 
 def describe_file(path: Path) -> dict:
@@ -126,11 +135,7 @@ def start_name(init: str | None) -> str:
         return RANDOM
     if init == IMAGENET:
         return IMAGENET
-    digest = hashlib.sha256()
-    with open(init, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return f"{Path(init).name} sha256:{digest.hexdigest()}"
+    return f"{Path(init).name} sha256:{file_sha256(init)}"
 
 
 def start_network(metadata: dict, device) -> tuple[torch.nn.Module | None, str]:
@@ -147,25 +152,21 @@ def start_network(metadata: dict, device) -> tuple[torch.nn.Module | None, str]:
     else:
         path = Path(metadata.get("init_path", ""))
         if not path.is_file() or start_name(str(path)) != init:
-            return None, f"its start, {init.split(' ')[0]}, is no longer at {path} as it was"
+            return None, f"its start, {init.rsplit(' sha256:', 1)[0]}, is no longer at {path} as it was"
         state = start_weights(str(path), architecture)
-    model = make_backbone(architecture, stem=stem_of(state))
-    model.load_state_dict(state)
+    model = backbone_from(state, architecture, START, "the encoder's architecture")
     model.byol_metadata = metadata
     return model.to(device).eval(), ""
 
 
 def start_command(metadata: dict) -> str:
-    """The `byol embed` command that uses an encoder's start, frozen, in its place."""
+    """The `byol embed` command that uses an encoder's start, frozen, in its place, at the encoder's size."""
     size, architecture = metadata["image_size"], metadata["architecture"]
     if metadata["init"] == IMAGENET:
         return f"byol embed FOLDER --model imagenet --arch {architecture} --image-size {size}"
     path = metadata["init_path"]
-    from byolcli.encoder import FORMAT, file_metadata
-
-    if Path(path).suffix == ".safetensors" and file_metadata(path).get("format") == FORMAT:
-        return f"byol embed FOLDER --model {path}"
-    return f"byol embed FOLDER --model {path} --arch {architecture} --image-size {size}"
+    arch = "" if describe_file(Path(path))["architecture"] else f" --arch {architecture}"  # a plain state dict's
+    return f"byol embed FOLDER --model {shlex.quote(path)}{arch} --image-size {size}"
 
 
 def _backbone_only(state: dict) -> dict:

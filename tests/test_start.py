@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import cache_imagenet_weights, run_byol, shapes_folder
@@ -80,6 +81,19 @@ def test_a_plain_torchvision_state_dict_is_a_start_with_its_name_and_digest_reco
 
     loaded = start_weights(str(weights), "resnet18")
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+
+def test_model_takes_a_state_dict_saved_by_torch_as_it_takes_one_in_safetensors(photos, tmp_path):
+    # What evaluate prints when an encoder fell below a .pth start has to run.
+    vectors = []
+    for suffix in (".safetensors", ".pth"):
+        weights = tmp_path / f"start{suffix}"
+        plain_state_dict(weights)
+        out = tmp_path / f"v{suffix}.npy"
+        result = run_byol("embed", photos, "--model", weights, "--arch", "resnet18", "--image-size", "32", "--out", out)
+        assert result.returncode == 0, result.stderr
+        vectors.append(np.load(out))
+    assert vectors[0].shape == (16, 512) and np.array_equal(vectors[0], vectors[1])
 
 
 def test_bad_starts_are_one_line_each(photos, tmp_path):
