@@ -162,19 +162,23 @@ def peers_tables(results: dict) -> str:
 
 
 def learning_curve_table(curves: list[dict]) -> str:
-    """Markdown: each recorded curve's scores at its points, next to the random-init network's."""
+    """Markdown: each recorded curve's scores at its points, next to the random-init network's. Epoch 0
+    is the start, frozen; curves recorded before starts and pinned rates were recorded show "random" and "plan"."""
     rows = [
-        "| data | stem | size | batch | precision | host, device | epoch | kNN top-1 | linear top-1 | "
-        "random init kNN / linear | training time | images/s |",
-        "|---" * 12 + "|",
+        "| data | start | base lr, τ | stem | size | batch | precision | host, device | epoch | kNN top-1 | "
+        "linear top-1 | random init kNN / linear | training time | images/s |",
+        "|---" * 14 + "|",
     ]
     for c in curves:
+        start = c.get("init", "random").split(" sha256:")[0]
+        rates = f"{c['base_lr']}, {c['tau_base']}" if "base_lr" in c else "plan"
         for p in c["curve"]:
             rows.append(
-                f"| {c['folder']} | {c['stem']} | {c['image_size']} px | {c['batch_size']} | {c['precision']} | "
-                f"{c['host']}, {c['device']} | {p['epoch']} | {p['knn_top1']:.1%} | {p['linear_top1']:.1%} | "
-                f"{p['random_init']['knn_top1']:.1%} / {p['random_init']['linear_top1']:.1%} | "
-                f"{p['train_seconds'] / 60:.1f} min | {p['images_per_second']:.0f} |"
+                f"| {c['folder']} | {start} | {rates} | {c['stem']} | {c['image_size']} px | {c['batch_size']} | "
+                f"{c['precision']} | {c['host']}, {c['device']} | {p['epoch']} | {p['knn_top1']:.1%} | "
+                f"{p['linear_top1']:.1%} | {p['random_init']['knn_top1']:.1%} / "
+                f"{p['random_init']['linear_top1']:.1%} | {p['train_seconds'] / 60:.1f} min | "
+                f"{p['images_per_second']:.0f} |"
             )
     return "\n".join(rows)
 
@@ -197,7 +201,7 @@ def label_free_table(curves: list[dict]) -> str:
         )
 
     for c in curves:
-        points = [p for p in c["curve"] if "label_free" in p]
+        points = [p for p in c["curve"] if p.get("label_free")]
         if points:
             rows.append(row(c, "random init", points[0]["random_init"]))
             rows += [row(c, f"{p['epoch']} / {c['epochs']}", p) for p in points]

@@ -245,4 +245,4 @@ def test_imagenet_baseline_uses_torchvisions_weights_for_the_same_architecture(t
         },
     )
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1
-    assert "could not be downloaded" in offline.stderr and "resnet18-f37072fd.pth" in offline.stderr
+    assert "none could be downloaded" in offline.stderr and "resnet18-f37072fd.pth" in offline.stderr
