@@ -97,7 +97,7 @@ def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, work
     sample = sample_paths(paths, SAMPLE, seed)
     start, _ = start_network(encoder.byol_metadata, device)
     reference = RANDOM_INIT if start is None else START
-    networks = {ENCODER: encoder, reference: start or random_encoder(encoder.byol_metadata, device)}
+    networks = {ENCODER: encoder, reference: random_encoder(encoder.byol_metadata, device) if start is None else start}
     features, measures = {}, {}
     for who, network in networks.items():
         with progress(f"embedding a sample ({who})", unit="images") if progress else nullcontext() as step:
