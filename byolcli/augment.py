@@ -69,7 +69,10 @@ def crop_resize(
     zero = torch.zeros_like(sx)
     theta = torch.stack([torch.stack([sx, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
     grid = F.affine_grid(theta, [len(canvas), 3, out, out], align_corners=False)
-    return F.grid_sample(canvas, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    # Border padding, written as a grid held to the outermost pixel centres: MPS lacks
+    # padding_mode="border" in some torch releases byolcli takes, and one form runs everywhere.
+    edge = 1 - 1 / canvas.shape[-1]  # the canvas is square
+    return F.grid_sample(canvas, grid.clamp(-edge, edge), mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -151,10 +154,22 @@ def _adjust(op: int, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     return hsv_to_rgb(hsv)
 
 
-def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIPE.blur_sigma) -> torch.Tensor:
-    """Separable Gaussian blur with σ drawn per image."""
+def gaussian_blur(
+    x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIPE.blur_sigma, select: bool | None = None
+) -> torch.Tensor:
+    """Separable Gaussian blur with σ drawn per image, where `apply`. `select`: as in color_jitter,
+    blur only the images that drew it (a tenth of view 2's) rather than all and keep some."""
+    sigmas = torch.empty(len(x), device=x.device).uniform_(*sigma)
+    if select is None:
+        select = x.device.type == "cpu"
+    if select:
+        rows = apply.nonzero().squeeze(1)
+        return x.index_copy(0, rows, _blur(x[rows], sigmas[rows], kernel))
+    return torch.where(apply[:, None, None, None], _blur(x, sigmas, kernel), x)
+
+
+def _blur(x: torch.Tensor, sigmas: torch.Tensor, kernel: int) -> torch.Tensor:
     n, channels, size = len(x), x.shape[1], x.shape[-1]
-    sigmas = torch.empty(n, device=x.device).uniform_(*sigma)
     t = torch.arange(kernel, device=x.device, dtype=x.dtype) - kernel // 2
     weights = torch.exp(-(t[None] ** 2) / (2 * sigmas[:, None] ** 2))
     weights = (weights / weights.sum(1, keepdim=True)).repeat_interleave(channels, 0)  # (n·c, k)
@@ -162,7 +177,7 @@ def gaussian_blur(x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIP
     pad = kernel // 2
     flat = F.conv2d(F.pad(flat, (pad, pad, 0, 0), mode="reflect"), weights[:, None, None, :], groups=n * channels)
     flat = F.conv2d(F.pad(flat, (0, 0, pad, pad), mode="reflect"), weights[:, None, :, None], groups=n * channels)
-    return torch.where(apply[:, None, None, None], flat.reshape_as(x), x)
+    return flat.reshape_as(x)
 
 
 def byol_views(
@@ -186,7 +201,7 @@ def byol_views(
         x = color_jitter(x, coin(RECIPE.jitter_p), select=select)
         x = torch.where(coin(RECIPE.grayscale_p)[:, None, None, None], grayscale(x), x)
         if kernel and blur_p > 0:
-            x = gaussian_blur(x, coin(blur_p), kernel)
+            x = gaussian_blur(x, coin(blur_p), kernel, select=select)
         if solarize_p > 0:
             x = torch.where(coin(solarize_p)[:, None, None, None] & (x >= 0.5), 1 - x, x)
         views.append(normalize_images(x))

@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from byolcli.errors import PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
+from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
 
 app = typer.Typer(
     add_completion=False,
@@ -44,7 +44,12 @@ def _global(
 
 
 # What each error says first, and the exit code it ends with.
-ONE_LINE_ERRORS = ((UserError, "error", 2), (WriteFailed, "error", 1), (TrainingFailed, "training failed", 1))
+ONE_LINE_ERRORS = (
+    (UserError, "error", 2),
+    (WriteFailed, "error", 1),
+    (OutOfMemoryAcrossRanks, "out of memory", OutOfMemoryAcrossRanks.EXIT_CODE),
+    (TrainingFailed, "training failed", 1),
+)
 
 
 @contextlib.contextmanager

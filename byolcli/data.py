@@ -22,8 +22,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2
 
+from byolcli.hardware import to_device
 from byolcli.images import open_rgb
 from byolcli.recipe import RECIPE
+from byolcli.rules import DECODE_BATCH, LOADER_PREFETCH
 
 # ImageNet statistics: what torchvision backbones and most users expect.
 MEAN = (0.485, 0.456, 0.406)
@@ -142,7 +144,11 @@ def decode_canvases(paths: list[Path], size: int, workers: int = 0, progress=Non
     canvases = torch.empty(len(paths), 3, dataset.canvas, dataset.canvas, dtype=torch.uint8)
     sizes = torch.empty(len(paths), 2, dtype=torch.long)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=256, num_workers=workers, sampler=[(0, i) for i in range(len(paths))]
+        dataset,
+        batch_size=DECODE_BATCH,
+        num_workers=workers,
+        sampler=[(0, i) for i in range(len(paths))],
+        prefetch_factor=LOADER_PREFETCH if workers else None,
     )
     done = 0
     for batch, batch_sizes in loader:
@@ -174,7 +180,9 @@ class MemoryBatches:
         return prefetched((c.pin_memory(), s.pin_memory()) for c, s in batches) if self.pin else batches
 
     def _gathered(self):
-        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long, device=self.canvases.device)
+        order = torch.tensor([index for _, index in self.sampler], dtype=torch.long)
+        if self.canvases.is_cuda:  # from page-locked memory the copy is queued, not waited for
+            order = to_device(order.pin_memory(), self.canvases.device)
         for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
             index = order[start : start + self.batch_size]
             yield self.canvases[index], self.sizes[index]

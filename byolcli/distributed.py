@@ -16,14 +16,14 @@ import contextlib
 import os
 import re
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from byolcli.errors import PeerFailed, TrainingFailed, UserError
+from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, TrainingFailed, UserError
 from byolcli.model import PerViewStatistics
 
 DEFAULT_TIMEOUT = 300.0
@@ -176,51 +176,100 @@ def launch_local(processes: int, argv: list[str]) -> int:
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=processes,
-        run_id=str(uuid.uuid4()),
+        run_id="",
         rdzv_backend="c10d",
         rdzv_endpoint="localhost:0",
         max_restarts=0,
         monitor_interval=1,
     )
-    try:
-        elastic_launch(config, sys.executable)("-m", "byolcli", *argv)
-    except ChildFailedError as exc:
-        # Ranks that fail together end with the same code; a negative one means killed by a signal.
-        codes = [failure.exitcode for failure in exc.failures.values()]
-        return max(codes) if max(codes) > 0 else 1
-    except SignalException as exc:  # Ctrl-C or SIGTERM: the workers got it too, saved a checkpoint and said so
-        return 128 + exc.sigval
-    return 0
+    while True:
+        try:
+            elastic_launch(replace(config, run_id=str(uuid.uuid4())), sys.executable)("-m", "byolcli", *argv)
+        except ChildFailedError as exc:
+            # Ranks that fail together end with the same code; a negative one means killed by a signal.
+            codes = [failure.exitcode for failure in exc.failures.values()]
+            if OutOfMemoryAcrossRanks.EXIT_CODE in codes:
+                continue  # a rank ran out of memory and said so: the next start halves the batch for all
+            return max(codes) if max(codes) > 0 else 1
+        except SignalException as exc:  # Ctrl-C or SIGTERM: the workers got it too, saved a checkpoint and said so
+            return 128 + exc.sigval
+        return 0
 
 
 # --- batch norm across processes --------------------------------------------------
 
 
-class _SumAcrossRanks(torch.autograd.Function):
-    """all_reduce(SUM) with a gradient: every rank's output depends on every rank's input,
-    so the gradient reaching each input is the sum of the gradients at all outputs."""
-
-    @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.clone()
+def _sum_across_ranks(tensor: torch.Tensor, norm: SyncedBatchNorm) -> torch.Tensor:
+    if norm.across_ranks and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
-        return tensor
+    return tensor
+
+
+class _SyncedNorm(torch.autograd.Function):
+    """Per-view batch norm whose statistics sum over every rank, with torch's SyncBatchNorm's
+    backward: it keeps only the input, and per view and channel its mean and inverse std.
+
+    Each view's per-channel sums travel in one all-reduce for both views, and so do the two
+    sums the backward pass needs (so the gradient flowing into the statistics covers every
+    rank), with no value read back to the host: the GPU never waits.
+    """
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        return grad
+    def forward(ctx, x, weight, bias, norm: nn.modules.batchnorm._BatchNorm):
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        views = x.float().chunk(2)
+        count = torch.full((1,), views[0].numel() / channels, device=x.device)  # a fill, not a host copy
+        sums = [part for view in views for part in (view.sum(dims), (view * view).sum(dims))]
+        totals = _sum_across_ranks(torch.cat([*sums, count]), norm)
+        n = totals[-1]
+        sum_x, sum_squares = totals[:-1].view(2, 2, channels).unbind(1)
+        mean = sum_x / n
+        # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
+        var = (sum_squares / n - mean * mean).clamp_min(0)
+        if norm.track_running_stats:  # once per view, as per-view batch norm in one process does
+            for view_mean, view_var in zip(mean, var):
+                norm.num_batches_tracked.add_(1)
+                norm.running_mean.lerp_(view_mean, norm.momentum)
+                norm.running_var.lerp_(view_var * n / (n - 1).clamp_min(1), norm.momentum)
+        inverse_std = torch.rsqrt(var + norm.eps)
+        out = []
+        for view, view_mean, view_inverse_std in zip(views, mean, inverse_std):
+            y = (view - view_mean.view(shape)) * view_inverse_std.view(shape)
+            if weight is not None:
+                y = y * weight.float().view(shape) + bias.float().view(shape)
+            out.append(y)
+        ctx.norm = norm
+        ctx.save_for_backward(x, weight, mean, inverse_std, n)
+        return torch.cat(out).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, mean, inverse_std, n = ctx.saved_tensors
+        channels, dims = x.shape[1], [0, *range(2, x.dim())]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        views, grads = x.float().chunk(2), grad.float().chunk(2)
+        normalised = [(v - m.view(shape)) * s.view(shape) for v, m, s in zip(views, mean, inverse_std)]
+        local = torch.stack([torch.stack([g.sum(dims), (g * h).sum(dims)]) for g, h in zip(grads, normalised)])
+        grad_weight = grad_bias = None
+        if weight is not None:
+            grad_weight, grad_bias = local[:, 1].sum(0).to(weight.dtype), local[:, 0].sum(0).to(weight.dtype)
+        mean_grad, mean_grad_normalised = (_sum_across_ranks(local.clone(), ctx.norm) / n).unbind(1)
+        scale = inverse_std if weight is None else inverse_std * weight.float()
+        grad_x = [
+            (g - a.view(shape) - h * b.view(shape)) * s.view(shape)
+            for g, h, a, b, s in zip(grads, normalised, mean_grad, mean_grad_normalised, scale)
+        ]
+        return torch.cat(grad_x).to(x.dtype), grad_weight, grad_bias, None
 
 
 class SyncedBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
     """Per-view batch norm (model.py) whose statistics cover every rank's batch: the math of one
-    big batch, on CPU (gloo) and GPU (NCCL) alike.
+    big batch, on CPU (gloo) and GPU (NCCL) alike, both views in one pass. Not `across_ranks`
+    (the planner's probe, which rank 0 runs alone), or in one process, it computes what per-view
+    batch norm computes, with the memory it takes across ranks."""
 
-    Each view's per-channel sums travel in one differentiable all-reduce for both views (so the
-    backward pass also sums the gradient that flows into the statistics across ranks), with no
-    value read back to the host: the GPU never waits. Both views still share one pass.
-    """
+    across_ranks = True
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2:
@@ -228,35 +277,14 @@ class SyncedBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+        if not self.training:
             return super().forward(x)
-        channels = x.shape[1]
-        dims = [0, *range(2, x.dim())]
-        views = x.float().chunk(2)
-        count = torch.full((1,), views[0].numel() / channels, device=x.device)  # a fill, not a host copy
-        sums = [part for view in views for part in (view.sum(dims), (view * view).sum(dims))]
-        totals = _SumAcrossRanks.apply(torch.cat([*sums, count])).split(channels)
-        n = totals[-1]
-        shape = (1, channels) + (1,) * (x.dim() - 2)
-        out = []
-        for view, total, squares in zip(views, totals[0:4:2], totals[1:4:2]):
-            mean = total / n
-            # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
-            var = (squares / n - mean * mean).clamp_min(0)
-            if self.track_running_stats:  # once per view, as per-view batch norm in one process does
-                with torch.no_grad():
-                    self.num_batches_tracked.add_(1)
-                    self.running_mean.lerp_(mean, self.momentum)
-                    self.running_var.lerp_(var * n / (n - 1).clamp_min(1), self.momentum)
-            y = (view - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
-            if self.affine:
-                y = y * self.weight.view(shape) + self.bias.view(shape)
-            out.append(y)
-        return torch.cat(out).to(x.dtype)
+        return _SyncedNorm.apply(x, self.weight, self.bias, self)
 
 
-def synchronise_batchnorm(model: nn.Module) -> nn.Module:
-    """Every (per-view) BatchNorm in `model` computing its statistics over all ranks' batches."""
+def synchronise_batchnorm(model: nn.Module, across_ranks: bool = True) -> nn.Module:
+    """Every (per-view) BatchNorm in `model` computing its statistics over all ranks' batches (or
+    only as if, without `across_ranks`)."""
     for name, child in model.named_children():
         if isinstance(child, nn.modules.batchnorm._BatchNorm):
             synced = SyncedBatchNorm(
@@ -267,9 +295,10 @@ def synchronise_batchnorm(model: nn.Module) -> nn.Module:
                 synced.weight, synced.bias = child.weight, child.bias
             synced.load_state_dict(child.state_dict())
             synced.train(child.training)
+            synced.across_ranks = across_ranks
             setattr(model, name, synced)
         else:
-            synchronise_batchnorm(child)
+            synchronise_batchnorm(child, across_ranks)
     return model
 
 

@@ -34,7 +34,7 @@ from byolcli.data import CanvasDataset, EpochSampler, MemoryBatches, TwoViewData
 from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path
-from byolcli.hardware import usable_cores, use_device
+from byolcli.hardware import to_device, usable_cores, use_device
 from byolcli.model import BYOL
 from byolcli.optim import ema_rate, learning_rate
 from byolcli.plan import Plan
@@ -185,8 +185,9 @@ class Trainer:
         self.model.train()
         distributed_run = self.world.size > 1
         next_meeting = self.step + 1  # the first meeting measures the step time
-        # Since the last meeting: the sum of the losses and the overflowed micro-steps; and the overflows in a row.
-        totals = torch.zeros(3, device=self.device)
+        # Since the last meeting: the sum of the finite losses, their count and the steps the fp16
+        # loss scaler skipped; and the skipped steps in a row.
+        totals = torch.zeros(4, device=self.device)
         window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
         last_log = last_checkpoint = time.perf_counter()
         while self.step < until and not self.stopping:
@@ -203,7 +204,7 @@ class Trainer:
                     next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
                     if on_log:
                         on_log(self._log_record(loss, window, projections, lr, tau, now, overflowed))
-                    totals[:2].zero_()
+                    totals[:3].zero_()
                     window = {"steps": 0, "wait": 0.0, "start": now}
                     last_log = now
                 if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stopping):
@@ -241,14 +242,17 @@ class Trainer:
             with step.forward.no_sync() if self.world.size > 1 and not last else nullcontext():
                 loss, projections = step.accumulate(view1, view2, plan.accumulation)
             self._add_loss(totals, loss)
-        step.finish(tau)
+        skipped = step.finish(tau)
+        if skipped is not None:
+            totals[2] += skipped
+            totals[3] = (totals[3] + 1) * skipped
         self.step += 1
         self._batches_at = self.step
         window["steps"] += 1
         return lr, tau, projections
 
     def _views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        first, second = (t.to(self.device, non_blocking=True) for t in batch)
+        first, second = (to_device(t, self.device) for t in batch)
         if self.augment_on_device:  # first: uint8 canvases, second: original sizes
             first, second = byol_views(first, second, self.plan.image_size)
         return (first.contiguous(memory_format=self.memory_format), second.contiguous(memory_format=self.memory_format))
@@ -256,36 +260,42 @@ class Trainer:
     def _add_loss(self, totals: torch.Tensor, loss: torch.Tensor) -> None:
         """Count a micro-step's loss, on the device (no sync per step). Under fp16 loss scaling a
         non-finite loss is an overflow the scaler answers by skipping the step and lowering its
-        scale, so it is counted apart; only a run of nothing but overflows fails (_agree)."""
+        scale, so it is left out of the mean; only a run of nothing but skipped steps fails (_agree)."""
         if self.byol_step.scaler.is_enabled():
-            overflowed = ~torch.isfinite(loss)
-            totals[1] += overflowed
-            totals[2] = (totals[2] + 1) * overflowed
-            loss = loss.masked_fill(overflowed, 0)
-        totals[0] += loss
+            finite = torch.isfinite(loss)
+            totals[0] += loss.masked_fill(~finite, 0)
+            totals[1] += finite
+        else:
+            totals[0] += loss
+            totals[1] += 1
 
     def _agree(self, totals: torch.Tensor, steps: int, seconds: float, lr: float) -> tuple[float, float, int]:
-        """(mean loss, mean seconds per step, overflowed micro-steps) over all ranks since the last
-        meeting; sets `stopping` if any rank saw a stop signal (SIGTERM over SIGINT when ranks saw
-        different ones)."""
+        """(mean loss, mean seconds per step, steps the loss scaler skipped) over all ranks since the
+        last meeting; sets `stopping` if any rank saw a stop signal (SIGTERM over SIGINT when ranks
+        saw different ones)."""
         seen = [float(self.stop_requested == signum) for signum in (signal.SIGTERM, signal.SIGINT)]
         shared = torch.cat([totals, totals.new_tensor([seconds, *seen])])
         distributed.sum_across(self.world, shared)
-        total, overflowed, in_a_row, seconds_sum, terms, interrupts = shared.tolist()
+        total, counted, skipped, in_a_row, seconds_sum, terms, interrupts = shared.tolist()
         self.stopping = signal.SIGTERM if terms else signal.SIGINT if interrupts else 0
-        counted = steps * self.plan.accumulation * self.world.size - overflowed
-        if in_a_row / self.world.size >= OVERFLOWS_IN_A_ROW:
-            loss = math.nan
-        elif not counted:  # a few skipped steps in a row, all of this window's: normal under loss scaling
-            return None, seconds_sum / (self.world.size * steps), int(overflowed)
-        else:
-            loss = total / counted
+        # Every rank skips the same steps (the scaler reads the averaged gradients): count them once.
+        skipped, in_a_row = int(skipped) // self.world.size, in_a_row / self.world.size
+        step_seconds = seconds_sum / (self.world.size * steps)
+        if in_a_row >= OVERFLOWS_IN_A_ROW:
+            raise TrainingFailed(
+                f"fp16 overflowed (non-finite gradients) in the last {in_a_row:.0f} steps up to step {self.step} "
+                f"(learning rate {lr:.3g}); training stopped and the last good checkpoint is kept. Rerun with "
+                "a lower --lr, or --precision fp32"
+            )
+        if not counted:  # a few overflows in a row, all of this window's: normal under loss scaling
+            return None, step_seconds, skipped
+        loss = total / counted
         if not math.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss} at step {self.step} (learning rate {lr:.3g}); training stopped and "
                 "the last good checkpoint is kept. Rerun with a lower --lr, or --precision fp32"
             )
-        return loss, seconds_sum / (self.world.size * steps), int(overflowed)
+        return loss, step_seconds, skipped
 
     def _log_record(self, loss, window, projections, lr, tau, now, overflowed) -> dict:
         steps = window["steps"]

@@ -16,6 +16,14 @@ class TrainingFailed(Exception):
     """
 
 
+class OutOfMemoryAcrossRanks(TrainingFailed):
+    """A process of a distributed run ran out of memory: every process must stop (the others wait
+    in a collective it will never join), and the next start halves the batch for all of them.
+    The CLI exits with EXIT_CODE, which `byol train --gpus` answers by starting the run again."""
+
+    EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: try again
+
+
 class PeerFailed(Exception):
     """In a distributed run, rank 0 stopped with an error during setup and has said why;
     the other ranks exit quietly, with rank 0's exit code (the exception's argument)."""

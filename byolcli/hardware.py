@@ -16,7 +16,7 @@ from byolcli.errors import UserError
 GiB = 1024**3
 
 
-CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # a container's CPU quota: "max" or "QUOTA PERIOD"
+CGROUP = Path("/sys/fs/cgroup")  # a container's limits: v2 files at its root, v1 files under cpu/ and memory/
 
 
 @dataclass(frozen=True)
@@ -33,16 +33,37 @@ class Hardware:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity, and the container's CPU quota
-    (cgroup v2 cpu.max), not the machine's count."""
+    """The cores this process may run on: its CPU affinity, and the container's CPU quota, not the
+    machine's count."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cores = min(cores, max(1, math.ceil(quota)))
     return max(1, cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """Cores' worth of CPU time the container may use (v2 cpu.max, else v1's CFS quota); None for no limit."""
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = _read(CGROUP / "cpu.max").split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota = int(_read(CGROUP / "cpu" / "cpu.cfs_quota_us"))
+        return None if quota <= 0 else quota / int(_read(CGROUP / "cpu" / "cpu.cfs_period_us"))
+    return None
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The container's memory limit in bytes (v2 memory.max, else v1's limit_in_bytes); None for none."""
+    for path in (CGROUP / "memory.max", CGROUP / "memory" / "memory.limit_in_bytes"):
+        with contextlib.suppress(OSError, ValueError):
+            text = _read(path)
+            return None if text == "max" else int(text)
+    return None
+
+
+def _read(path: Path) -> str:
+    return path.read_text().strip()
 
 
 def free_shared_memory() -> int:
@@ -53,10 +74,14 @@ def free_shared_memory() -> int:
 
 
 def system_memory() -> int:
+    """Bytes of memory this process may count on: the machine's, or the container's limit if lower
+    (past it the container is killed, however much the machine has)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):
-        return 0
+        physical = 0
+    limit = _cgroup_memory_limit()
+    return physical if limit is None or not physical else min(physical, limit)
 
 
 def cpu_has_bf16() -> bool:
@@ -128,13 +153,13 @@ def use_device(device, precision: str) -> None:
 
 
 # How an allocation failure reads: torch's own, and those of the libraries it calls (MPS raises a plain
-# RuntimeError saying "out of memory" too).
+# RuntimeError saying "out of memory" too). cuDNN reports an internal error when it cannot load its
+# kernels into a full GPU (pytorch/pytorch#81620); its execution failures are faults, not memory.
 OUT_OF_MEMORY = (
     "out of memory",
     "cublas_status_alloc_failed",
     "cudnn_status_alloc_failed",
     "cudnn_status_internal_error",
-    "cudnn_status_execution_failed",
 )
 
 
@@ -154,6 +179,12 @@ def memory_held(device) -> int:
     if device.type == "mps":
         return torch.mps.driver_allocated_memory()
     return 0
+
+
+def to_device(tensor, device):
+    """`tensor` on `device`, copied without waiting only from page-locked memory to CUDA: MPS does
+    not wait for a non-blocking copy from ordinary memory, whose source may be freed before it is read."""
+    return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
 
 
 def release_cached_memory(device) -> None:

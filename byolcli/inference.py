@@ -87,27 +87,30 @@ def iter_embeddings(
     precision: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
-    from byolcli.hardware import mixed_precision, use_device
+    from byolcli.hardware import free_shared_memory, mixed_precision, to_device, use_device
+    from byolcli.rules import LOADER_PREFETCH, fit_workers_to_shared_memory
 
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])
-    workers = default_workers(device) if workers is None else workers
+    if workers is None:
+        held = LOADER_PREFETCH * batch_size * 3 * meta["image_size"] ** 2  # uint8 images in /dev/shm
+        workers = fit_workers_to_shared_memory(default_workers(device), held, free_shared_memory(), "")[0]
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=LOADER_PREFETCH if workers else None,
     )
     dtype = autocast_dtype(device, precision)
     use_device(device, "fp32" if dtype is None else str(dtype))
     channels_last = device.type == "cuda" or dtype is not None
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
-    row = 0
+    row, pending = 0, None
     with torch.inference_mode():
         for images, ok in loader:
-            images = normalize_images(images.to(device, non_blocking=True), meta["mean"], meta["std"])
+            images = normalize_images(to_device(images, device), meta["mean"], meta["std"])
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with mixed_precision(device.type, dtype):
@@ -115,5 +118,10 @@ def iter_embeddings(
             vectors = vectors.float()
             if normalize:
                 vectors = torch.nn.functional.normalize(vectors, dim=1)
-            yield row, vectors.cpu().numpy(), ok.numpy()
+            # Each batch is read back once the next is queued: a GPU never idles while the host waits.
+            if pending is not None:
+                yield pending[0], pending[1].cpu().numpy(), pending[2].numpy()
+            pending = row, vectors, ok
             row += len(images)
+        if pending is not None:
+            yield pending[0], pending[1].cpu().numpy(), pending[2].numpy()

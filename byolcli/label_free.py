@@ -27,7 +27,8 @@ CHUNK = 4096
 def effective_rank(matrix: torch.Tensor) -> float:
     """exp of the entropy of the normalised singular values (Roy & Vetterli 2007): 1 when every row
     lies on one line, the dimension when all directions are used alike."""
-    singular = torch.linalg.svdvals(matrix.double().cpu())  # on the CPU: MPS has no SVD in the torches byolcli takes
+    # On the CPU, in float64: MPS has neither SVD in the torches byolcli takes, nor float64 at all.
+    singular = torch.linalg.svdvals(matrix.cpu().double())
     p = singular / singular.sum().clamp_min(1e-12)
     return math.exp(-(p * p.clamp_min(1e-12).log()).sum().item())
 

@@ -149,15 +149,15 @@ class BYOL(nn.Module):
 
     @torch.no_grad()
     def update_target(self, tau: float) -> None:
-        """ξ ← τ·ξ + (1 − τ)·θ, as one multi-tensor lerp (a single pass over the weights).
+        """ξ ← τ·ξ + (1 − τ)·θ, as one multi-tensor lerp (a single pass over the weights), and one
+        multi-tensor copy of the buffers.
 
         Batch-norm running statistics are copied: the target always runs in
         training mode (batch statistics), so its buffers only matter for export.
         """
         target, online = self.target_parameters(), self.online_parameters()
         torch._foreach_lerp_(target, online, 1 - tau)
-        for tb, ob in zip(self._target_buffers(), self._online_buffers()):
-            tb.copy_(ob)
+        torch._foreach_copy_(self._target_buffers(), self._online_buffers())
 
     def _online_buffers(self):
         return [*self.online_encoder.buffers(), *self.online_projector.buffers()]

@@ -26,8 +26,10 @@ from byolcli.rules import (
     choose_sync_batchnorm,
     choose_workers,
     cpu_batch,
+    decoding_bytes,
     fit_workers_to_shared_memory,
     format_seconds,
+    loader_bytes,
     resident_bytes,
     start_image_size,
     step_time,
@@ -158,10 +160,10 @@ def make_plan(
     accumulation, reasons["accumulation"] = choose_accumulation(
         batch, cap, images, hw, over.batch_size is not None, world_size
     )
-    if not in_memory and over.workers is None:
-        workers, reasons["workers"] = fit_workers_to_shared_memory(
-            workers, batch, image_size, augment_on, hw, reasons["workers"]
-        )
+    if over.workers is None:
+        # In memory, the loader processes only decode, once, but in larger batches.
+        held = decoding_bytes(image_size) if in_memory else loader_bytes(batch, image_size, augment_on)
+        workers, reasons["workers"] = fit_workers_to_shared_memory(workers, held, hw.shared_memory, reasons["workers"])
     data_seconds = 0.0 if in_memory else data_cost(image_size, augment_on) * batch / max(workers, 1)
     reasons["sync_batchnorm"] = choose_sync_batchnorm(batch, world_size)[1]
     plan = Plan(

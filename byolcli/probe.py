@@ -29,6 +29,7 @@ class StepSetting:
     augment_on: str = "cpu"  # where the views are made
     resident: int = 0  # bytes held beside the step: the decoded images a GPU keeps
     gradient_buckets: bool = False  # a copy of the gradients, as DistributedDataParallel keeps
+    sync_batchnorm: bool = False  # batch norm over every process's batch, as training then runs it
 
 
 def probe_step(hw: Hardware, setting: StepSetting, steps: int = 2) -> float:
@@ -62,6 +63,7 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     import torch
 
     from byolcli.augment import byol_views
+    from byolcli.distributed import synchronise_batchnorm
     from byolcli.model import BYOL
     from byolcli.step import ByolStep
 
@@ -70,7 +72,10 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     size, batch = setting.image_size, setting.batch
     held = torch.empty(setting.resident, dtype=torch.uint8, device=device)  # noqa: F841 - what training keeps
     memory_format = torch.channels_last if setting.channels_last else torch.contiguous_format
-    model = BYOL(setting.backbone, setting.stem).to(device, memory_format=memory_format)
+    model = BYOL(setting.backbone, setting.stem)
+    if setting.sync_batchnorm:  # its memory differs from batch norm's; only rank 0 probes, so no sums travel
+        synchronise_batchnorm(model, across_ranks=False)
+    model.to(device, memory_format=memory_format)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buckets = torch.empty(trained if setting.gradient_buckets else 0, device=device)  # noqa: F841
     step = ByolStep(model, setting.precision, device.type, lr=0.1)

@@ -24,6 +24,7 @@ SYNC_BATCHNORM_BELOW = 128  # per-device batch
 IN_MEMORY_SHARE = 0.25  # decoded images may take at most this share of the RAM
 GPU_RESIDENT_SHARE = 0.1  # decoded images stay on the GPU if they take at most this share of its free memory
 LOADER_PREFETCH = 4  # batches each loader process prepares ahead (the DataLoader's prefetch_factor)
+DECODE_BATCH = 256  # images per loader batch when a set is decoded into memory
 SHARED_MEMORY_SHARE = 0.8  # loader processes may fill at most this share of /dev/shm
 DEFAULT_EPOCHS = 100
 # Rough training memory per image at 224 px for BYOL (two views with gradients,
@@ -143,22 +144,30 @@ def choose_workers(hw: Hardware) -> tuple[int, str]:
     return workers, f"{hw.cores} cores, one left for the training process"
 
 
-def fit_workers_to_shared_memory(
-    workers: int, batch: int, size: int, augment_on: str, hw: Hardware, why: str
-) -> tuple[int, str]:
-    """Fewer loader processes when the batches they hold in /dev/shm would not fit there (a
-    container's default is 64 MiB): past it, a loader process dies of a bus error mid-run.
-    Returns (workers, why), keeping the given reason when nothing had to change."""
-    if workers == 0 or hw.shared_memory == 0:
-        return workers, why
+def loader_bytes(batch: int, size: int, augment_on: str) -> int:
+    """The /dev/shm bytes one training loader process holds: LOADER_PREFETCH batches of uint8
+    canvases, or of two float views."""
     canvas = size * 3 // 2
-    per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4  # uint8 canvas, 2 views
-    held = LOADER_PREFETCH * batch * per_image  # by each loader process at once
-    fitting = min(workers, int(SHARED_MEMORY_SHARE * hw.shared_memory // held))
+    per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4
+    return LOADER_PREFETCH * batch * per_image
+
+
+def decoding_bytes(size: int) -> int:
+    """The /dev/shm bytes one loader process holds while a set is decoded into memory."""
+    return LOADER_PREFETCH * DECODE_BATCH * decoded_bytes(1, size)
+
+
+def fit_workers_to_shared_memory(workers: int, held: int, free: int, why: str) -> tuple[int, str]:
+    """Fewer loader processes when what each holds in /dev/shm (`held` bytes; `free` there) would
+    not fit (a container's default is 64 MiB): past it, a loader process dies of a bus error
+    mid-run. Returns (workers, why), keeping the given reason when nothing had to change."""
+    if workers == 0 or free == 0:
+        return workers, why
+    fitting = min(workers, int(SHARED_MEMORY_SHARE * free // held))
     if fitting == workers:
         return workers, why
     return fitting, (
-        f"/dev/shm has {hw.shared_memory / 2**20:,.0f} MiB free and each loader process holds "
+        f"/dev/shm has {free / 2**20:,.0f} MiB free and each loader process holds "
         f"{held / 2**20:,.0f} MiB there: {fitting} of {workers} (a larger /dev/shm, e.g. "
         "docker run --shm-size 8g, allows more)"
     )
@@ -302,7 +311,7 @@ def choose_batch(
     cap = max(MIN_BATCH, min(MAX_BATCH, power_of_two_at_most(images / 8 / world_size)))
 
     def timed(batch: int) -> float:
-        return probe(replace(setting, batch=batch))
+        return probe(replace(setting, batch=batch, sync_batchnorm=choose_sync_batchnorm(batch, world_size)[0]))
 
     if pinned is not None:
         batch, why = pinned, "set by flag"

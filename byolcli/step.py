@@ -51,10 +51,18 @@ class ByolStep:
         self.scaler.scale(loss / accumulation).backward()
         return loss.detach(), projections
 
-    def finish(self, tau: float) -> None:
+    def finish(self, tau: float) -> torch.Tensor | None:
         """The optimizer step on the accumulated gradients (skipped by the scaler on an fp16
-        overflow), then the target's EMA step ξ ← τ·ξ + (1 − τ)·θ."""
+        overflow), then the target's EMA step ξ ← τ·ξ + (1 − τ)·θ.
+
+        Under fp16, returns whether the scaler skipped the step, as a tensor on the device (no
+        wait): it lowers its scale exactly when it found non-finite gradients, which a finite
+        loss does not rule out.
+        """
+        enabled = self.scaler.is_enabled()
+        before = self.scaler._scale.clone() if enabled else None  # the scale tensor update() changes in place
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_target(tau)
+        return self.scaler._scale < before if enabled else None

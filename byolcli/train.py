@@ -21,7 +21,7 @@ from byolcli.data import MEAN, STD, CanvasDataset, TwoViewDataset
 from byolcli.distributed import World
 from byolcli.encoder import save_encoder
 from byolcli.engine import Trainer, load_checkpoint
-from byolcli.errors import Stopped, UserError
+from byolcli.errors import OutOfMemoryAcrossRanks, Stopped, TrainingFailed, UserError
 from byolcli.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
 from byolcli.hardware import detect_hardware, is_out_of_memory, release_cached_memory
 from byolcli.inputs import IMAGENET
@@ -29,6 +29,7 @@ from byolcli.locks import exclusive
 from byolcli.names import read_names, write_names
 from byolcli.plan import Overrides, Plan, fit_to_world, make_plan, refit_to_budget, short_run_warning
 from byolcli.probe import probe_step
+from byolcli.rules import choose_sync_batchnorm
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 from byolcli.start import fetch_imagenet, start_name
@@ -41,10 +42,12 @@ METRICS = "metrics.jsonl"
 IMAGES = "images.txt"
 REPORT = "report.html"
 LOCK = ".lock"
+OUT_OF_MEMORY = "out-of-memory.json"  # a distributed run's note to its next start: halve the batch
 
 # With a time budget, the loop is timed over these steps (the first ones run slow
 # while the loader and the kernels warm up) and the run's length re-planned.
 CALIBRATION = (10, 40)
+MIN_HALVED_BATCH = 2  # the projector's batch norm needs two images per view
 
 
 @dataclass
@@ -90,8 +93,12 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
         _move_aside(out, reporter)
 
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
+    halved = False
     if state is not None:
         plan, paths = _resume(state, manifest.root, out, overrides, reporter, world)
+        failed_at = _ran_out_of_memory(out)
+        if failed_at is not None and plan.batch_size >= failed_at:  # the checkpoint may predate the last halving
+            state, halved = _halve_batch(plan, out, reporter, to=failed_at // 2), True
         _truncate_metrics(out / METRICS, state["step"])
     else:
         plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
@@ -102,12 +109,12 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
     warning = short_run_warning(plan) if state is None else None
     if warning:
         reporter.warn(warning)
-    return plan, paths, state, out, str(manifest.root)
+    return plan, paths, state, out, str(manifest.root), halved
 
 
 def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack) -> Path:
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
-    plan, paths, state, out, root = distributed.share(world, lambda: _prepare(request, reporter, world, held))
+    plan, paths, state, out, root, halved = distributed.share(world, lambda: _prepare(request, reporter, world, held))
     while True:
         decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
         with decoding as progress:
@@ -115,15 +122,16 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
         if trainer.step >= plan.total_steps:
             break
         try:
-            _train(trainer, out, request, reporter)
+            _train(trainer, out, request, reporter, recalibrate=halved)
             break
         except RuntimeError as exc:
-            if not (is_out_of_memory(exc) and world.size == 1 and plan.batch_size > 1):
+            if not is_out_of_memory(exc):
                 raise
+            _cannot_continue(exc, plan, out, world)
         # Past the except block, so that the failed step's tensors are gone with its traceback.
         trainer = None
         release_cached_memory(torch.device(plan.device))
-        state = _halve_batch(plan, out, reporter)
+        state, halved = _halve_batch(plan, out, reporter), True
 
     encoder_path = out / ENCODER
     if world.is_main:
@@ -197,14 +205,49 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
     return plan, manifest.absolute_paths()
 
 
-def _halve_batch(plan: Plan, out: Path, reporter) -> dict | None:
-    """After running out of memory mid-run: half the batch, twice the accumulation (the same global
-    batch, so the learning rate, the data order and the checkpoint stay valid). Returns the last
-    checkpoint to continue from."""
+def _cannot_continue(exc: RuntimeError, plan: Plan, out: Path, world: World) -> None:
+    """Out of memory mid-run: returns if this process may halve the batch and go on by itself, else
+    raises what the user reads."""
+    why = (
+        f"batch norm needs at least {MIN_HALVED_BATCH} images"
+        if plan.batch_size < 2 * MIN_HALVED_BATCH
+        else "an odd batch cannot be halved into the same global batch"
+        if plan.batch_size % 2
+        else None
+    )
+    if why:
+        raise TrainingFailed(
+            f"out of memory at a batch of {plan.batch_size} per device, and {why} "
+            f"({str(exc).splitlines()[0][:120]}); try --restart with a smaller --batch-size, --image-size or --backbone"
+        ) from None
+    if world.size > 1:
+        # The other processes wait in a collective this one will never join: all of them stop,
+        # and the next start halves the batch for every one (the checkpoint at step 0 or later).
+        atomic_write_text(out / OUT_OF_MEMORY, json.dumps({"batch_size": plan.batch_size}))
+        raise OutOfMemoryAcrossRanks(
+            f"at a batch of {plan.batch_size} per device; run the same command again to continue from the last "
+            f"checkpoint at {plan.batch_size // 2} per device on every process (byol train --gpus does so by itself)"
+        ) from None
+
+
+def _ran_out_of_memory(out: Path) -> int | None:
+    """The batch size at which a process of this run's last start ran out of memory, if one did."""
+    try:
+        return int(json.loads((out / OUT_OF_MEMORY).read_text())["batch_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict | None:
+    """After running out of memory mid-run: half the batch (or `to`, a power of two below it), as
+    much more accumulation (the same global batch, so the learning rate, the data order and the
+    checkpoint stay valid). Returns the last checkpoint to continue from."""
+    (out / OUT_OF_MEMORY).unlink(missing_ok=True)
     before = plan.batch_size
-    plan.batch_size //= 2
-    plan.accumulation *= 2
+    plan.batch_size = to or before // 2
+    plan.accumulation *= before // plan.batch_size
     plan.reasons["batch_size"] = f"{before} ran out of memory in training; halved"
+    plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, plan.world_size)
     atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     _truncate_metrics(out / METRICS, state["step"] if state else 0)
@@ -226,7 +269,12 @@ def _resume(
             "use --restart to train again or --out for a new run folder"
         )
     warn_changed_flags(overrides, plan, reporter)
-    detect_hardware(plan.device)  # fails clearly if that device is gone
+    hw = detect_hardware(plan.device)  # fails clearly if that device is gone
+    if plan.precision == "bf16" and hw.kind == "cuda" and not hw.bf16:
+        reporter.warn(
+            f"this run was planned in bf16, which {hw.name} only emulates, far slower than fp16: "
+            "--restart plans the run anew for this GPU"
+        )
     # The image list the run started with: the sampler's order depends on it.
     paths = [root / name for name in read_names((out / IMAGES).read_text(encoding="utf-8"))]
     reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
@@ -237,9 +285,10 @@ def _resume(
     return plan, paths
 
 
-def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None:
-    """The loop with progress, metrics, checkpoints, Ctrl-C / SIGTERM handling and the budget re-plan.
-    Only rank 0 writes; every rank runs the same steps."""
+def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter, recalibrate: bool = False) -> None:
+    """The loop with progress, metrics, checkpoints, Ctrl-C / SIGTERM handling and the budget re-plan
+    (at the start, and again after the batch was halved: its steps take another time). Only rank 0
+    writes; every rank runs the same steps."""
     from byolcli.report import training_progress
 
     plan, world = trainer.plan, trainer.world
@@ -268,7 +317,10 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter) -> None
                     checkpoint_every=request.checkpoint_every,
                 )
 
-            if plan.time_budget is not None and trainer.step == 0 and plan.total_steps > 2 * CALIBRATION[1]:
+            if world.size > 1 and world.is_main and trainer.step == 0:
+                trainer.save(out / CHECKPOINT)  # where every process continues if one runs out of memory
+            calibrate = plan.time_budget is not None and (trainer.step == 0 or recalibrate)
+            if calibrate and plan.total_steps - trainer.step > 2 * CALIBRATION[1]:
                 _calibrate(trainer, train_until, out, reporter)
             train_until(plan.total_steps)
     finally:
@@ -307,7 +359,8 @@ def _metrics_logger(trainer: Trainer, metrics, path: Path, show, reporter):
 def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
     """Under --time: train the calibration steps, then re-plan the run's length from their speed."""
     plan, world = trainer.plan, trainer.world
-    warm, timed = CALIBRATION
+    spent = trainer.step * plan.step_seconds  # by the steps before, at the speed last measured
+    warm, timed = (trainer.step + steps for steps in CALIBRATION)
     started = time.perf_counter()
     train_until(warm)
     timing = time.perf_counter()
@@ -317,7 +370,7 @@ def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
     # Rank 0's clock decides for all, so every rank re-plans the same length.
     now = time.perf_counter()
     seconds_left, step_seconds = distributed.share(
-        world, lambda: (plan.time_budget - (now - started), (now - timing) / (timed - warm))
+        world, lambda: (plan.time_budget - spent - (now - started), (now - timing) / (timed - warm))
     )
     warned = short_run_warning(plan) is not None  # said before the first step
     refit_to_budget(plan, trainer.step, seconds_left, step_seconds)

@@ -224,10 +224,15 @@ def tiny_plan(images: int, **changes):
 
 def wait_for_file(process, path: Path, timeout: float = 120) -> None:
     """Until `path` exists, while `process` is alive (polled every 50 ms; fails after `timeout` s)."""
+    wait_until(process, path.exists, f"{path.name} did not appear", timeout)
+
+
+def wait_until(process, condition, failure: str, timeout: float = 120) -> None:
+    """Until `condition()`, while `process` is alive (polled every 50 ms; fails after `timeout` s)."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not condition():
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, f"{path.name} did not appear"
+        assert time.monotonic() < deadline, failure
         time.sleep(0.05)
 
 

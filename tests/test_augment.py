@@ -85,6 +85,39 @@ def test_jitter_is_the_same_whether_it_selects_the_chosen_images_or_masks_the_re
     assert torch.equal(selected[~apply], x[~apply]) and not torch.allclose(selected[apply], x[apply])
 
 
+def test_blur_is_the_same_whether_it_selects_the_chosen_images_or_masks_the_rest():
+    torch.manual_seed(0)
+    x = torch.rand(16, 3, 24, 24)
+    apply = torch.rand(16) < 0.3
+    torch.manual_seed(1)
+    selected = A.gaussian_blur(x, apply, 3, select=True)
+    torch.manual_seed(1)
+    masked = A.gaussian_blur(x, apply, 3, select=False)
+    assert torch.allclose(selected, masked, atol=1e-6)
+    assert torch.equal(selected[~apply], x[~apply]) and not torch.allclose(selected[apply], x[apply])
+
+
+def test_views_are_cut_without_border_padding_which_mps_lacks_yet_pad_as_it_does(monkeypatch):
+    real = A.F.grid_sample
+
+    def without_border(*args, padding_mode="zeros", **kwargs):
+        if padding_mode == "border":
+            raise NotImplementedError("MPS: Unsupported Border padding mode")
+        return real(*args, padding_mode=padding_mode, **kwargs)
+
+    monkeypatch.setattr(A.F, "grid_sample", without_border)
+    torch.manual_seed(0)
+    canvas = torch.rand(4, 3, 48, 48)
+    sizes = torch.tensor([[30, 60], [60, 30], [48, 48], [100, 70]])
+    whole = torch.stack([torch.zeros(4), torch.zeros(4), sizes[:, 1].float(), sizes[:, 0].float()], 1)
+    flip = torch.tensor([True, False, True, False])
+    mirrored = torch.where(flip[:, None, None, None], canvas.flip(-1), canvas)
+    for out in (24, 48, 64):  # upsampling reads past the outermost pixel centres: border padding's case
+        expected = torch.nn.functional.interpolate(mirrored, size=out, mode="bilinear", align_corners=False)
+        assert (A.crop_resize(canvas, sizes, whole, flip, out) - expected).abs().max() < 1e-5
+    A.byol_views((canvas * 255).to(torch.uint8), sizes, 32)  # and the whole augmentation runs
+
+
 def test_views_are_drawn_per_image_and_normalised():
     torch.manual_seed(0)
     canvas = (torch.rand(1, 3, 48, 48) * 255).to(torch.uint8).expand(8, -1, -1, -1)

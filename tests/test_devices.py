@@ -1,6 +1,8 @@
 """The CUDA and fp16 paths, checked on the CPU with fakes of torch.cuda's API."""
 
 import contextlib
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,22 +51,38 @@ def shapes(tmp_path_factory):
     return sorted(shapes_folder(tmp_path_factory.mktemp("shapes") / "photos", count=16).iterdir())
 
 
-def overflowing(trainer: Trainer, steps) -> None:
-    """Make the loss of the given micro-steps (counted from 1) overflow, as fp16 does."""
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose gradient is infinite: an overflow in the backward pass behind a finite loss."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def overflowing(trainer: Trainer, steps, where: str = "loss") -> None:
+    """Make the given micro-steps (counted from 1) overflow, as fp16 does: in the loss, or only in
+    the gradients. The scaler starts low enough that nothing else overflows."""
     real, calls = trainer.byol_step.forward, []
+    trainer.byol_step.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
 
     def forward(view1, view2):
         loss, projections = real(view1, view2)
         calls.append(1)
-        return (loss * float("inf") if len(calls) in steps else loss), projections
+        if len(calls) in steps:
+            loss = loss * float("inf") if where == "loss" else InfiniteGradient.apply(loss)
+        return loss, projections
 
     trainer.byol_step.forward = forward
 
 
 def test_an_fp16_overflow_is_a_skipped_step_not_the_end_of_the_run(shapes):
     trainer = Trainer(tiny_plan(len(shapes), precision="fp16", total_steps=4), shapes)
-    scale = trainer.byol_step.scaler.get_scale()
     overflowing(trainer, steps={2})
+    scale = trainer.byol_step.scaler.get_scale()
     records = []
     trainer.run(4, on_log=records.append, log_every=0)
     assert trainer.step == 4 and [r["overflowed_steps"] for r in records] == [0, 1, 0, 0]
@@ -81,6 +99,23 @@ def test_fp16_overflows_that_never_stop_end_the_run(shapes, monkeypatch):
     with pytest.raises(TrainingFailed, match="last good checkpoint is kept"):
         trainer.run(40, log_every=0)
     assert trainer.step == 3
+
+
+def test_fp16_overflows_in_the_gradients_alone_are_counted_and_end_the_run_when_they_never_stop(shapes, monkeypatch):
+    from byolcli import engine
+
+    trainer = Trainer(tiny_plan(len(shapes), precision="fp16", total_steps=4), shapes)
+    overflowing(trainer, steps={2}, where="gradients")
+    records = []
+    trainer.run(4, on_log=records.append, log_every=0)
+    assert [r["overflowed_steps"] for r in records] == [0, 1, 0, 0]
+    assert all(r["loss"] > 0 for r in records)  # the loss stayed finite throughout
+
+    monkeypatch.setattr(engine, "OVERFLOWS_IN_A_ROW", 3)
+    trainer = Trainer(tiny_plan(len(shapes), precision="fp16", total_steps=40), shapes)
+    overflowing(trainer, steps=range(1, 100), where="gradients")
+    with pytest.raises(TrainingFailed, match="fp16 overflowed .* in the last 3 steps up to step 3"):
+        trainer.run(40, log_every=0)
 
 
 def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees_before_retrying(monkeypatch):
@@ -163,21 +198,50 @@ def test_cores_are_the_ones_this_process_may_use(monkeypatch, tmp_path):
     from byolcli import hardware
 
     monkeypatch.setattr(hardware.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5}, raising=False)
-    monkeypatch.setattr(hardware, "CGROUP_CPU_MAX", tmp_path / "cpu.max")
+    monkeypatch.setattr(hardware, "CGROUP", tmp_path)
     assert hardware.usable_cores() == 6  # no quota file: the affinity
-    (tmp_path / "cpu.max").write_text("max 100000\n")
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")  # cgroup v1, no quota
+    (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert hardware.usable_cores() == 6
+    (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("150000\n")  # v1: 1.5 cores
+    assert hardware.usable_cores() == 2
+    (tmp_path / "cpu.max").write_text("max 100000\n")  # v2 says what it says, v1 files or not
     assert hardware.usable_cores() == 6
     (tmp_path / "cpu.max").write_text("250000 100000\n")  # a quota of 2.5 cores
     assert hardware.usable_cores() == 3
 
 
+def test_memory_is_the_containers_limit_not_the_machines(monkeypatch, tmp_path):
+    from byolcli import hardware
+
+    machine = 2048 * GiB
+    monkeypatch.setattr(
+        hardware.os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": machine // 4096}[name]
+    )
+    monkeypatch.setattr(hardware, "CGROUP", tmp_path)
+    assert hardware.system_memory() == machine  # no container limit
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{2**63 - 4096}\n")  # cgroup v1, unlimited
+    assert hardware.system_memory() == machine
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(f"{100 * GiB}\n")
+    assert hardware.system_memory() == 100 * GiB
+    (tmp_path / "memory.max").write_text(f"{200 * GiB}\n")  # cgroup v2
+    assert hardware.system_memory() == detect_hardware("cpu").ram == 200 * GiB
+    (tmp_path / "memory.max").write_text("max\n")
+    assert hardware.system_memory() == machine
+
+
 class OnMPS(torch.Tensor):
-    """A CPU tensor standing in for an MPS one: torch's MPS backend (up to at least 2.5) has no SVD."""
+    """A CPU tensor standing in for an MPS one: torch's MPS backend (up to at least 2.5) has no SVD,
+    and MPS has no float64 at all."""
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         if func is torch.linalg.svdvals:
             raise NotImplementedError("The operator 'aten::_linalg_svd.U' is not currently implemented for MPS")
+        if func is torch.Tensor.double:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64")
         if func is torch.Tensor.cpu:
             return args[0].as_subclass(torch.Tensor).clone()
         return super().__torch_function__(func, types, args, kwargs or {})
@@ -399,3 +463,223 @@ def test_synchronised_batch_norm_is_one_implementation_that_keeps_both_views_in_
     assert model.joint_pass  # on every device: there is no separate GPU version that needs a pass per view
     assert all(torch.equal(reference[k], v) for k, v in model.state_dict().items())
     assert not any(p.requires_grad for p in model.target_parameters())
+
+
+def test_copies_to_a_device_wait_unless_they_go_from_page_locked_memory_to_cuda(shapes):
+    """MPS does not wait for a non-blocking copy from ordinary memory: its source may be freed first."""
+    from torch.overrides import TorchFunctionMode
+
+    from byolcli import inference
+    from byolcli.hardware import to_device
+
+    class Copy:
+        def __init__(self, pinned: bool) -> None:
+            self.pinned, self.non_blocking = pinned, None
+
+        def is_pinned(self) -> bool:
+            return self.pinned
+
+        def to(self, device, non_blocking=False):
+            self.non_blocking = non_blocking
+            return self
+
+    expected = {("mps", False): False, ("mps", True): False, ("cuda", False): False, ("cuda", True): True}
+    for (device, pinned), waits_not in expected.items():
+        assert to_device(Copy(pinned), torch.device(device)).non_blocking is waits_not
+
+    class UnwaitedCopies(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.unpinned = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            caller = sys._getframe(1).f_code.co_filename  # byolcli's copies; torchvision makes CPU-to-CPU ones
+            if func is torch.Tensor.to and kwargs.get("non_blocking") and not args[0].is_pinned():
+                if "byolcli" in Path(caller).parts:
+                    self.unpinned.append(args[0].shape)
+            return func(*args, **kwargs)
+
+    trainer = Trainer(tiny_plan(len(shapes), total_steps=1), shapes)
+    encoder = trainer.model.online_encoder.eval()
+    encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    with UnwaitedCopies() as copies:
+        trainer.run(1)
+        list(inference.iter_embeddings(shapes[:4], encoder, torch.device("cpu"), workers=0))
+    assert copies.unpinned == []
+
+
+def test_embedding_fits_its_loader_processes_to_dev_shm(shapes, monkeypatch):
+    from byolcli import hardware, inference
+
+    made = []
+    monkeypatch.setattr(inference, "DataLoader", lambda *a, **k: made.append(k["num_workers"]) or [])
+    monkeypatch.setattr(hardware, "usable_cores", lambda: 8)  # 4 loader processes on a CPU by default
+    encoder = BYOLEncoder()
+    for free in (GiB, 2 * 2**20, 8 * 2**20, 0):  # 0: unknown, as where /dev/shm cannot be read
+        monkeypatch.setattr(hardware, "free_shared_memory", lambda free=free: free)
+        list(inference.iter_embeddings(shapes[:2], encoder, torch.device("cpu"), batch_size=256))
+    # Each process holds 4 batches of 256 images of 32 px (3 MiB): 4 fit in 1 GiB, none in 2 MiB.
+    assert made == [4, 0, 2, 4]
+
+
+def BYOLEncoder():
+    from byolcli.model import BYOL
+
+    encoder = BYOL("resnet18").online_encoder.eval()
+    encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
+    return encoder
+
+
+def test_synchronised_batch_norm_keeps_only_what_its_backward_needs_and_computes_as_per_view_batch_norm(monkeypatch):
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from byolcli.distributed import SyncedBatchNorm
+    from byolcli.model import PerViewBatchNorm2d
+
+    torch.manual_seed(0)
+    single = PerViewBatchNorm2d(8)
+    single.weight.data.uniform_(0.5, 1.5), single.bias.data.normal_()
+    synced = SyncedBatchNorm(8)
+    synced.load_state_dict(single.state_dict())
+    x = torch.randn(6, 8, 5, 5) * 3 + 1
+    outputs, grads = [], []
+    for norm in (single, synced):  # one process: the sums have nowhere to go
+        xi = x.clone().requires_grad_()
+        out = norm(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outputs.append(out.detach())
+        grads.append([xi.grad, norm.weight.grad, norm.bias.grad])
+    assert torch.allclose(*outputs, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(*grads))
+    assert torch.allclose(single.running_var, synced.running_var) and synced.num_batches_tracked == 2
+
+    # With two processes (faked: the other contributes nothing), under bf16 autocast as on a GPU.
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", lambda tensor, *args, **kwargs: None)
+    activations = torch.randn(16, 64, 8, 8).bfloat16().requires_grad_()
+    saved = []
+    with saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            SyncedBatchNorm(64)(activations)
+    assert sum(saved) < 1.1 * activations.numel() * activations.element_size()  # the input, and per-channel numbers
+
+
+def test_the_probe_runs_synchronised_batch_norm_where_training_will(monkeypatch):
+    from byolcli import distributed, plan
+    from byolcli.hardware import Hardware
+    from byolcli.probe import OutOfMemory, StepSetting, probe_step
+
+    calls = []
+    real = distributed._SyncedNorm.apply
+    monkeypatch.setattr(distributed._SyncedNorm, "apply", lambda *args: calls.append(1) or real(*args))
+    cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
+    probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False, sync_batchnorm=True), steps=1)
+    assert calls  # the synchronised module, in the probe's one process
+
+    probed = []
+
+    def probe(setting: StepSetting) -> float:  # a GPU that fits 64 images
+        probed.append(setting)
+        if setting.batch > 64:
+            raise OutOfMemory(f"batch {setting.batch}")
+        return 0.5
+
+    gpu = Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 16, "cuda:0", 64 * GiB)
+    for world_size in (1, 2):
+        probed.clear()
+        chosen = plan.make_plan([40] * 50_000, 0, gpu, plan.Overrides(), probe, world_size=world_size)
+        assert chosen.batch_size == 64 and chosen.sync_batchnorm == (world_size > 1)
+        assert all(s.sync_batchnorm == (world_size > 1 and s.batch < 128) for s in probed)
+    assert {s.batch for s in probed if s.sync_batchnorm} == {64} and any(s.batch > 64 for s in probed)
+
+
+def test_only_allocation_failures_count_as_out_of_memory():
+    from byolcli.hardware import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"))  # its kernels did not fit
+    assert not is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+
+
+def test_the_effective_rank_runs_where_the_device_has_no_float64():
+    from byolcli.label_free import effective_rank
+
+    matrix = torch.randn(64, 16)
+    assert effective_rank(matrix.as_subclass(OnMPS)) == pytest.approx(effective_rank(matrix))
+
+
+def test_resuming_a_bf16_run_on_a_gpu_that_only_emulates_it_says_so(fake_cuda, tmp_path):
+    import json
+
+    from byolcli import train
+    from byolcli.plan import Overrides
+
+    warned = []
+    reporter = SimpleNamespace(info=lambda text: None, warn=warned.append)
+    (tmp_path / "images.txt").write_text("a.png\n")
+    for device, precision in (("cuda:0", "bf16"), ("cuda:1", "fp16"), ("cuda:1", "bf16")):  # A100, T4, T4
+        plan = tiny_plan(16, device=device, precision=precision)
+        state = {"plan": json.loads(json.dumps(plan.to_dict())), "step": 1}
+        train._resume(state, tmp_path, tmp_path, Overrides(), reporter, train.World())
+    assert len(warned) == 1 and "bf16, which Tesla T4 only emulates" in warned[0]
+
+
+def out_of_memory_at(monkeypatch, failing) -> list:
+    """Make training run out of memory at every step where `failing(batch size, step)`; returns
+    the (batch size, step) of every step begun."""
+    from byolcli import train
+
+    real_views, seen = train.Trainer._views, []
+
+    def views(self, batch):
+        seen.append((self.plan.batch_size, self.step))
+        if failing(self.plan.batch_size, self.step):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_views(self, batch)
+
+    monkeypatch.setattr(train.Trainer, "_views", views)
+    return seen
+
+
+def test_halving_stops_where_batch_norm_needs_two_images_and_at_an_odd_batch(tmp_path, monkeypatch):
+    from byolcli import train
+    from byolcli.plan import Overrides
+    from byolcli.report import Reporter
+
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    seen = out_of_memory_at(monkeypatch, lambda batch, step: True)
+    for batch, last, why in ((2, 2, "batch norm needs at least 2 images"), (10, 5, "an odd batch cannot be halved")):
+        choices = Overrides(image_size=32, batch_size=batch, epochs=1, workers=0, precision="fp32")
+        request = train.TrainRequest(folder, choices=choices, out=tmp_path / f"run{batch}", restart=True)
+        with pytest.raises(TrainingFailed, match=f"out of memory at a batch of {last} per device, and {why}"):
+            train.train_folder(request, Reporter(quiet=True))
+    assert [batch for batch, _ in seen] == [2, 10, 5]
+
+
+def test_halving_under_a_time_budget_replans_the_rest_of_the_run_from_the_new_speed(tmp_path, monkeypatch):
+    from byolcli import train
+    from byolcli.plan import Overrides
+    from byolcli.report import Reporter
+
+    monkeypatch.setattr(train, "CALIBRATION", (1, 2))
+    replans = []
+    real_refit = train.refit_to_budget
+
+    def refit(plan, steps_done, seconds_left, step_seconds):
+        replans.append((steps_done, seconds_left, plan.batch_size))
+        real_refit(plan, steps_done, 10 * step_seconds, step_seconds)  # 10 more steps, whatever this CPU's speed
+
+    monkeypatch.setattr(train, "refit_to_budget", refit)
+    out_of_memory_at(monkeypatch, lambda batch, step: batch == 8 and step == 3)
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    choices = Overrides(image_size=32, batch_size=8, time_budget=3600, workers=0, precision="fp32")
+    request = train.TrainRequest(folder, choices=choices, out=tmp_path / "run", checkpoint_every=0.0)
+    train.train_folder(request, Reporter(quiet=True))
+    # Calibrated from step 0, then again from the checkpoint at step 3, with the time already spent counted.
+    assert [(steps, batch) for steps, _, batch in replans] == [(2, 8), (5, 4)]
+    assert replans[1][1] < replans[0][1]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file
+from helpers import REPO, run_byol, shapes_folder, tiny_plan, wait_for_file, wait_until
 from safetensors.torch import load_file
 
 from byolcli.data import EpochSampler
@@ -155,7 +155,10 @@ def start_two_ranks(photos, run, epochs: int, checkpoint_every: str = "0.01") ->
         )
         for r in (0, 1)
     ]
-    wait_for_file(ranks[0], run / "checkpoint.pt")
+    checkpoint = run / "checkpoint.pt"
+    wait_for_file(ranks[0], checkpoint)  # step 0's, saved before training
+    first = checkpoint.stat().st_ino  # each save is a new file, renamed over the last
+    wait_until(ranks[0], lambda: checkpoint.stat().st_ino != first, "no checkpoint after step 0")
     return ranks
 
 
@@ -225,3 +228,40 @@ def test_the_gpus_launcher_passes_on_rank_zeros_error_once(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {tmp_path / 'missing'}: no such folder"
+
+
+# Run at the start of every process the test's launcher starts: rank 1 runs out of memory at step 2.
+OUT_OF_MEMORY_ON_RANK_1 = """
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    from byolcli import engine
+    real_views = engine.Trainer._views
+    def views(self, batch):
+        if self.plan.batch_size == 4 and self.step == 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_views(self, batch)
+    engine.Trainer._views = views
+"""
+
+
+def test_a_rank_out_of_memory_makes_every_rank_continue_at_half_the_batch(photos, tmp_path):
+    hook, run = tmp_path / "hook", tmp_path / "run"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OUT_OF_MEMORY_ON_RANK_1)
+    launch = "import sys; from byolcli.distributed import launch_local; sys.exit(launch_local(2, sys.argv[1:]))"
+    result = subprocess.run(
+        [sys.executable, "-c", launch, "train", photos, "--epochs", "1", "--out", run, *CLI_ARGS],
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(hook), str(REPO)])),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "out of memory: rank 1: at a batch of 4 per device" in result.stderr
+    assert "continuing with 2 × 2 accumulated (the same global batch of 8)" in result.stderr
+    plan = json.loads((run / "plan.json").read_text())
+    assert (plan["batch_size"], plan["accumulation"], plan["world_size"]) == (2, 2, 2)
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == plan["total_steps"] == 4
+    assert (run / "encoder.safetensors").exists() and not (run / "out-of-memory.json").exists()

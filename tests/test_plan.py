@@ -143,6 +143,19 @@ def test_loader_processes_fit_in_a_small_dev_shm():
     assert docker.workers * held <= 64 * 2**20
 
 
+def test_loader_processes_that_decode_a_set_into_memory_fit_in_a_small_dev_shm():
+    def gpu(shm):
+        return Hardware("cuda", "fake GPU", 80 * GiB, 80 * GiB, True, 32, "cuda:0", 64 * GiB, shm)
+
+    images = [256] * 20_000  # decoded once, into memory, by loader processes
+    roomy = make_plan(images, 0, gpu(256 * GiB), Overrides(), lambda *a: 0.5)
+    docker = make_plan(images, 0, gpu(512 * 2**20), Overrides(), lambda *a: 0.5)
+    assert roomy.in_memory and docker.in_memory and roomy.workers == 12
+    held = 4 * 256 * 3 * 336 * 336  # each holds prefetched batches of 256 canvases, 1.5 × 224 px a side
+    assert 0 < docker.workers < 12 and docker.workers * held <= 512 * 2**20
+    assert "/dev/shm has 512 MiB free" in docker.reasons["workers"]
+
+
 def imagenet_found(architecture):
     return None
 
