@@ -16,6 +16,8 @@ crashes or hangs costs only itself; whatever each measured goes into DIR/gpu_che
 - resident: images kept in page-locked CPU memory for the GPU instead of in its memory, and
   host syncs per training step counted by torch.cuda.set_sync_debug_mode("warn");
 - probe: the batch the probe chose for ResNet-50 at 224 px against the largest that fits;
+- augment: the batched augmentation's share of a ResNet-50 step at 224 px (views made on the
+  GPU against views given ready, and the views alone);
 - embedding: byolcli's pipeline against the plain torchvision one (embed_throughput.py);
 - sync_batchnorm: two processes with synchronised batch norm, where there are two GPUs.
 
@@ -38,7 +40,17 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 BUDGET = 8 * 60  # seconds for the whole check
-PARTS = ("environment", "quality", "resnet50", "loader_fp16", "resident", "probe", "embedding", "sync_batchnorm")
+PARTS = (
+    "environment",
+    "quality",
+    "resnet50",
+    "loader_fp16",
+    "resident",
+    "probe",
+    "augment",
+    "embedding",
+    "sync_batchnorm",
+)
 
 
 def byol(*args, timeout: float) -> subprocess.CompletedProcess:
@@ -276,6 +288,44 @@ def probe(args) -> dict:
         "largest_that_runs": largest,
         "ratio": round(batch / largest, 3),
         "capped_at_max_batch": batch == MAX_BATCH,
+    }
+
+
+def augment(args) -> dict:
+    """What making both views on the device costs in a ResNet-50 step at 224 px: the step with its
+    views made from canvases, the step given ready views, and the views alone."""
+    import torch
+
+    from byolcli.augment import byol_views
+    from byolcli.hardware import detect_hardware, synchronize
+    from byolcli.probe import StepSetting, probe_step
+
+    hw = detect_hardware("cpu" if args.smoke else None)
+    backbone, size, batch = ("resnet18", 32, 8) if args.smoke else ("resnet50", 224, 128)
+    precision = "bf16" if hw.kind == "cuda" and hw.bf16 else "fp32"
+    step = {
+        where: probe_step(hw, StepSetting(backbone, size, batch, precision, True, augment_on=where), steps=3)
+        for where in ("device", "cpu")  # "cpu": the probe's views come ready
+    }
+    device, canvas = torch.device(hw.device), size * 3 // 2
+    canvases = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8, device=device)
+    sizes = torch.full((batch, 2), canvas, device=device)
+    timings = []
+    for _ in range(6):
+        start = time.perf_counter()
+        byol_views(canvases, sizes, size)
+        synchronize(device)
+        timings.append(time.perf_counter() - start)
+    views = statistics.median(timings[1:])
+    return {
+        "backbone": backbone,
+        "image_size": size,
+        "batch": batch,
+        "precision": precision,
+        "step_with_views_s": round(step["device"], 4),
+        "step_given_views_s": round(step["cpu"], 4),
+        "views_alone_s": round(views, 4),
+        "views_share_of_step": round(views / step["device"], 3),
     }
 
 
