@@ -208,13 +208,11 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
 def _cannot_continue(exc: RuntimeError, plan: Plan, out: Path, world: World) -> None:
     """Out of memory mid-run: returns if this process may halve the batch and go on by itself, else
     raises what the user reads."""
-    why = (
-        f"batch norm needs at least {MIN_HALVED_BATCH} images"
-        if plan.batch_size < 2 * MIN_HALVED_BATCH
-        else "an odd batch cannot be halved into the same global batch"
-        if plan.batch_size % 2
-        else None
-    )
+    why = None
+    if plan.batch_size < 2 * MIN_HALVED_BATCH:
+        why = f"batch norm needs at least {MIN_HALVED_BATCH} images"
+    elif plan.batch_size % 2:
+        why = "an odd batch cannot be halved into the same global batch"
     if why:
         raise TrainingFailed(
             f"out of memory at a batch of {plan.batch_size} per device, and {why} "
@@ -239,9 +237,9 @@ def _ran_out_of_memory(out: Path) -> int | None:
 
 
 def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict | None:
-    """After running out of memory mid-run: half the batch (or `to`, a power of two below it), as
-    much more accumulation (the same global batch, so the learning rate, the data order and the
-    checkpoint stay valid). Returns the last checkpoint to continue from."""
+    """After running out of memory mid-run: half the batch (or `to`, where the checkpoint predates
+    the last halving), as much more accumulation (the same global batch, so the learning rate, the
+    data order and the checkpoint stay valid). Returns the last checkpoint to continue from."""
     (out / OUT_OF_MEMORY).unlink(missing_ok=True)
     before = plan.batch_size
     plan.batch_size = to or before // 2
