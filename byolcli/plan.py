@@ -249,7 +249,7 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     """Re-plan the run's length from the step time measured in real training.
 
     The probe times the model alone; real steps also pay for data loading and
-    share the CPU with it, so the first estimate can be off by 20% or more.
+    share the CPU with it, so the first estimate can be far off.
     """
     total = steps_done + max(0, int(seconds_left / step_seconds))
     plan.total_steps = max(total, steps_done + 1)
@@ -270,7 +270,7 @@ def short_run_warning(plan: Plan) -> str | None:
     needed = USEFUL_EPOCHS * plan.steps_per_epoch * plan.step_seconds
     return (
         f"this plan trains {plan.epochs:.3g} epochs: too few to expect features better than an untrained "
-        f"network's (measured: no run of up to 18 epochs beat it on kNN, a {USEFUL_EPOCHS}-epoch run did). "
+        f"network's (the shortest run measured to beat one on kNN trained {USEFUL_EPOCHS} epochs). "
         f"Give it --time {format_seconds(needed)} or more at this speed"
         f"{'' if plan.device.startswith('cuda') else ', a GPU'}, or start from weights: ImageNet weights in "
         "torch's cache, which the default --init auto takes, or --init FILE"

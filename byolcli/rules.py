@@ -100,7 +100,7 @@ def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:
 def choose_stem(size: int, hw: Hardware) -> tuple[str, str]:
     """The strided stem everywhere, for now: each reason says what was measured (docs/experiments.md)."""
     if hw.kind == "cpu":
-        return "standard", "a CPU run is bound by time, and the small-image stem costs about 10x more per step"
+        return "standard", "a CPU run is bound by time, and the small-image stem costs 10 to 20 times more per step"
     if size <= SMALL_IMAGES:
         return "standard", (
             f"at {size} px the small-image stem (--stem small) learned no more per epoch than this one over "
@@ -131,7 +131,7 @@ def device_precision(hw: Hardware) -> tuple[str, str]:
     if hw.kind == "cpu" and hw.bf16:
         return "bf16", "CPU has AVX512-BF16/AMX"
     if hw.kind == "cpu":
-        return "fp32", "CPU lacks native bf16 (emulated bf16 is ~20x slower)"
+        return "fp32", "CPU lacks native bf16 (emulated, it is slower than fp32)"
     return "fp32", "autocast on MPS is not reliable enough for training yet"
 
 

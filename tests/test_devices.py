@@ -260,18 +260,23 @@ def test_fp32_never_enters_autocast(shapes, monkeypatch):
     from byolcli.hardware import Hardware
     from byolcli.probe import StepSetting, probe_step
 
-    def refusing_autocast(device_type, dtype=None, enabled=True, **kwargs):
-        raise RuntimeError(f"User specified an unsupported autocast device_type '{device_type}'")
+    entered = []
 
-    monkeypatch.setattr(torch, "autocast", refusing_autocast)
+    def recording_autocast(device_type, dtype=None, enabled=True, **kwargs):
+        entered.append((device_type, dtype, enabled))
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", recording_autocast)
     trainer = Trainer(tiny_plan(len(shapes), total_steps=1), shapes)
     trainer.run(1)
     cpu = Hardware("cpu", "CPU", 8 * GiB, 8 * GiB, False, 2, "cpu")
-    assert probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False), steps=1) > 0
+    probe_step(cpu, StepSetting("resnet18", 32, 4, "fp32", False), steps=1)
     encoder = trainer.model.online_encoder
     encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
     rows = list(inference.iter_embeddings(shapes[:2], encoder.eval(), torch.device("cpu"), workers=0, precision="fp32"))
-    assert rows[0][1].shape == (2, 512)
+    assert rows[0][1].shape == (2, 512) and entered == []
+    list(inference.iter_embeddings(shapes[:1], encoder, torch.device("cpu"), workers=0, precision="bf16"))
+    assert entered == [("cpu", torch.bfloat16, True)]  # where a precision asks for autocast, it is entered
 
 
 def test_the_probe_counts_what_the_allocator_reserved_and_what_mps_holds(monkeypatch):

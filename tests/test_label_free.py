@@ -120,6 +120,7 @@ def test_byol_train_writes_its_report_even_when_quiet(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     page = (tmp_path / "run" / "report.html").read_text()
-    assert "Training curves" in page or "Plan" in page
+    for section in ("Training curves", "Plan", "Without labels", "Nearest neighbours"):
+        assert f"<h2>{section}</h2>" in page, section
     assert 'class="group"' in page and "random init" in page
     assert (tmp_path / "run" / "report.json").exists()

@@ -115,7 +115,7 @@ def test_the_plan_keeps_the_strided_stem_until_the_small_one_is_measured_to_lear
     assert plan.stem == "standard"
     assert probed and all(setting.stem == "standard" for setting in probed)  # the step it timed is the one it trains
     if kind == "cpu":
-        assert "costs about 10x more per step" in plan.reasons["stem"]
+        assert "costs 10 to 20 times more per step" in plan.reasons["stem"]
     elif size <= 64:
         assert "--stem small" in plan.reasons["stem"] and "measured" in plan.reasons["stem"]
 
