@@ -14,6 +14,7 @@ import torch
 from common import milliseconds
 
 from byolcli.augment import byol_views
+from byolcli.pixels import canvas_side
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     for size in (32, 64):
-        canvas = torch.randint(0, 256, (64, 3, size * 3 // 2, size * 3 // 2), dtype=torch.uint8)
+        canvas = torch.randint(0, 256, (64, 3, canvas_side(size), canvas_side(size)), dtype=torch.uint8)
         sizes = torch.full((64, 2), size)
         images = torch.rand(64, 3, size, size)
         print(

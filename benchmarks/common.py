@@ -61,9 +61,9 @@ def export_random_encoder(folder: Path, image_size: int) -> Path:
     """A random-init ResNet-18 exported as a byolcli encoder: the same compute as a trained one."""
     import torch
 
-    from byolcli.data import MEAN, STD
     from byolcli.encoder import save_encoder
     from byolcli.model import make_backbone
+    from byolcli.pixels import MEAN, STD
 
     torch.manual_seed(0)
     path = folder / f"encoder-{image_size}px.safetensors"

@@ -298,6 +298,7 @@ def augment(args) -> dict:
 
     from byolcli.augment import byol_views
     from byolcli.hardware import detect_hardware, synchronize
+    from byolcli.pixels import canvas_side
     from byolcli.probe import StepSetting, probe_step
 
     hw = detect_hardware("cpu" if args.smoke else None)
@@ -307,7 +308,7 @@ def augment(args) -> dict:
         where: probe_step(hw, StepSetting(backbone, size, batch, precision, True, augment_on=where), steps=3)
         for where in ("device", "cpu")  # "cpu": the probe's views come ready
     }
-    device, canvas = torch.device(hw.device), size * 3 // 2
+    device, canvas = torch.device(hw.device), canvas_side(size)
     canvases = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8, device=device)
     sizes = torch.full((batch, 2), canvas, device=device)
     timings = []

@@ -29,19 +29,19 @@ from pathlib import Path
 
 from common import host_cpu
 
-from byolcli.data import MEAN, STD
 from byolcli.encoder import load_encoder, save_encoder
 from byolcli.engine import Trainer
-from byolcli.evaluate import RANDOM_INIT, evaluate_command
+from byolcli.evaluate import evaluate_command
 from byolcli.files import atomic_write_text
 from byolcli.hardware import detect_hardware
 from byolcli.inference import pick_device
+from byolcli.inputs import RANDOM_INIT, start_name
 from byolcli.judge import ENCODER, judge
+from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
 from byolcli.report import Reporter
 from byolcli.scan import scan
-from byolcli.start import start_name
 from byolcli.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from common import host_cpu
 
-from byolcli.evaluate import embed_labelled
+from byolcli.inference import embed_paths
 from byolcli.labels import read_labels
 from byolcli.metrics import linear_probe_scores, stratified_holdout
 from byolcli.models import choose_model
@@ -76,7 +76,7 @@ def main() -> None:
         _, sample = stratified_holdout(y[train], args.train_rows / len(train), seed=0)
         train = train[np.sort(sample.numpy())]
     model = choose_model(args.model)
-    features, ok = embed_labelled([data.paths[i] for i in keep], model.load("cpu"), torch.device("cpu"), 256, None)
+    features, ok = embed_paths([data.paths[i] for i in keep], model.load("cpu"), torch.device("cpu"), 256, None)
     assert ok.all(), "some listed images could not be decoded"
     probe = lambda: linear_probe_scores(features[train], y[train], features[test], len(classes))  # noqa: E731
     logits, decay, at_edge = probe()  # also the warm-up of the timed rounds

@@ -18,7 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from byolcli.data import constant, normalize_images
+from byolcli.pixels import constant, normalize_images
 from byolcli.recipe import RECIPE
 
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop

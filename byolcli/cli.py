@@ -359,11 +359,11 @@ def evaluate(
         require_model_flags(model, arch, image_size)
         require_model_flags(baseline, None, None)
         if folder is not None:
-            from byolcli.judge import judge_command
+            from byolcli.evaluate import evaluate_folder_command
 
             if root or embeddings or baseline:
                 raise UserError("--root, --embeddings and --baseline go with --labels")
-            judge_command(folder, model, arch, image_size, device, json_out, report, _reporter())
+            evaluate_folder_command(folder, model, arch, image_size, device, json_out, report, _reporter())
             return
         from byolcli.evaluate import evaluate_command
 

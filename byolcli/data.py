@@ -12,7 +12,6 @@ have seen, whatever the number of loader processes.
 
 from __future__ import annotations
 
-import functools
 import queue
 import threading
 import warnings
@@ -24,31 +23,9 @@ from torchvision.transforms import v2
 
 from byolcli.hardware import to_device
 from byolcli.images import open_rgb
+from byolcli.pixels import MEAN, STD, canvas_side
 from byolcli.recipe import RECIPE
 from byolcli.rules import DECODE_BATCH, LOADER_PREFETCH
-
-# ImageNet statistics: what torchvision backbones and most users expect.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
-
-
-def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
-    """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    shape = (1, 3, 1, 1)
-    return (images - constant(mean, images, shape)) / constant(std, images, shape)
-
-
-def constant(values, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`values` as a tensor of `like`'s device and dtype, made once: a tensor made from Python
-    numbers is copied to the GPU, and that copy waits for the work queued before it."""
-    return _constant(tuple(values), like.device, like.dtype, shape)
-
-
-@functools.lru_cache(maxsize=64)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).view(shape).to(device)
 
 
 def byol_view(size: int, blur_p: float, solarize_p: float, recipe=RECIPE) -> v2.Compose:
@@ -116,13 +93,12 @@ class CanvasDataset(Dataset):
     """Item (epoch, i): image i decoded onto a square uint8 canvas, plus its original (height, width).
 
     For augmentation on the training device (augment.py): the loader only
-    decodes; crops are cut from the canvas in the original's proportions. The
-    canvas is 1.5x the training size so that small crops keep some detail.
+    decodes; crops are cut from the canvas in the original's proportions.
     """
 
     def __init__(self, paths: list[Path], size: int) -> None:
         self.decoder = TwoViewDataset(paths, size)  # for its decode-with-fallback
-        self.canvas = size * 3 // 2
+        self.canvas = canvas_side(size)
 
     def __len__(self) -> int:
         return len(self.decoder)

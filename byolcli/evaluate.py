@@ -19,16 +19,15 @@ import torch
 
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
-from byolcli.inference import iter_embeddings, pick_device
+from byolcli.inference import embed_paths, pick_device
+from byolcli.inputs import RANDOM_INIT, START
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
-from byolcli.model import make_backbone
 from byolcli.models import IMAGENET, choose_model
 from byolcli.names import read_names
-from byolcli.start import START, start_command, start_network
+from byolcli.start import random_init_network, start_command, start_network
 
 MAX_FOLDS = 5
-RANDOM_INIT = "random init"
 
 
 @dataclass
@@ -91,27 +90,6 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     linear["weight_decay"] = decays
     linear["weight_decay_at_grid_edge"] = at_edge
     return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
-
-
-def embed_labelled(
-    paths: list[Path], encoder, device, batch_size: int, workers: int | None, progress=None
-) -> tuple[torch.Tensor, np.ndarray]:
-    dim = encoder.byol_metadata["feature_dim"]
-    features = np.zeros((len(paths), dim), dtype=np.float32)
-    good = np.ones(len(paths), dtype=bool)
-    for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):
-        features[start : start + len(batch)] = batch
-        good[start : start + len(batch)] = ok
-        if progress:
-            progress(start + len(batch), len(paths))
-    return torch.from_numpy(features), good
-
-
-def random_encoder(metadata: dict, device) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = make_backbone(metadata["architecture"], stem=metadata.get("stem", "standard"))
-    model.byol_metadata = metadata
-    return model.to(device).eval()
 
 
 def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Module:
@@ -206,7 +184,7 @@ def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device
             f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(data.classes)} classes"
         )
         with reporter.progress("embedding (encoder)", unit="images") as progress:
-            features, ok = embed_labelled(data.paths, encoder, torch_device, batch_size, workers, progress)
+            features, ok = embed_paths(data.paths, encoder, torch_device, batch_size, workers, progress)
         encoders["encoder"] = features
         good &= ok
         unmatched, source = "could not be decoded", str(choice.path or choice.description)
@@ -218,12 +196,12 @@ def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device
     compared = {
         "baseline": other,
         START: start,
-        RANDOM_INIT: random_encoder(metadata, torch_device) if metadata else None,
+        RANDOM_INIT: random_init_network(metadata, torch_device) if metadata else None,
     }
     for name, network in compared.items():
         if network is not None:
             with reporter.progress(f"embedding ({name})", unit="images") as progress:
-                encoders[name], ok = embed_labelled(data.paths, network, torch_device, batch_size, workers, progress)
+                encoders[name], ok = embed_paths(data.paths, network, torch_device, batch_size, workers, progress)
             good &= ok
 
     sources = {
@@ -313,3 +291,37 @@ def _write_page(
         results[name]["knn"]["confusion"],
     )
     reporter.info(f"neighbours and confusion matrix: {page}")
+
+
+def evaluate_folder_command(
+    folder: Path, model, arch, image_size, device, json_out: Path | None, report_dir: Path | None, reporter
+) -> dict:
+    """`byol evaluate FOLDER`: the label-free measures and gallery for any folder and encoder."""
+    from byolcli.files import check_outside_input
+    from byolcli.judge import judge
+    from byolcli.report import judgement_report
+    from byolcli.scan import scan
+
+    choice = choose_model(model, arch, image_size)
+    for out in (json_out, report_dir):
+        if out is not None:
+            check_outside_input(out, folder)
+    torch_device = pick_device(device)
+    with reporter.progress("checking images") as progress:
+        manifest = scan(folder, progress=progress, warn=reporter.warn)
+    reporter.info(f"judging {choice.description} without labels on {len(manifest.images):,} images")
+    judgement = judge(manifest.absolute_paths(), choice.load(torch_device), torch_device, reporter.progress)
+    result = {
+        "folder": str(manifest.root),
+        "encoder": str(choice.path or choice.description),
+        **judgement.to_dict(manifest.root),
+    }
+    judgement_report(result)
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps(result, indent=2))
+    if report_dir is not None:
+        from byolcli.report_page import write_report
+
+        page = write_report(report_dir / "index.html", f"{choice.description} on {manifest.root.name}", judgement)
+        reporter.info(f"report: {page}")
+    return result

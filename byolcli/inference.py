@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from byolcli.data import normalize_images
 from byolcli.images import open_rgb
+from byolcli.pixels import normalize_images
 
 
 def load_for_embedding(path: str | Path, size: int) -> torch.Tensor:
@@ -125,3 +125,19 @@ def iter_embeddings(
             row += len(images)
         if pending is not None:
             yield pending[0], pending[1].cpu().numpy(), pending[2].numpy()
+
+
+def embed_paths(
+    paths: list[Path], encoder, device, batch_size: int, workers: int | None, progress=None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Every image's vector as one matrix (rows of images that broke since the scan are zeros) and
+    which rows are good."""
+    dim = encoder.byol_metadata["feature_dim"]
+    features = np.zeros((len(paths), dim), dtype=np.float32)
+    good = np.ones(len(paths), dtype=bool)
+    for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):
+        features[start : start + len(batch)] = batch
+        good[start : start + len(batch)] = ok
+        if progress:
+            progress(start + len(batch), len(paths))
+    return torch.from_numpy(features), good

@@ -18,6 +18,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 EMBEDDING_DTYPES = ("float32", "float16")
 IMAGENET = "imagenet"  # --model, --init and --baseline: torchvision's ImageNet weights
 IMAGENET_SIZE = 224  # px: what torchvision's ImageNet weights were trained at
+# The networks an encoder is compared with, as evaluate's columns and the reports name them: the
+# weights its run started from, and a random-init network of its architecture (the floor to clear).
+START = "start"
+RANDOM_INIT = "random init"
 AUTO, RANDOM = "auto", "random"  # --init: ImageNet's weights where available, else random; random weights
 MIN_IMAGE_SIZE = 16
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from byolcli.inference import embed_paths
+from byolcli.inputs import RANDOM_INIT, START
 from byolcli.label_free import (
     NEAR_DUPLICATE,
     alignment,
@@ -23,7 +25,7 @@ from byolcli.label_free import (
     uniformity,
     view_retrieval,
 )
-from byolcli.start import START, start_network
+from byolcli.start import random_init_network, start_network
 
 SAMPLE = 2000  # images the measures and the neighbour search use: the page and the time stay bounded
 # Images whose two augmented views measure alignment and view retrieval: among 256, retrieval was too coarse to
@@ -31,7 +33,7 @@ SAMPLE = 2000  # images the measures and the neighbour search use: the page and 
 VIEW_PAIRS = 1000
 QUERIES = 12
 NEIGHBOURS = 6
-ENCODER, RANDOM_INIT = "encoder", "random init"
+ENCODER = "encoder"
 
 # What each measure says and how to read it, as measured against kNN on labels (benchmarks/README.md): view
 # retrieval and alignment rank checkpoints and runs as kNN does, RankMe and uniformity do not, and none of them
@@ -92,16 +94,17 @@ def sample_paths(paths: list[Path], size: int = SAMPLE, seed: int = 0) -> list[P
 def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, workers: int | None = None) -> Judgement:
     """Embed a seeded sample of `paths` with `encoder` and with the network it started from (its random-init
     twin when it started from random weights, or when its start cannot be had), and measure both."""
-    from byolcli.evaluate import embed_labelled, random_encoder
-
     sample = sample_paths(paths, SAMPLE, seed)
     start, _ = start_network(encoder.byol_metadata, device)
     reference = RANDOM_INIT if start is None else START
-    networks = {ENCODER: encoder, reference: random_encoder(encoder.byol_metadata, device) if start is None else start}
+    networks = {
+        ENCODER: encoder,
+        reference: random_init_network(encoder.byol_metadata, device) if start is None else start,
+    }
     features, measures = {}, {}
     for who, network in networks.items():
         with progress(f"embedding a sample ({who})", unit="images") if progress else nullcontext() as step:
-            features[who], ok = embed_labelled(sample, network, device, 256, workers, step)
+            features[who], ok = embed_paths(sample, network, device, 256, workers, step)
         features[who] = features[who][torch.from_numpy(ok)]
     keep = [p for p, good in zip(sample, ok) if good]
     queries = sorted(random.Random(seed).sample(range(len(keep)), min(QUERIES, len(keep))))
@@ -143,40 +146,3 @@ def view_embeddings(
                 if step:
                     step(start + len(pairs), len(dataset))
     return {who: (torch.cat(first), torch.cat(second)) for who, (first, second) in rows.items()}
-
-
-def judge_command(
-    folder: Path, model, arch, image_size, device, json_out: Path | None, report_dir: Path | None, reporter
-) -> dict:
-    """`byol evaluate FOLDER`: the label-free measures and gallery for any folder and encoder."""
-    import json
-
-    from byolcli.embed import pick_device
-    from byolcli.files import atomic_write_text, check_outside_input
-    from byolcli.models import choose_model
-    from byolcli.report import judgement_report
-    from byolcli.scan import scan
-
-    choice = choose_model(model, arch, image_size)
-    for out in (json_out, report_dir):
-        if out is not None:
-            check_outside_input(out, folder)
-    torch_device = pick_device(device)
-    with reporter.progress("checking images") as progress:
-        manifest = scan(folder, progress=progress, warn=reporter.warn)
-    reporter.info(f"judging {choice.description} without labels on {len(manifest.images):,} images")
-    judgement = judge(manifest.absolute_paths(), choice.load(torch_device), torch_device, reporter.progress)
-    result = {
-        "folder": str(manifest.root),
-        "encoder": str(choice.path or choice.description),
-        **judgement.to_dict(manifest.root),
-    }
-    judgement_report(result)
-    if json_out is not None:
-        atomic_write_text(json_out, json.dumps(result, indent=2))
-    if report_dir is not None:
-        from byolcli.report_page import write_report
-
-        page = write_report(report_dir / "index.html", f"{choice.description} on {manifest.root.name}", judgement)
-        reporter.info(f"report: {page}")
-    return result

@@ -65,6 +65,7 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     from byolcli.augment import byol_views
     from byolcli.distributed import synchronise_batchnorm
     from byolcli.model import BYOL
+    from byolcli.pixels import canvas_side
     from byolcli.step import ByolStep
 
     if device.type == "cuda":
@@ -80,7 +81,7 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     buckets = torch.empty(trained if setting.gradient_buckets else 0, device=device)  # noqa: F841
     step = ByolStep(model, setting.precision, device.type, lr=0.1)
     if setting.augment_on == "device":
-        canvas = size * 3 // 2  # CanvasDataset's
+        canvas = canvas_side(size)
         canvases = torch.randint(0, 256, (batch, 3, canvas, canvas), dtype=torch.uint8, device=device)
         sizes = torch.full((batch, 2), canvas, device=device)
     views = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=memory_format) for _ in range(2)]

@@ -25,6 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from byolcli.inputs import RANDOM_INIT, START
 from byolcli.names import escape_name
 
 # Results go to stdout; progress, warnings and errors go to stderr, so that
@@ -248,7 +249,7 @@ def evaluation_report(report: dict) -> None:
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
-    references = [n for n in ("start", "random init") if n in results and len(names) > 1]
+    references = [n for n in (START, RANDOM_INIT) if n in results and len(names) > 1]
     for reference in references:
         table.add_column(f"Δ vs {reference}", justify="right")
     rows = [

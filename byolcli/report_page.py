@@ -8,7 +8,8 @@ import html
 from pathlib import Path
 
 from byolcli.gallery import neighbour_row, tile, write_page
-from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, RANDOM_INIT, START, VERDICT, Judgement
+from byolcli.inputs import RANDOM_INIT, START
+from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, VERDICT, Judgement
 
 REFERENCE_WORDS = {
     RANDOM_INIT: "a random-init network of the same architecture",

@@ -11,6 +11,7 @@ from dataclasses import replace
 from byolcli.errors import UserError
 from byolcli.hardware import GiB, Hardware
 from byolcli.inputs import IMAGENET, IMAGENET_SIZE, RANDOM
+from byolcli.pixels import canvas_side
 from byolcli.probe import MEMORY_MARGIN, OutOfMemory, StepSetting
 
 SIZES = (32, 64, 96, 128, 160, 192, 224)
@@ -147,8 +148,7 @@ def choose_workers(hw: Hardware) -> tuple[int, str]:
 def loader_bytes(batch: int, size: int, augment_on: str) -> int:
     """The /dev/shm bytes one training loader process holds: LOADER_PREFETCH batches of uint8
     canvases, or of two float views."""
-    canvas = size * 3 // 2
-    per_image = 3 * canvas * canvas if augment_on == "device" else 2 * 3 * size * size * 4
+    per_image = decoded_bytes(1, size) if augment_on == "device" else 2 * 3 * size * size * 4
     return LOADER_PREFETCH * batch * per_image
 
 
@@ -179,8 +179,7 @@ def step_time(step_seconds: float, data_seconds: float, workers: int) -> float:
 
 
 def decoded_bytes(images: int, size: int) -> int:
-    canvas = size * 3 // 2  # data.CanvasDataset's canvas
-    return images * 3 * canvas * canvas
+    return images * 3 * canvas_side(size) ** 2
 
 
 def choose_in_memory(images: int, size: int, hw: Hardware) -> tuple[bool, str]:

@@ -23,10 +23,8 @@ from safetensors.torch import load_file
 
 from byolcli.errors import UserError
 from byolcli.files import file_sha256
-from byolcli.inputs import IMAGENET, RANDOM
+from byolcli.inputs import IMAGENET, RANDOM, START
 from byolcli.model import make_backbone, stem_of
-
-START = "start"  # how evaluate's table and train's report name the network a run started from
 
 DOWNLOAD_TIMEOUT = 15  # seconds without a byte before a download is given up
 
@@ -175,3 +173,11 @@ def _backbone_only(state: dict) -> dict:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
+
+
+def random_init_network(metadata: dict, device) -> torch.nn.Module:
+    """The architecture of an encoder's `metadata`, randomly initialised (seed 0), ready to embed."""
+    torch.manual_seed(0)
+    model = make_backbone(metadata["architecture"], stem=metadata.get("stem", "standard"))
+    model.byol_metadata = metadata
+    return model.to(device).eval()

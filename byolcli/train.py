@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from byolcli import distributed
-from byolcli.data import MEAN, STD, CanvasDataset, TwoViewDataset
+from byolcli.data import CanvasDataset, TwoViewDataset
 from byolcli.distributed import World
 from byolcli.encoder import save_encoder
 from byolcli.engine import Trainer, load_checkpoint
@@ -27,6 +27,7 @@ from byolcli.hardware import detect_hardware, is_out_of_memory, release_cached_m
 from byolcli.inputs import IMAGENET
 from byolcli.locks import exclusive
 from byolcli.names import read_names, write_names
+from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, Plan, fit_to_world, make_plan, refit_to_budget, short_run_warning
 from byolcli.probe import probe_step
 from byolcli.rules import choose_sync_batchnorm

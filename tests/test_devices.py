@@ -320,9 +320,9 @@ def _bool_index(args) -> bool:
 def test_a_gpu_training_step_never_waits_on_the_host(monkeypatch):
     from byolcli import small_maps
     from byolcli.augment import byol_views
-    from byolcli.data import constant
     from byolcli.model import BYOL
     from byolcli.optim import LARS, lars_groups
+    from byolcli.pixels import constant
 
     monkeypatch.setattr(small_maps, "dense_layout", lambda *args: None)  # a GPU runs torch's own convolutions
     canvases = torch.randint(0, 256, (8, 3, 144, 144), dtype=torch.uint8)

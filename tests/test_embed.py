@@ -7,9 +7,9 @@ import torch
 from helpers import noise_image, random_encoder_file, run_byol, shapes_folder
 
 from byolcli import embed as e
-from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import load_encoder
 from byolcli.inference import load_for_embedding
+from byolcli.pixels import MEAN, STD, normalize_images
 from byolcli.report import Reporter
 
 

@@ -11,12 +11,12 @@ from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, 
 from safetensors.torch import save_file
 
 from byolcli import embed as e
-from byolcli.data import MEAN, STD, normalize_images
 from byolcli.encoder import save_encoder
 from byolcli.errors import UserError
 from byolcli.inference import load_for_embedding
 from byolcli.model import make_backbone
 from byolcli.names import read_names
+from byolcli.pixels import MEAN, STD, normalize_images
 from byolcli.report import Reporter
 
 onnx = pytest.importorskip("onnx")

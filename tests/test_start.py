@@ -137,9 +137,9 @@ def labelled_colours(folder, per_class=12):
 
 def encoder_started_from(path, start, zeroed):
     """An encoder file whose metadata says it started from `start`; its weights are the start's, or zeros."""
-    from byolcli.data import MEAN, STD
     from byolcli.encoder import save_encoder
     from byolcli.model import make_backbone
+    from byolcli.pixels import MEAN, STD
     from byolcli.start import start_name
 
     model = make_backbone("resnet18")

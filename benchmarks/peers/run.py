@@ -73,7 +73,7 @@ def knn_top1(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, te
 
 def features(encoder: torch.nn.Module | None, images: torch.Tensor, mean, std) -> torch.Tensor:
     """Backbone features of uint8 images, or the mean-centred pixels themselves (encoder None)."""
-    from byolcli.data import normalize_images
+    from byolcli.pixels import normalize_images
 
     if encoder is None:
         flat = images.flatten(1).float()
@@ -245,8 +245,8 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
 
 
 def baselines() -> dict:
-    from byolcli.data import MEAN, STD
     from byolcli.model import make_backbone
+    from byolcli.pixels import MEAN, STD
 
     torch.manual_seed(0)
     network = make_backbone("resnet18")
