@@ -32,7 +32,9 @@ DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing10"
 TRIAL = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-from byolcli.inference import default_workers, iter_embeddings
+from byolcli.hardware import detect_hardware
+from byolcli.inference import iter_embeddings
+from byolcli.rules import choose_workers
 from byolcli.encoder import load_encoder
 from byolcli.scan import scan
 
@@ -43,7 +45,7 @@ meta = model.byol_metadata
 from byolcli.inference import ImageDataset, pick_device
 device = pick_device(None)
 model = model.to(device)
-workers = default_workers(device)
+workers = choose_workers(detect_hardware(str(device)), embedding=True)[0]
 start = time.perf_counter()
 if way in ("byolcli", "byolcli-fp32"):
     precision = "fp32" if way == "byolcli-fp32" else None  # None: the default, bf16 where native

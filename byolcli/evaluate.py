@@ -152,14 +152,7 @@ def keep_usable(
         )
     reporter.warn(f"{len(bad)} listed images {unmatched}; evaluating the other {int(good.sum()):,}")
     keep = np.flatnonzero(good)
-    data = LabelledImages(
-        [data.paths[i] for i in keep],
-        [data.labels[i] for i in keep],
-        [data.splits[i] for i in keep] if data.splits is not None else None,
-        [data.rows[i] for i in keep],
-        [],
-    )
-    return data, {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
+    return data.subset(keep.tolist()), {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
 
 
 def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter):

@@ -130,6 +130,13 @@ def detect_hardware(device: str | None = None) -> Hardware:
     return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total, shm)
 
 
+def precision_dtype(precision: str):
+    """The dtype autocast computes `precision` in; None for fp32, which never enters autocast."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
 def mixed_precision(device_type: str, dtype):
     """torch.autocast for `dtype`, or no context at all for fp32 (dtype None): torch 2.4 raises on
     torch.autocast("mps", enabled=False) rather than doing nothing."""

@@ -48,14 +48,6 @@ class ImageDataset(Dataset):
             return torch.zeros(3, self.size, self.size, dtype=torch.uint8), False
 
 
-def default_workers(device: torch.device) -> int:
-    from byolcli.hardware import usable_cores
-
-    cores = usable_cores()
-    # On CPU the forward pass needs cores too; on a GPU the host only decodes.
-    return max(1, cores // 2) if device.type == "cpu" else max(1, min(cores - 1, 12))
-
-
 def pick_device(device: str | None) -> torch.device:
     from byolcli.hardware import detect_hardware
 
@@ -63,18 +55,13 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str | None) -> torch.dtype | None:
-    """bf16 where the hardware computes it natively (GPUs, CPUs with AMX/AVX512-BF16), fp16 on
-    older GPUs, else fp32. bf16 keeps ~3 significant digits: cosine similarities move by
-    about 1e-4, nothing a kNN or a linear probe notices; --precision fp32 gives exact rows."""
-    from byolcli.hardware import cpu_has_bf16, cuda_has_bf16
+    """`precision`, or by default what the device computes fastest natively (rules.device_precision).
+    bf16 keeps ~3 significant digits: cosine similarities move by about 1e-4, nothing a kNN or a
+    linear probe notices; --precision fp32 gives exact rows."""
+    from byolcli.hardware import detect_hardware, precision_dtype
+    from byolcli.rules import device_precision
 
-    if precision is None:
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            precision = "bf16" if cuda_has_bf16(index) else "fp16"
-        else:
-            precision = "bf16" if device.type == "cpu" and cpu_has_bf16() else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    return precision_dtype(precision or device_precision(detect_hardware(str(device)))[0])
 
 
 def iter_embeddings(
@@ -87,14 +74,15 @@ def iter_embeddings(
     precision: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
-    from byolcli.hardware import free_shared_memory, mixed_precision, to_device, use_device
-    from byolcli.rules import LOADER_PREFETCH, fit_workers_to_shared_memory
+    from byolcli.hardware import detect_hardware, mixed_precision, to_device, use_device
+    from byolcli.rules import LOADER_PREFETCH, choose_workers, fit_workers_to_shared_memory
 
     meta = encoder.byol_metadata
     dataset = ImageDataset(paths, meta["image_size"])
     if workers is None:
         held = LOADER_PREFETCH * batch_size * 3 * meta["image_size"] ** 2  # uint8 images in /dev/shm
-        workers = fit_workers_to_shared_memory(default_workers(device), held, free_shared_memory(), "")[0]
+        hw = detect_hardware(str(device))
+        workers = fit_workers_to_shared_memory(choose_workers(hw, embedding=True)[0], held, hw.shared_memory, "")[0]
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -45,6 +45,16 @@ class LabelledImages:
     def classes(self) -> list[str]:
         return sorted(set(self.labels))
 
+    def subset(self, keep: list[int]) -> LabelledImages:
+        """The rows numbered `keep`, in that order (nothing missing among them)."""
+        return LabelledImages(
+            [self.paths[i] for i in keep],
+            [self.labels[i] for i in keep],
+            [self.splits[i] for i in keep] if self.splits is not None else None,
+            [self.rows[i] for i in keep],
+            [],
+        )
+
 
 def _read_table(csv_path: Path) -> list[list[str]]:
     """The CSV's non-blank rows; UserError for a file that is missing, empty, binary or not CSV."""
@@ -153,14 +163,7 @@ def drop_missing(data: LabelledImages, csv_path: Path, skip_missing: bool) -> La
             "fix the paths or --root, or pass --skip-missing to evaluate the rest"
         )
     gone = {line for line, _ in data.missing}
-    keep = [i for i, line in enumerate(data.rows) if line not in gone]
-    return LabelledImages(
-        [data.paths[i] for i in keep],
-        [data.labels[i] for i in keep],
-        [data.splits[i] for i in keep] if data.splits is not None else None,
-        [data.rows[i] for i in keep],
-        [],
-    )
+    return data.subset([i for i, line in enumerate(data.rows) if line not in gone])
 
 
 def _find(header: list[str], names: tuple[str, ...]) -> int | None:

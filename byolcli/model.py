@@ -76,8 +76,9 @@ def small_stem(model: nn.Module) -> nn.Module:
 
 
 def stem_of(state: dict) -> str:
-    """Which stem a ResNet state dict was trained with, from its first convolution's kernel."""
-    return "small" if state["conv1.weight"].shape[-1] == 3 else "standard"
+    """Which stem a ResNet state dict was trained with, from its first convolution's kernel (the
+    standard one when it has none: loading it then says what is missing)."""
+    return "small" if "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3 else "standard"
 
 
 def mlp(in_dim: int, hidden: int = RECIPE.projection_hidden, out_dim: int = RECIPE.projection_dim) -> nn.Sequential:

@@ -87,8 +87,7 @@ def choose_model(
             f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
             f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)"
         )
-    stem = stem_of(state) if "conv1.weight" in state else "standard"  # a missing one is reported on loading
-    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, stem)
+    metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, stem_of(state))
     return ModelChoice(
         "state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)", file_sha256(path), path
     )

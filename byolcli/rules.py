@@ -136,7 +136,11 @@ def device_precision(hw: Hardware) -> tuple[str, str]:
     return "fp32", "autocast on MPS is not reliable enough for training yet"
 
 
-def choose_workers(hw: Hardware) -> tuple[int, str]:
+def choose_workers(hw: Hardware, embedding: bool = False) -> tuple[int, str]:
+    """Loader processes for training, or for embedding: on a CPU the forward pass of an embedding is
+    cheap beside a training step, so more cores decode."""
+    if hw.kind == "cpu" and embedding:
+        return max(1, hw.cores // 2), f"{hw.cores} cores: half decode, half embed"
     if hw.kind == "cpu":
         if hw.cores <= 2:
             return 0, "with 2 cores, a loader process only competes with the training threads"

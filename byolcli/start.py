@@ -94,7 +94,7 @@ def backbone_from(state: dict, architecture: str, name: str, hint: str) -> torch
     """A ResNet backbone holding `state` (its `fc` classifier, if any, dropped), with whichever stem its
     first convolution has; a one-line error naming the weights (`name`) and what to check when they do not fit."""
     state = _backbone_only(state)
-    model = make_backbone(architecture, stem=stem_of(state) if "conv1.weight" in state else "standard")
+    model = make_backbone(architecture, stem=stem_of(state))
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:  # its first line only says "Error(s) in loading state_dict"

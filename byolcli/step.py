@@ -8,12 +8,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from byolcli.hardware import mixed_precision
+from byolcli.hardware import mixed_precision, precision_dtype
 from byolcli.model import BYOL
 from byolcli.optim import LARS, lars_groups
 from byolcli.recipe import RECIPE
-
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32: no autocast
 
 
 class ByolStep:
@@ -35,7 +33,7 @@ class ByolStep:
         )
         self.scaler = torch.amp.GradScaler(device_type, enabled=precision == "fp16")
         self.device_type = device_type
-        self.dtype = AUTOCAST.get(precision)
+        self.dtype = precision_dtype(precision)
 
     def set_learning_rate(self, lr: float) -> None:
         for group in self.optimizer.param_groups:

@@ -201,9 +201,13 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
     )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / IMAGES, write_names(image.path for image in manifest.images))
-    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+    _write_plan(out, plan)
     (out / METRICS).unlink(missing_ok=True)
     return plan, manifest.absolute_paths()
+
+
+def _write_plan(out: Path, plan: Plan) -> None:
+    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
 
 
 def _cannot_continue(exc: RuntimeError, plan: Plan, out: Path, world: World) -> None:
@@ -247,7 +251,7 @@ def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict
     plan.accumulation *= before // plan.batch_size
     plan.reasons["batch_size"] = f"{before} ran out of memory in training; halved"
     plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, plan.world_size)
-    atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+    _write_plan(out, plan)
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     _truncate_metrics(out / METRICS, state["step"] if state else 0)
     reporter.warn(
@@ -280,7 +284,7 @@ def _resume(
     rescaled = fit_to_world(plan, world.size)
     if rescaled:
         reporter.info(rescaled)
-        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+        _write_plan(out, plan)
     return plan, paths
 
 
@@ -374,7 +378,7 @@ def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
     warned = short_run_warning(plan) is not None  # said before the first step
     refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
     if world.is_main:
-        atomic_write_text(out / PLAN, json.dumps(plan.to_dict(), indent=2))
+        _write_plan(out, plan)
     reporter.info(
         f"re-planned from the measured speed: {plan.total_steps:,} steps "
         f"({plan.epochs:g} epochs) at {plan.step_seconds:.2f} s per step"
