@@ -61,8 +61,8 @@ def export_random_encoder(folder: Path, image_size: int) -> Path:
     """A random-init ResNet-18 exported as a byolcli encoder: the same compute as a trained one."""
     import torch
 
+    from byolcli.backbones import make_backbone
     from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
     from byolcli.pixels import MEAN, STD
 
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ import time
 import torch
 from torch import nn
 
-from byolcli.model import BYOL, PerViewBatchNorm1d, PerViewBatchNorm2d, regression_loss
+from byolcli.backbones import PerViewBatchNorm1d, PerViewBatchNorm2d
+from byolcli.byol import BYOL, regression_loss
 from byolcli.optim import LARS, lars_groups
 
 

@@ -40,8 +40,8 @@ from byolcli.judge import ENCODER, judge
 from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
-from byolcli.report import Reporter
 from byolcli.scan import scan
+from byolcli.terminal import Reporter
 from byolcli.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"
@@ -129,7 +129,7 @@ def main() -> None:
                 init=start_name(plan.init),
                 init_path=plan.init if plan.init not in (None, "imagenet") else "",
             )
-            report = evaluate_command(args.labels, encoder, None, args.device, None, quiet)
+            report = evaluate_command(args.labels, reporter=quiet, model=encoder, device=args.device)
             unlabelled = {ENCODER: None, RANDOM_INIT: None}
             if not args.no_label_free:
                 device = pick_device(args.device)

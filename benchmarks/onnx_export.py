@@ -27,9 +27,9 @@ from common import host_cpu
 
 from byolcli.export import export_onnx
 from byolcli.inference import iter_embeddings, load_for_embedding
-from byolcli.models import choose_model
-from byolcli.report import Reporter
+from byolcli.model_choice import choose_model
 from byolcli.scan import scan
+from byolcli.terminal import Reporter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "test"
 BATCH = 64

@@ -32,7 +32,7 @@ from common import host_cpu
 from byolcli.inference import embed_paths
 from byolcli.labels import read_labels
 from byolcli.metrics import linear_probe_scores, stratified_holdout
-from byolcli.models import choose_model
+from byolcli.model_choice import choose_model
 
 PEER_PYTHON = Path(__file__).resolve().parent / "peers" / ".venv" / "bin" / "python"
 SKLEARN = """

@@ -65,7 +65,7 @@ def user_errors() -> Iterator[None]:
             raise
         from rich.markup import escape
 
-        from byolcli.report import err
+        from byolcli.terminal import err
 
         prefix, code = next((prefix, code) for kind, prefix, code in ONE_LINE_ERRORS if isinstance(exc, kind))
         err.print(f"[bold red]{prefix}:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
@@ -79,7 +79,7 @@ def user_errors() -> Iterator[None]:
 
 
 def _reporter():
-    from byolcli.report import Reporter
+    from byolcli.terminal import Reporter
 
     return Reporter(quiet=state.quiet)
 
@@ -134,8 +134,8 @@ def scan(
     Results are cached per folder outside it, so a rerun only re-checks files that changed.
     """
     with user_errors():
-        from byolcli.report import scan_report
         from byolcli.scan import scan as run_scan
+        from byolcli.terminal import scan_report
 
         reporter = _reporter()
         with reporter.progress("checking images") as progress:
@@ -295,14 +295,14 @@ def embed(
         embed_command(
             folder,
             out,
-            model,
-            normalize,
-            dtype,
-            batch_size,
-            workers,
-            device,
-            _reporter(),
-            precision,
+            reporter=_reporter(),
+            model=model,
+            normalize=normalize,
+            dtype=dtype,
+            batch_size=batch_size,
+            workers=workers,
+            device=device,
+            precision=precision,
             arch=arch,
             image_size=image_size,
         )
@@ -363,17 +363,26 @@ def evaluate(
 
             if root or embeddings or baseline:
                 raise UserError("--root, --embeddings and --baseline go with --labels")
-            evaluate_folder_command(folder, model, arch, image_size, device, json_out, report, _reporter())
+            evaluate_folder_command(
+                folder,
+                reporter=_reporter(),
+                model=model,
+                arch=arch,
+                image_size=image_size,
+                device=device,
+                json_out=json_out,
+                report_dir=report,
+            )
             return
         from byolcli.evaluate import evaluate_command
 
         evaluate_command(
             labels,
-            model,
-            root,
-            device,
-            json_out,
-            _reporter(),
+            reporter=_reporter(),
+            model=model,
+            root=root,
+            device=device,
+            json_out=json_out,
             embeddings=embeddings,
             baseline=baseline,
             skip_missing=skip_missing,

@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from byolcli.backbones import PerViewStatistics
 from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, TrainingFailed, UserError
-from byolcli.model import PerViewStatistics
 
 DEFAULT_TIMEOUT = 300.0
 # Rank 0 scans and plans while the others wait: a scan of millions of files can
@@ -264,7 +264,7 @@ class _SyncedNorm(torch.autograd.Function):
 
 
 class SyncedBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
-    """Per-view batch norm (model.py) whose statistics cover every rank's batch: the math of one
+    """Per-view batch norm (backbones.py) whose statistics cover every rank's batch: the math of one
     big batch, on CPU (gloo) and GPU (NCCL) alike, both views in one pass. Not `across_ranks`
     (the planner's probe, which rank 0 runs alone), or in one process, it computes what per-view
     batch norm computes, with the memory it takes across ranks."""

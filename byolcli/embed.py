@@ -25,6 +25,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,10 +34,13 @@ from byolcli.files import atomic_path, atomic_write_text, check_outside_input, w
 from byolcli.inference import autocast_dtype, iter_embeddings, pick_device
 from byolcli.inputs import EMBEDDING_DTYPES, PRECISIONS, require_choice
 from byolcli.locks import exclusive
-from byolcli.models import ModelChoice, choose_model
+from byolcli.model_choice import ModelChoice, choose_model
 from byolcli.names import escape_name, read_names, write_names
 from byolcli.scan import Skipped, scan
 from byolcli.signals import StopRequests
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 DTYPES = {name: np.dtype(name) for name in EMBEDDING_DTYPES}
 # How many rows between progress records of a partial run (and so the most work
@@ -106,13 +110,14 @@ def sidecars(out: Path) -> dict[str, Path]:
 def embed_command(
     folder: Path,
     out: Path,
-    model: str | Path | None,
-    normalize: bool,
-    dtype: str,
-    batch_size: int,
-    workers: int | None,
-    device: str | None,
-    reporter,
+    *,
+    reporter: Reporter,
+    model: str | Path | None = None,
+    normalize: bool = False,
+    dtype: str = "float32",
+    batch_size: int = 256,
+    workers: int | None = None,
+    device: str | None = None,
     precision: str | None = None,
     arch: str | None = None,
     image_size: int | None = None,

@@ -19,9 +19,10 @@ from safetensors.torch import save as serialise
 from torch import nn
 
 from byolcli import __version__
+from byolcli.backbones import BACKBONES, make_backbone, stem_of
 from byolcli.errors import UserError
 from byolcli.files import atomic_path
-from byolcli.model import BACKBONES, STEMS, make_backbone, stem_of
+from byolcli.inputs import STEMS
 
 FORMAT = "byolcli-encoder"
 FORMAT_VERSION = "1"

@@ -30,12 +30,12 @@ from torch.utils.data import DataLoader
 
 from byolcli import distributed
 from byolcli.augment import byol_views
+from byolcli.byol import BYOL
 from byolcli.data import CanvasDataset, EpochSampler, MemoryBatches, TwoViewDataset, decode_canvases, item_seed
 from byolcli.distributed import World, per_rank_device, synchronise_batchnorm
 from byolcli.errors import TrainingFailed, UserError
 from byolcli.files import atomic_path
 from byolcli.hardware import to_device, usable_cores, use_device
-from byolcli.model import BYOL
 from byolcli.optim import ema_rate, learning_rate
 from byolcli.plan import Plan
 from byolcli.rules import GPU_RESIDENT_SHARE, LOADER_PREFETCH
@@ -50,6 +50,30 @@ OVERFLOWS_IN_A_ROW = 25
 # collapsed one maps every image to (nearly) the same point.
 COLLAPSE_STD = 0.05  # per-dimension std × √d; ≈1 for spread-out vectors, → 0 at collapse
 COLLAPSE_RANK = 1.5  # effective rank of a batch's projections
+
+
+@dataclass
+class Counts:
+    """What the loop counts on the device between two meetings of the ranks, never waiting for it:
+    the sum of the finite losses and their number, the steps the fp16 loss scaler skipped; and the
+    skipped steps in a row, which carries over from one window to the next."""
+
+    loss_sum: torch.Tensor
+    losses: torch.Tensor
+    skipped: torch.Tensor
+    skipped_in_a_row: torch.Tensor
+
+    @classmethod
+    def zeros(cls, device: torch.device) -> Counts:
+        return cls(*(torch.zeros((), device=device) for _ in range(4)))
+
+    def new_window(self) -> None:
+        for count in (self.loss_sum, self.losses, self.skipped):
+            count.zero_()
+
+    def as_tensor(self) -> torch.Tensor:
+        """All four in one tensor, in the order of the fields: what one all-reduce sums over ranks."""
+        return torch.stack([self.loss_sum, self.losses, self.skipped, self.skipped_in_a_row])
 
 
 @dataclass
@@ -185,26 +209,24 @@ class Trainer:
         self.model.train()
         distributed_run = self.world.size > 1
         next_meeting = self.step + 1  # the first meeting measures the step time
-        # Since the last meeting: the sum of the finite losses, their count and the steps the fp16
-        # loss scaler skipped; and the skipped steps in a row.
-        totals = torch.zeros(4, device=self.device)
+        counts = Counts.zeros(self.device)
         window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
         last_log = last_checkpoint = time.perf_counter()
         while self.step < until and not self.stopping:
             batches = self._epoch_batches()
             for _ in range(self.plan.steps_per_epoch - self.step % self.plan.steps_per_epoch):
-                lr, tau, projections = self._train_step(batches, totals, window)
+                lr, tau, projections = self._train_step(batches, counts, window)
                 now = time.perf_counter()
                 finished = self.step >= until
                 meet = finished or (
                     self.step >= next_meeting if distributed_run else now - last_log >= log_every or self.stop_requested
                 )
                 if meet:
-                    loss, step_seconds, overflowed = self._agree(totals, window["steps"], now - window["start"], lr)
+                    loss, step_seconds, overflowed = self._agree(counts, window["steps"], now - window["start"], lr)
                     next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
                     if on_log:
                         on_log(self._log_record(loss, window, projections, lr, tau, now, overflowed))
-                    totals[:3].zero_()
+                    counts.new_window()
                     window = {"steps": 0, "wait": 0.0, "start": now}
                     last_log = now
                 if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stopping):
@@ -223,7 +245,7 @@ class Trainer:
             self._batches = iter(self.loader)
         return self._batches
 
-    def _train_step(self, batches, totals: torch.Tensor, window: dict) -> tuple[float, float, torch.Tensor]:
+    def _train_step(self, batches, counts: Counts, window: dict) -> tuple[float, float, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches. Returns (lr, τ, view 1's projections)."""
         plan, step = self.plan, self.byol_step
         lr = learning_rate(self.step, plan.total_steps, plan.warmup_steps, plan.lr)
@@ -241,11 +263,11 @@ class Trainer:
             last = micro == plan.accumulation - 1
             with step.forward.no_sync() if self.world.size > 1 and not last else nullcontext():
                 loss, projections = step.accumulate(view1, view2, plan.accumulation)
-            self._add_loss(totals, loss)
+            self._add_loss(counts, loss)
         skipped = step.finish(tau)
         if skipped is not None:
-            totals[2] += skipped
-            totals[3] = (totals[3] + 1) * skipped
+            counts.skipped += skipped
+            counts.skipped_in_a_row = (counts.skipped_in_a_row + 1) * skipped
         self.step += 1
         self._batches_at = self.step
         window["steps"] += 1
@@ -257,24 +279,25 @@ class Trainer:
             first, second = byol_views(first, second, self.plan.image_size)
         return (first.contiguous(memory_format=self.memory_format), second.contiguous(memory_format=self.memory_format))
 
-    def _add_loss(self, totals: torch.Tensor, loss: torch.Tensor) -> None:
+    def _add_loss(self, counts: Counts, loss: torch.Tensor) -> None:
         """Count a micro-step's loss, on the device (no sync per step). Under fp16 loss scaling a
         non-finite loss is an overflow the scaler answers by skipping the step and lowering its
         scale, so it is left out of the mean; only a run of nothing but skipped steps fails (_agree)."""
         if self.byol_step.scaler.is_enabled():
             finite = torch.isfinite(loss)
-            totals[0] += loss.masked_fill(~finite, 0)
-            totals[1] += finite
+            counts.loss_sum += loss.masked_fill(~finite, 0)
+            counts.losses += finite
         else:
-            totals[0] += loss
-            totals[1] += 1
+            counts.loss_sum += loss
+            counts.losses += 1
 
-    def _agree(self, totals: torch.Tensor, steps: int, seconds: float, lr: float) -> tuple[float, float, int]:
+    def _agree(self, counts: Counts, steps: int, seconds: float, lr: float) -> tuple[float, float, int]:
         """(mean loss, mean seconds per step, steps the loss scaler skipped) over all ranks since the
         last meeting; sets `stopping` if any rank saw a stop signal (SIGTERM over SIGINT when ranks
         saw different ones)."""
         seen = [float(self.stop_requested == signum) for signum in (signal.SIGTERM, signal.SIGINT)]
-        shared = torch.cat([totals, totals.new_tensor([seconds, *seen])])
+        tallies = counts.as_tensor()
+        shared = torch.cat([tallies, tallies.new_tensor([seconds, *seen])])
         distributed.sum_across(self.world, shared)
         total, counted, skipped, in_a_row, seconds_sum, terms, interrupts = shared.tolist()
         self.stopping = signal.SIGTERM if terms else signal.SIGINT if interrupts else 0

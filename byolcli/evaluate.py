@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,9 +24,12 @@ from byolcli.inference import embed_paths, pick_device
 from byolcli.inputs import RANDOM_INIT, START
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
-from byolcli.models import IMAGENET, choose_model
+from byolcli.model_choice import IMAGENET, choose_model
 from byolcli.names import read_names
 from byolcli.start import random_init_network, start_command, start_network
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 MAX_FOLDS = 5
 
@@ -209,11 +213,12 @@ def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device
 
 def evaluate_command(
     labels: Path,
-    model: Path | None,
-    root: Path | None,
-    device: str | None,
-    json_out: Path | None,
-    reporter,
+    *,
+    reporter: Reporter,
+    model: Path | None = None,
+    root: Path | None = None,
+    device: str | None = None,
+    json_out: Path | None = None,
     embeddings: Path | None = None,
     baseline: Path | None = None,
     skip_missing: bool = False,
@@ -250,7 +255,7 @@ def evaluate_command(
     }
     if START in results and _worse_than_start(results[next(iter(results))], results[START]):
         report["use_start"] = start_command(metadata)
-    from byolcli.report import evaluation_report
+    from byolcli.terminal import evaluation_report
 
     evaluation_report(report)
     if json_out is not None:
@@ -287,13 +292,21 @@ def _write_page(
 
 
 def evaluate_folder_command(
-    folder: Path, model, arch, image_size, device, json_out: Path | None, report_dir: Path | None, reporter
+    folder: Path,
+    *,
+    reporter: Reporter,
+    model: str | Path | None = None,
+    arch: str | None = None,
+    image_size: int | None = None,
+    device: str | None = None,
+    json_out: Path | None = None,
+    report_dir: Path | None = None,
 ) -> dict:
     """`byol evaluate FOLDER`: the label-free measures and gallery for any folder and encoder."""
     from byolcli.files import check_outside_input
     from byolcli.judge import judge
-    from byolcli.report import judgement_report
     from byolcli.scan import scan
+    from byolcli.terminal import judgement_report
 
     choice = choose_model(model, arch, image_size)
     for out in (json_out, report_dir):
@@ -313,7 +326,7 @@ def evaluate_folder_command(
     if json_out is not None:
         atomic_write_text(json_out, json.dumps(result, indent=2))
     if report_dir is not None:
-        from byolcli.report_page import write_report
+        from byolcli.html_report import write_report
 
         page = write_report(report_dir / "index.html", f"{choice.description} on {manifest.root.name}", judgement)
         reporter.info(f"report: {page}")

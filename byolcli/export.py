@@ -26,7 +26,7 @@ from torch import nn
 
 from byolcli.errors import UserError
 from byolcli.files import atomic_path
-from byolcli.models import choose_model
+from byolcli.model_choice import choose_model
 from byolcli.names import escape_name
 
 EXTRA = 'pip install "byolcli[onnx]"'
@@ -55,7 +55,7 @@ class RawImageEncoder(nn.Module):
 
 def stock_backbone(encoder: nn.Module, architecture: str) -> nn.Module:
     """A plain torchvision ResNet with the encoder's weights: none of byolcli's CPU kernels in the graph."""
-    from byolcli.model import BACKBONES, small_stem, stem_of
+    from byolcli.backbones import BACKBONES, small_stem, stem_of
 
     stock = BACKBONES[architecture][0](weights=None)
     stock.fc = nn.Identity()

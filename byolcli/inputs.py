@@ -8,7 +8,7 @@ from pathlib import Path
 
 from byolcli.errors import UserError
 
-# name -> feature dimension after global pooling (model.py builds each from torchvision)
+# name -> feature dimension after global pooling (backbones.py builds each from torchvision)
 ARCHITECTURES = {"resnet18": 512, "resnet34": 512, "resnet50": 2048}
 # "standard": torchvision's 7×7 stride-2 convolution and max-pool, a quarter of the image per side
 # before the first residual stage. "small": a 3×3 stride-1 convolution and no max-pool, the

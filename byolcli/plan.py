@@ -134,6 +134,17 @@ def fit_to_world(plan: Plan, world_size: int) -> str | None:
     )
 
 
+def halve_batch(plan: Plan, to: int | None = None) -> None:
+    """After running out of memory: half the per-device batch (or `to`), as much more accumulation,
+    so that the global batch, and with it the learning rate, the data order and a checkpoint, stay
+    valid."""
+    before = plan.batch_size
+    plan.batch_size = to or before // 2
+    plan.accumulation *= before // plan.batch_size
+    plan.reasons["batch_size"] = f"{before} ran out of memory in training; halved"
+    plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, plan.world_size)
+
+
 def make_plan(
     short_sides: list[int],
     skipped: int,
@@ -246,7 +257,8 @@ def schedule(plan: Plan, epochs: int | None, lr: float | None) -> None:
 
 
 def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_seconds: float) -> None:
-    """Re-plan the run's length from the step time measured in real training.
+    """Re-plan the run's length from the step time measured in real training, and with it the
+    warm-up, the EMA rate and the learning rate (unless set by flag).
 
     The probe times the model alone; real steps also pay for data loading and
     share the CPU with it, so the first estimate can be far off.
@@ -255,7 +267,11 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     plan.total_steps = max(total, steps_done + 1)
     plan.epochs = round(plan.total_steps / plan.steps_per_epoch, 3)
     plan.warmup_steps = warmup_for(plan.steps_per_epoch, plan.total_steps)
-    plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps, plan.init is not None)
+    started = plan.init is not None
+    plan.tau_base, plan.reasons["tau_base"] = tau_for(plan.epochs, plan.total_steps, started)
+    if plan.reasons.get("lr") != "set by flag":  # the run's length decides its learning rate, as in schedule()
+        plan.base_lr, plan.reasons["lr"] = choose_base_lr(plan.epochs, started)
+        plan.lr = plan.base_lr * plan.effective_batch / 256
     plan.step_seconds = step_seconds
     plan.reasons["epochs"] = (
         f"what fits in the {format_seconds(plan.time_budget)} budget at "

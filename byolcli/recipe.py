@@ -1,5 +1,5 @@
 """BYOL's recipe (Grill et al. 2020, Table 6 and §3.2, and DeepMind's reference code): one frozen value
-that the per-image augmentation (data.py), the batched one (augment.py), the heads (model.py) and
+that the per-image augmentation (data.py), the batched one (augment.py), the heads (byol.py) and
 the optimizer (optim.py, plan.py) all read, so the two augmentation paths cannot drift apart."""
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+from byolcli.backbones import make_backbone, stem_of
 from byolcli.errors import UserError
 from byolcli.files import file_sha256
 from byolcli.inputs import IMAGENET, RANDOM, START
-from byolcli.model import make_backbone, stem_of
 
 DOWNLOAD_TIMEOUT = 15  # seconds without a byte before a download is given up
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from byolcli.byol import BYOL
 from byolcli.hardware import mixed_precision, precision_dtype
-from byolcli.model import BYOL
 from byolcli.optim import LARS, lars_groups
 from byolcli.recipe import RECIPE
 

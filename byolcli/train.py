@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from byolcli import distributed
-from byolcli.data import CanvasDataset, TwoViewDataset
 from byolcli.distributed import World
 from byolcli.encoder import save_encoder
 from byolcli.engine import Trainer, load_checkpoint
@@ -28,9 +27,8 @@ from byolcli.inputs import IMAGENET
 from byolcli.locks import exclusive
 from byolcli.names import read_names, write_names
 from byolcli.pixels import MEAN, STD
-from byolcli.plan import Overrides, Plan, fit_to_world, make_plan, refit_to_budget, short_run_warning
-from byolcli.probe import probe_step
-from byolcli.rules import choose_sync_batchnorm
+from byolcli.plan import Overrides, Plan, fit_to_world, halve_batch, make_plan, refit_to_budget, short_run_warning
+from byolcli.probe import probe_step, time_decoding
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 from byolcli.start import fetch_imagenet, start_name
@@ -70,7 +68,7 @@ def train_folder(request: TrainRequest, reporter) -> Path:
     world = World.from_env()
     distributed.start(world)
     if not world.is_main:
-        from byolcli.report import Reporter
+        from byolcli.terminal import Reporter
 
         reporter = Reporter(quiet=True, warnings=False)
     try:
@@ -104,7 +102,7 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
     else:
         plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
 
-    from byolcli.report import plan_report
+    from byolcli.terminal import plan_report
 
     plan_report(plan, manifest, out, reporter)
     warning = short_run_warning(plan) if state is None else None
@@ -165,8 +163,8 @@ def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter
     """report.html beside the encoder: the plan, the curves, and the trained encoder against a
     random-init one without labels; report.json holds the measures and neighbours."""
     from byolcli.encoder import load_encoder
+    from byolcli.html_report import write_report
     from byolcli.judge import judge
-    from byolcli.report_page import write_report
 
     device = torch.device(plan.device)
     judgement = judge(paths, load_encoder(out / ENCODER, device), device, reporter.progress, seed=plan.seed)
@@ -195,7 +193,7 @@ def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: Wo
         hw,
         overrides,
         probe=lambda setting: probe_step(hw, setting),
-        data_cost=lambda size, augment_on: _time_decoding(manifest.absolute_paths(), size, augment_on),
+        data_cost=lambda size, augment_on: time_decoding(manifest.absolute_paths(), size, augment_on),
         world_size=world.size,
         find_imagenet=fetch_imagenet,  # downloads here, once, before any rank needs the file
     )
@@ -247,10 +245,7 @@ def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict
     data order and the checkpoint stay valid). Returns the last checkpoint to continue from."""
     (out / OUT_OF_MEMORY).unlink(missing_ok=True)
     before = plan.batch_size
-    plan.batch_size = to or before // 2
-    plan.accumulation *= before // plan.batch_size
-    plan.reasons["batch_size"] = f"{before} ran out of memory in training; halved"
-    plan.sync_batchnorm, plan.reasons["sync_batchnorm"] = choose_sync_batchnorm(plan.batch_size, plan.world_size)
+    halve_batch(plan, to)
     _write_plan(out, plan)
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     _truncate_metrics(out / METRICS, state["step"] if state else 0)
@@ -292,7 +287,7 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter, recalib
     """The loop with progress, metrics, checkpoints, Ctrl-C / SIGTERM handling and the budget re-plan
     (at the start, and again after the batch was halved: its steps take another time). Only rank 0
     writes; every rank runs the same steps."""
-    from byolcli.report import training_progress
+    from byolcli.terminal import training_progress
 
     plan, world = trainer.plan, trainer.world
     metrics = (out / METRICS).open("a", encoding="utf-8") if world.is_main else None
@@ -413,13 +408,3 @@ def _move_aside(out: Path, reporter) -> None:
     for entry in previous:
         shutil.move(str(entry), str(aside / entry.name))
     reporter.info(f"previous run moved to {aside}")
-
-
-def _time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:
-    """Seconds a loader process spends on one image at `size`, from a small sample."""
-    sample = paths[:: max(1, len(paths) // samples)][:samples]
-    dataset = CanvasDataset(sample, size) if augment_on == "device" else TwoViewDataset(sample, size)
-    start = time.perf_counter()
-    for index in range(len(dataset)):
-        dataset[0, index]
-    return (time.perf_counter() - start) / len(dataset)

@@ -254,8 +254,8 @@ def random_encoder_file(path: Path, seed: int = 0, size: int = 32) -> Path:
     """An encoder file holding an untrained ResNet-18, as `byol train` exports one."""
     import torch
 
+    from byolcli.backbones import make_backbone
     from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
     from byolcli.pixels import MEAN, STD
 
     torch.manual_seed(seed)

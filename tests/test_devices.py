@@ -122,8 +122,8 @@ def test_the_probe_treats_library_allocation_failures_as_out_of_memory_and_frees
     import weakref
 
     from byolcli import probe
+    from byolcli.byol import BYOL
     from byolcli.hardware import Hardware
-    from byolcli.model import BYOL
 
     attempt = {}
 
@@ -320,7 +320,7 @@ def _bool_index(args) -> bool:
 def test_a_gpu_training_step_never_waits_on_the_host(monkeypatch):
     from byolcli import small_maps
     from byolcli.augment import byol_views
-    from byolcli.model import BYOL
+    from byolcli.byol import BYOL
     from byolcli.optim import LARS, lars_groups
     from byolcli.pixels import constant
 
@@ -424,7 +424,7 @@ def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_c
     from byolcli import train as t
     from byolcli.encoder import load_encoder
     from byolcli.plan import Overrides
-    from byolcli.report import Reporter
+    from byolcli.terminal import Reporter
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     real_views = t.Trainer._views
@@ -457,8 +457,8 @@ def test_running_out_of_memory_mid_run_halves_the_batch_and_continues_from_the_c
 
 
 def test_synchronised_batch_norm_is_one_implementation_that_keeps_both_views_in_one_pass():
+    from byolcli.byol import BYOL
     from byolcli.distributed import SyncedBatchNorm, synchronise_batchnorm
-    from byolcli.model import BYOL
 
     model = BYOL("resnet18")
     reference = {k: v.clone() for k, v in model.state_dict().items()}
@@ -529,7 +529,7 @@ def test_embedding_fits_its_loader_processes_to_dev_shm(shapes, monkeypatch):
 
 
 def BYOLEncoder():
-    from byolcli.model import BYOL
+    from byolcli.byol import BYOL
 
     encoder = BYOL("resnet18").online_encoder.eval()
     encoder.byol_metadata = {"image_size": 32, "mean": (0.5,) * 3, "std": (0.25,) * 3}
@@ -539,8 +539,8 @@ def BYOLEncoder():
 def test_synchronised_batch_norm_keeps_only_what_its_backward_needs_and_computes_as_per_view_batch_norm(monkeypatch):
     from torch.autograd.graph import saved_tensors_hooks
 
+    from byolcli.backbones import PerViewBatchNorm2d
     from byolcli.distributed import SyncedBatchNorm
-    from byolcli.model import PerViewBatchNorm2d
 
     torch.manual_seed(0)
     single = PerViewBatchNorm2d(8)
@@ -654,7 +654,7 @@ def out_of_memory_at(monkeypatch, failing) -> list:
 def test_halving_stops_where_batch_norm_needs_two_images_and_at_an_odd_batch(tmp_path, monkeypatch):
     from byolcli import train
     from byolcli.plan import Overrides
-    from byolcli.report import Reporter
+    from byolcli.terminal import Reporter
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     seen = out_of_memory_at(monkeypatch, lambda batch, step: True)
@@ -669,7 +669,7 @@ def test_halving_stops_where_batch_norm_needs_two_images_and_at_an_odd_batch(tmp
 def test_halving_under_a_time_budget_replans_the_rest_of_the_run_from_the_new_speed(tmp_path, monkeypatch):
     from byolcli import train
     from byolcli.plan import Overrides
-    from byolcli.report import Reporter
+    from byolcli.terminal import Reporter
 
     monkeypatch.setattr(train, "CALIBRATION", (1, 2))
     replans = []

@@ -16,7 +16,7 @@ def test_the_benchmark_tables_are_the_ones_the_stored_results_give():
 def test_the_readme_shows_the_small_stem_lines_the_stem_uses():
     import torch
 
-    from byolcli.model import make_backbone
+    from byolcli.backbones import make_backbone
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     lines = [line for line in readme.splitlines() if line.startswith(("model.conv1 =", "model.maxpool ="))]

@@ -10,7 +10,7 @@ from byolcli import embed as e
 from byolcli.encoder import load_encoder
 from byolcli.inference import load_for_embedding
 from byolcli.pixels import MEAN, STD, normalize_images
-from byolcli.report import Reporter
+from byolcli.terminal import Reporter
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,18 @@ def folder(tmp_path):
 
 
 def embed(folder, out, model, batch_size=5, workers=0, normalize=False, dtype="float32", precision="fp32"):
-    e.embed_command(folder, out, model, normalize, dtype, batch_size, workers, "cpu", Reporter(quiet=True), precision)
+    e.embed_command(
+        folder,
+        out,
+        reporter=Reporter(quiet=True),
+        model=model,
+        normalize=normalize,
+        dtype=dtype,
+        batch_size=batch_size,
+        workers=workers,
+        device="cpu",
+        precision=precision,
+    )
     files = e.sidecars(out)
     return np.load(out), files["paths"].read_text().splitlines()
 

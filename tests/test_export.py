@@ -11,13 +11,13 @@ from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, 
 from safetensors.torch import save_file
 
 from byolcli import embed as e
+from byolcli.backbones import make_backbone
 from byolcli.encoder import save_encoder
 from byolcli.errors import UserError
 from byolcli.inference import load_for_embedding
-from byolcli.model import make_backbone
 from byolcli.names import read_names
 from byolcli.pixels import MEAN, STD, normalize_images
-from byolcli.report import Reporter
+from byolcli.terminal import Reporter
 
 onnx = pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
@@ -48,7 +48,17 @@ def trained_like_encoder(path, size, seed=0):
 
 
 def embed_rows(folder, out, model, **flags):
-    e.embed_command(folder, out, model, False, "float32", 8, 0, "cpu", Reporter(quiet=True), "fp32", **flags)
+    e.embed_command(
+        folder,
+        out,
+        reporter=Reporter(quiet=True),
+        model=model,
+        batch_size=8,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+        **flags,
+    )
     return np.load(out), read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))
 
 

@@ -84,8 +84,8 @@ def test_evaluate_without_labels_reports_both_networks_and_writes_outside_the_fo
 def test_the_page_stays_the_same_size_for_any_folder(tmp_path, monkeypatch):
     from byolcli import judge
     from byolcli.encoder import load_encoder
+    from byolcli.html_report import write_report
     from byolcli.inference import pick_device
-    from byolcli.report_page import write_report
     from byolcli.scan import scan
 
     monkeypatch.setattr(judge, "SAMPLE", 20)

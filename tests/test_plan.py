@@ -195,3 +195,17 @@ def test_random_and_imagenet_and_a_pinned_stem_decide_the_start_over_what_is_fou
     assert plan(imagenet_found, init="imagenet").init == "imagenet"
     with pytest.raises(UserError, match="--init imagenet: no ImageNet weights in /cache/resnet18.pth"):
         plan(imagenet_missing, init="imagenet")
+
+
+def test_a_budget_replanned_from_the_measured_speed_rechooses_what_the_length_decides():
+    from byolcli.plan import refit_to_budget
+
+    plan = tiny_plan(800, batch_size=64, steps_per_epoch=12, epochs=100.0, time_budget=3600.0)
+    plan.reasons["lr"] = "base 0.45 for a 100-epoch run, × global batch/256"
+    refit_to_budget(plan, steps_done=40, seconds_left=3000.0, step_seconds=0.5)  # 6,040 steps of 12: 503 epochs
+    assert plan.epochs == pytest.approx(503.333, abs=1e-3) and plan.base_lr == 0.3
+    assert plan.lr == pytest.approx(0.3 * 64 / 256) and plan.tau_base == 0.99
+    pinned = tiny_plan(800, batch_size=64, steps_per_epoch=12, time_budget=3600.0, base_lr=0.2, lr=0.05)
+    pinned.reasons["lr"] = "set by flag"
+    refit_to_budget(pinned, steps_done=40, seconds_left=3000.0, step_seconds=0.5)
+    assert (pinned.base_lr, pinned.lr) == (0.2, 0.05)

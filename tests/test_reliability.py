@@ -24,11 +24,11 @@ from helpers import (
 )
 
 from byolcli import embed as e
+from byolcli.byol import BYOL
 from byolcli.errors import Stopped, UserError, WriteFailed
 from byolcli.labels import read_labels, repeated_warning
-from byolcli.model import BYOL
 from byolcli.names import escape_name, read_names, write_names
-from byolcli.report import Reporter
+from byolcli.terminal import Reporter
 
 HOSTILE_NAMES = [
     "new\nline.png",
@@ -47,7 +47,16 @@ def encoder_file(tmp_path_factory):
 
 
 def embed(folder, out, model, batch_size=4):
-    e.embed_command(folder, out, model, False, "float32", batch_size, 0, "cpu", Reporter(quiet=True), "fp32")
+    e.embed_command(
+        folder,
+        out,
+        reporter=Reporter(quiet=True),
+        model=model,
+        batch_size=batch_size,
+        workers=0,
+        device="cpu",
+        precision="fp32",
+    )
     return np.load(out), read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))
 
 

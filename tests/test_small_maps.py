@@ -3,7 +3,7 @@ import torch
 import torchvision
 from torch import nn
 
-from byolcli.model import make_backbone
+from byolcli.backbones import make_backbone
 from byolcli.small_maps import SmallMapConv2d, dense_layout
 
 # (channels in, channels out, map height, map width, kernel, stride, padding, bias)

@@ -137,8 +137,8 @@ def labelled_colours(folder, per_class=12):
 
 def encoder_started_from(path, start, zeroed):
     """An encoder file whose metadata says it started from `start`; its weights are the start's, or zeros."""
+    from byolcli.backbones import make_backbone
     from byolcli.encoder import save_encoder
-    from byolcli.model import make_backbone
     from byolcli.pixels import MEAN, STD
     from byolcli.start import start_name
 

@@ -5,10 +5,11 @@ import torch
 import torchvision
 from safetensors.torch import load_file
 
+from byolcli.backbones import make_backbone, stem_of
+from byolcli.byol import BYOL
 from byolcli.encoder import load_encoder, read_metadata, save_encoder
 from byolcli.errors import UserError
 from byolcli.hardware import GiB, Hardware
-from byolcli.model import BYOL, make_backbone, stem_of
 from byolcli.plan import Overrides, make_plan
 
 SMALL = dict(
@@ -79,7 +80,7 @@ def test_byol_trains_the_stem_it_is_given():
 def test_a_plain_state_dict_with_the_small_stem_is_recognised(tmp_path):
     from safetensors.torch import save_file
 
-    from byolcli.models import choose_model
+    from byolcli.model_choice import choose_model
 
     torch.manual_seed(0)
     encoder = make_backbone("resnet18", stem="small").eval()

@@ -18,11 +18,12 @@ from helpers import (
 )
 from safetensors.torch import load_file
 
+from byolcli.backbones import PerViewBatchNorm1d, PerViewBatchNorm2d
+from byolcli.byol import BYOL, regression_loss
 from byolcli.data import TwoViewDataset
 from byolcli.encoder import load_encoder, save_encoder
 from byolcli.engine import Trainer
 from byolcli.errors import TrainingFailed
-from byolcli.model import BYOL, PerViewBatchNorm1d, PerViewBatchNorm2d, regression_loss
 
 
 @pytest.fixture(scope="module")

@@ -95,7 +95,7 @@ def score(encoder: torch.nn.Module | None, mean=None, std=None, size: int = SIZE
 
 
 def backbone_from_state(path: Path) -> torch.nn.Module:
-    from byolcli.model import make_backbone
+    from byolcli.backbones import make_backbone
 
     model = make_backbone("resnet18")
     model.load_state_dict(torch.load(path, weights_only=True))
@@ -245,7 +245,7 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
 
 
 def baselines() -> dict:
-    from byolcli.model import make_backbone
+    from byolcli.backbones import make_backbone
     from byolcli.pixels import MEAN, STD
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Backbones, the BYOL heads, and the BYOL module with its EMA target network.
+"""The BYOL module with its EMA target network, and BYOL's heads and loss.
 
 Online network: encoder f_θ → projector g_θ → predictor q_θ.
 Target network: f_ξ → g_ξ, an exponential moving average of the online weights,
@@ -11,74 +11,10 @@ import copy
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
-from byolcli.inputs import ARCHITECTURES, STEMS
+from byolcli.backbones import BACKBONES, PerViewBatchNorm1d, PerViewBatchNorm2d, PerViewStatistics, make_backbone
 from byolcli.recipe import RECIPE
-from byolcli.small_maps import use_small_map_convolutions
-
-# name -> (torchvision constructor, feature dimension after global pooling)
-BACKBONES = {name: (getattr(torchvision.models, name), dim) for name, dim in ARCHITECTURES.items()}
-
-
-class PerViewStatistics:
-    """Batch norm for a batch that stacks two views of the same images, [view 1; view 2].
-
-    In training each half is normalised with its own statistics, exactly as when each
-    view has a forward pass of its own (the paper's semantics: statistics mixed across
-    the views change what the network learns), while every convolution and linear
-    layer runs once over both halves: fewer, larger kernels. Evaluation uses the
-    running statistics, as any batch norm does.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        first, second = x.chunk(2)
-        return torch.cat([super().forward(first), super().forward(second)])
-
-
-class PerViewBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
-    pass
-
-
-class PerViewBatchNorm2d(PerViewStatistics, nn.BatchNorm2d):
-    pass
-
-
-def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d, stem: str = "standard") -> nn.Module:
-    """A stock torchvision ResNet, randomly initialised, with `fc` replaced by Identity.
-
-    Keeping torchvision's module names means the exported weights load into
-    `torchvision.models.<name>()` (with `fc = Identity()`, and for the small stem the two
-    lines of `small_stem`) as they are, whichever batch-norm class trained them. On a CPU
-    its convolutions on maps of a pixel or two run as one matrix product (small_maps.py):
-    same weights, same results.
-    """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    if stem not in STEMS:
-        raise ValueError(f"unknown stem {stem!r}; choose one of {', '.join(STEMS)}")
-    model = BACKBONES[name][0](weights=None, norm_layer=norm_layer)
-    model.fc = nn.Identity()
-    if stem == "small":
-        small_stem(model)
-    return use_small_map_convolutions(model)
-
-
-def small_stem(model: nn.Module) -> nn.Module:
-    """Give a torchvision ResNet the small-image stem, in place: only `conv1.weight` changes shape."""
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-    nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
-    model.maxpool = nn.Identity()
-    return model
-
-
-def stem_of(state: dict) -> str:
-    """Which stem a ResNet state dict was trained with, from its first convolution's kernel (the
-    standard one when it has none: loading it then says what is missing)."""
-    return "small" if "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3 else "standard"
 
 
 def mlp(in_dim: int, hidden: int = RECIPE.projection_hidden, out_dim: int = RECIPE.projection_dim) -> nn.Sequential:

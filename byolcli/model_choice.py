@@ -59,8 +59,8 @@ def choose_model(
     model: str | Path | None = None, arch: str | None = None, image_size: int | None = None
 ) -> ModelChoice:
     """Read what `--model` (with `--arch` and `--image-size`) names; UserError when it cannot be used."""
+    from byolcli.backbones import BACKBONES, stem_of
     from byolcli.encoder import FORMAT, read_metadata
-    from byolcli.model import BACKBONES, stem_of
     from byolcli.pixels import MEAN, STD
     from byolcli.start import read_state_file
 
