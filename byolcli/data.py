@@ -8,12 +8,16 @@ solarize draw: nothing is shared across a batch.
 The random draws for an item are a pure function of (seed, epoch, index): a run
 resumed from a checkpoint sees exactly the views the uninterrupted run would
 have seen, whatever the number of loader processes.
+
+Also here: the canvases for augmentation on the training device, the set decoded once into
+memory, the epoch's order, and how long a loader process takes per image (for the planner).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -230,3 +234,13 @@ class EpochSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return len(range(self.start + self.rank, self.size, self.world))
+
+
+def time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:
+    """Seconds a loader process spends on one image at `size`, from a small sample."""
+    sample = paths[:: max(1, len(paths) // samples)][:samples]
+    dataset = CanvasDataset(sample, size) if augment_on == "device" else TwoViewDataset(sample, size)
+    start = time.perf_counter()
+    for index in range(len(dataset)):
+        dataset[0, index]
+    return (time.perf_counter() - start) / len(dataset)

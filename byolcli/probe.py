@@ -1,12 +1,11 @@
-"""Timing for the planner: how long a real BYOL step takes on the device at a setting, whether it
-fits in memory at all, and how long a loader process takes to decode an image."""
+"""Timing real BYOL steps on the device, for the planner: how long a step takes at a setting, and
+whether it fits in memory at all."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from byolcli.hardware import Hardware, is_out_of_memory, memory_held, release_cached_memory, synchronize
 
@@ -100,15 +99,3 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     if memory_held(device) > MEMORY_MARGIN * hw.total_memory:
         raise OutOfMemory(f"batch {batch} peaks above {MEMORY_MARGIN:.0%} of the device's memory")
     return statistics.median(timings[1:])
-
-
-def time_decoding(paths: list[Path], size: int, augment_on: str, samples: int = 16) -> float:
-    """Seconds a loader process spends on one image at `size`, from a small sample."""
-    from byolcli.data import CanvasDataset, TwoViewDataset
-
-    sample = paths[:: max(1, len(paths) // samples)][:samples]
-    dataset = CanvasDataset(sample, size) if augment_on == "device" else TwoViewDataset(sample, size)
-    start = time.perf_counter()
-    for index in range(len(dataset)):
-        dataset[0, index]
-    return (time.perf_counter() - start) / len(dataset)

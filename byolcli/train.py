@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from byolcli import distributed
+from byolcli.data import time_decoding
 from byolcli.distributed import World
 from byolcli.encoder import save_encoder
 from byolcli.engine import Trainer, load_checkpoint
@@ -28,7 +29,7 @@ from byolcli.locks import exclusive
 from byolcli.names import read_names, write_names
 from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, Plan, fit_to_world, halve_batch, make_plan, refit_to_budget, short_run_warning
-from byolcli.probe import probe_step, time_decoding
+from byolcli.probe import probe_step
 from byolcli.scan import scan
 from byolcli.signals import StopRequests
 from byolcli.start import fetch_imagenet, start_name
