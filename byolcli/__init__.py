@@ -3,6 +3,8 @@
 Importing the package is cheap (no torch); the Python API is loaded on first use.
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
 
 # (`scan` is not here: byolcli.scan is also the module's name; use byolcli.scan.scan.)
@@ -11,7 +13,7 @@ _LAZY = {"load_encoder": "byolcli.encoder", "save_encoder": "byolcli.encoder", "
 __all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 

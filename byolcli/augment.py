@@ -24,7 +24,9 @@ from byolcli.recipe import RECIPE
 ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 boxes before falling back to a centre crop
 
 
-def crop_boxes(sizes: torch.Tensor, scale=RECIPE.crop_scale, ratio=RECIPE.crop_ratio) -> torch.Tensor:
+def crop_boxes(
+    sizes: torch.Tensor, scale: tuple[float, float] = RECIPE.crop_scale, ratio: tuple[float, float] = RECIPE.crop_ratio
+) -> torch.Tensor:
     """Per-image crop boxes (x0, y0, w, h), in pixels of each image's original (height, width)."""
     n, device = len(sizes), sizes.device
     height, width = sizes[:, 0:1].float(), sizes[:, 1:2].float()
@@ -103,10 +105,10 @@ def hsv_to_rgb(x: torch.Tensor) -> torch.Tensor:
 def color_jitter(
     x: torch.Tensor,
     apply: torch.Tensor,
-    brightness=RECIPE.brightness,
-    contrast=RECIPE.contrast,
-    saturation=RECIPE.saturation,
-    hue=RECIPE.hue,
+    brightness: float = RECIPE.brightness,
+    contrast: float = RECIPE.contrast,
+    saturation: float = RECIPE.saturation,
+    hue: float = RECIPE.hue,
     select: bool | None = None,
 ) -> torch.Tensor:
     """torchvision's ColorJitter per image: own strengths, own random order, only where `apply`.
@@ -155,7 +157,11 @@ def _adjust(op: int, img: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
 
 
 def gaussian_blur(
-    x: torch.Tensor, apply: torch.Tensor, kernel: int, sigma=RECIPE.blur_sigma, select: bool | None = None
+    x: torch.Tensor,
+    apply: torch.Tensor,
+    kernel: int,
+    sigma: tuple[float, float] = RECIPE.blur_sigma,
+    select: bool | None = None,
 ) -> torch.Tensor:
     """Separable Gaussian blur with σ drawn per image, where `apply`. `select`: as in color_jitter,
     blur only the images that drew it (a tenth of view 2's) rather than all and keep some."""

@@ -3,6 +3,8 @@ which stem a state dict holds."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision
 from torch import nn
@@ -24,11 +26,15 @@ class PerViewStatistics:
     running statistics, as any batch norm does.
     """
 
+    training: bool
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm: Any = super()  # the batch norm class mixed in after this one
         if not self.training:
-            return super().forward(x)
+            out: torch.Tensor = norm.forward(x)
+            return out
         first, second = x.chunk(2)
-        return torch.cat([super().forward(first), super().forward(second)])
+        return torch.cat([norm.forward(first), norm.forward(second)])
 
 
 class PerViewBatchNorm1d(PerViewStatistics, nn.BatchNorm1d):
@@ -61,13 +67,14 @@ def make_backbone(name: str, norm_layer: type[nn.Module] = nn.BatchNorm2d, stem:
 
 def small_stem(model: nn.Module) -> nn.Module:
     """Give a torchvision ResNet the small-image stem, in place: only `conv1.weight` changes shape."""
-    model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+    strided: nn.Conv2d = model.get_submodule("conv1")  # type: ignore[assignment]  # torchvision's ResNet
+    model.conv1 = nn.Conv2d(3, strided.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
     model.maxpool = nn.Identity()
     return model
 
 
-def stem_of(state: dict) -> str:
+def stem_of(state: dict[str, torch.Tensor]) -> str:
     """Which stem a ResNet state dict was trained with, from its first convolution's kernel (the
     standard one when it has none: loading it then says what is missing)."""
     return "small" if "conv1.weight" in state and state["conv1.weight"].shape[-1] == 3 else "standard"

@@ -42,7 +42,7 @@ class BYOL(nn.Module):
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def start_from(self, backbone_state: dict) -> None:
+    def start_from(self, backbone_state: dict[str, torch.Tensor]) -> None:
         """Online and target encoders both start from these weights (BYOL's target starts as a copy)."""
         self.online_encoder.load_state_dict(backbone_state)
         self.target_encoder.load_state_dict(backbone_state)
@@ -92,12 +92,13 @@ class BYOL(nn.Module):
         Batch-norm running statistics are copied: the target always runs in
         training mode (batch statistics), so its buffers only matter for export.
         """
-        target, online = self.target_parameters(), self.online_parameters()
+        target: list[torch.Tensor] = [*self.target_parameters()]
+        online: list[torch.Tensor] = [*self.online_parameters()]
         torch._foreach_lerp_(target, online, 1 - tau)
         torch._foreach_copy_(self._target_buffers(), self._online_buffers())
 
-    def _online_buffers(self):
+    def _online_buffers(self) -> list[torch.Tensor]:
         return [*self.online_encoder.buffers(), *self.online_projector.buffers()]
 
-    def _target_buffers(self):
+    def _target_buffers(self) -> list[torch.Tensor]:
         return [*self.target_encoder.buffers(), *self.target_projector.buffers()]

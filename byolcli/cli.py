@@ -11,11 +11,14 @@ import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
 from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 app = typer.Typer(
     add_completion=False,
@@ -78,7 +81,7 @@ def user_errors() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
-def _reporter():
+def _reporter() -> Reporter:
     from byolcli.terminal import Reporter
 
     return Reporter(quiet=state.quiet)
@@ -101,7 +104,7 @@ def parse_duration(text: str, flag: str = "--time") -> float:
     return seconds
 
 
-def flag(help_text: str, *names: str):
+def flag(help_text: str, *names: str) -> Any:
     """An optional flag whose default means 'choose for me'."""
     return typer.Option(None, *names, help=help_text, show_default=False)
 
@@ -376,6 +379,7 @@ def evaluate(
             return
         from byolcli.evaluate import evaluate_command
 
+        assert labels is not None  # one of FOLDER and --labels, checked above
         evaluate_command(
             labels,
             reporter=_reporter(),
@@ -425,4 +429,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

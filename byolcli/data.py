@@ -19,7 +19,9 @@ import queue
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar, cast
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -28,11 +30,13 @@ from torchvision.transforms import v2
 from byolcli.hardware import to_device
 from byolcli.images import open_rgb
 from byolcli.pixels import MEAN, STD, canvas_side
-from byolcli.recipe import RECIPE
+from byolcli.recipe import RECIPE, Recipe
 from byolcli.rules import DECODE_BATCH, LOADER_PREFETCH
 
+T = TypeVar("T")
 
-def byol_view(size: int, blur_p: float, solarize_p: float, recipe=RECIPE) -> v2.Compose:
+
+def byol_view(size: int, blur_p: float, solarize_p: float, recipe: Recipe = RECIPE) -> v2.Compose:
     """One of BYOL's views, on a uint8 CHW tensor."""
     jitter = v2.ColorJitter(
         brightness=recipe.brightness, contrast=recipe.contrast, saturation=recipe.saturation, hue=recipe.hue
@@ -53,7 +57,7 @@ def byol_view(size: int, blur_p: float, solarize_p: float, recipe=RECIPE) -> v2.
     return v2.Compose(steps)
 
 
-class TwoViewDataset(Dataset):
+class TwoViewDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Item (epoch, i): two augmented views of image i, as float tensors (3, size, size)."""
 
     def __init__(self, paths: list[Path], size: int, seed: int = 0) -> None:
@@ -74,7 +78,8 @@ class TwoViewDataset(Dataset):
         for offset in range(len(self.paths)):
             path = self.paths[(index + offset) % len(self.paths)]
             try:
-                return self.to_tensor(open_rgb(path, min_side=min_side or self.size))
+                image: torch.Tensor = self.to_tensor(open_rgb(path, min_side=min_side or self.size))
+                return image
             except Exception as exc:  # noqa: BLE001 - any unreadable file is skipped the same way
                 warnings.warn(f"{path}: skipped during training ({exc})", stacklevel=1)
         raise RuntimeError("no image in the dataset could be decoded")
@@ -93,7 +98,7 @@ def item_seed(seed: int, epoch: int, index: int) -> int:
     return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % 2**63
 
 
-class CanvasDataset(Dataset):
+class CanvasDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Item (epoch, i): image i decoded onto a square uint8 canvas, plus its original (height, width).
 
     For augmentation on the training device (augment.py): the loader only
@@ -114,7 +119,9 @@ class CanvasDataset(Dataset):
         return canvas, torch.tensor([height, width])
 
 
-def decode_canvases(paths: list[Path], size: int, workers: int = 0, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+def decode_canvases(
+    paths: list[Path], size: int, workers: int = 0, progress: Callable[[int, int], None] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Every image decoded once onto its canvas: uint8 (n, 3, C, C) and original sizes (n, 2).
 
     For sets that fit in memory: training then never decodes again, and each
@@ -150,16 +157,16 @@ class MemoryBatches:
     """
 
     def __init__(
-        self, canvases: torch.Tensor, sizes: torch.Tensor, sampler, batch_size: int, pin: bool = False
+        self, canvases: torch.Tensor, sizes: torch.Tensor, sampler: EpochSampler, batch_size: int, pin: bool = False
     ) -> None:
         self.canvases, self.sizes = canvases, sizes
         self.sampler, self.batch_size, self.pin = sampler, batch_size, pin
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         batches = self._gathered()
         return prefetched((c.pin_memory(), s.pin_memory()) for c, s in batches) if self.pin else batches
 
-    def _gathered(self):
+    def _gathered(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = torch.tensor([index for _, index in self.sampler], dtype=torch.long)
         if self.canvases.is_cuda:  # from page-locked memory the copy is queued, not waited for
             order = to_device(order.pin_memory(), self.canvases.device)
@@ -168,14 +175,14 @@ class MemoryBatches:
             yield self.canvases[index], self.sizes[index]
 
 
-def prefetched(items, depth: int = 2):
+def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
     """`items`, produced by a background thread up to `depth` ahead of the consumer; an error in
     the producer is raised in the consumer, and a consumer that stops early stops the thread."""
-    ready: queue.Queue = queue.Queue(maxsize=depth)
+    ready: queue.Queue[object] = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
 
-    def put(item) -> bool:  # False once the consumer has gone
+    def put(item: object) -> bool:  # False once the consumer has gone
         while not stop.is_set():
             try:
                 ready.put(item, timeout=0.1)
@@ -184,7 +191,7 @@ def prefetched(items, depth: int = 2):
                 pass
         return False
 
-    def produce():
+    def produce() -> None:
         try:
             for item in items:
                 if not put(item):
@@ -199,7 +206,7 @@ def prefetched(items, depth: int = 2):
         while (item := ready.get()) is not done:
             if isinstance(item, BaseException):
                 raise item
-            yield item
+            yield cast(T, item)
     finally:
         stop.set()
         thread.join()
@@ -227,7 +234,7 @@ class EpochSampler(Sampler[tuple[int, int]]):
     def set_position(self, epoch: int, start: int = 0) -> None:
         self.epoch, self.start = epoch, start
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.size, generator=generator)
         return ((self.epoch, index) for index in order[self.start + self.rank :: self.world].tolist())

@@ -16,8 +16,10 @@ import contextlib
 import os
 import re
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import timedelta
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +27,8 @@ from torch import nn
 
 from byolcli.backbones import PerViewStatistics
 from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, TrainingFailed, UserError
+
+T = TypeVar("T")
 
 DEFAULT_TIMEOUT = 300.0
 # Rank 0 scans and plans while the others wait: a scan of millions of files can
@@ -63,7 +67,7 @@ def timeout() -> timedelta:
     return timedelta(seconds=seconds)
 
 
-_setup_group = None
+_setup_group: dist.ProcessGroup | None = None
 
 
 def start(world: World) -> None:
@@ -75,7 +79,9 @@ def start(world: World) -> None:
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend, timeout=timeout())
-    _setup_group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    group = dist.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
+    assert isinstance(group, dist.ProcessGroup)  # every rank is a member
+    _setup_group = group
 
 
 def stop(world: World) -> None:
@@ -83,11 +89,11 @@ def stop(world: World) -> None:
         dist.destroy_process_group()
 
 
-def share(world: World, make):
+def share(world: World, make: Callable[[], T]) -> T:
     """`make()` on rank 0, its result on every rank. An error on rank 0 stops the others quietly."""
     if world.size == 1:
         return make()
-    payload = [None]
+    payload: list[Any] = [None]
     if world.is_main:
         try:
             payload[0] = ("ok", make())
@@ -101,7 +107,8 @@ def share(world: World, make):
     status, value = payload[0]
     if status != "ok":
         raise PeerFailed(value)
-    return value
+    result: T = value
+    return result
 
 
 def barrier(world: World) -> None:
@@ -120,7 +127,7 @@ LOST_PEER = ("gloo", "nccl", "timed out", "timeout", "connection", "peer", "sock
 
 
 @contextlib.contextmanager
-def collective_errors(world: World):
+def collective_errors(world: World) -> Iterator[None]:
     """Turn a collective that failed (a peer died, or timed out) into one clear TrainingFailed."""
     try:
         yield
@@ -215,7 +222,9 @@ class _SyncedNorm(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, norm: nn.modules.batchnorm._BatchNorm):
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, norm: SyncedBatchNorm
+    ) -> torch.Tensor:
         channels, dims = x.shape[1], [0, *range(2, x.dim())]
         shape = (1, channels) + (1,) * (x.dim() - 2)
         views = x.float().chunk(2)
@@ -227,16 +236,18 @@ class _SyncedNorm(torch.autograd.Function):
         mean = sum_x / n
         # E[x²] − E[x]² in fp32: activations entering batch norm are O(1), far from cancellation.
         var = (sum_squares / n - mean * mean).clamp_min(0)
-        if norm.track_running_stats:  # once per view, as per-view batch norm in one process does
-            for view_mean, view_var in zip(mean, var):
-                norm.num_batches_tracked.add_(1)
-                norm.running_mean.lerp_(view_mean, norm.momentum)
-                norm.running_var.lerp_(view_var * n / (n - 1).clamp_min(1), norm.momentum)
+        tracked, running_mean, running_var = norm.num_batches_tracked, norm.running_mean, norm.running_var
+        if tracked is not None and running_mean is not None and running_var is not None:
+            momentum = float(norm.momentum)  # type: ignore[arg-type]  # BYOL's batch norms all have one
+            for view_mean, view_var in zip(mean, var):  # once per view, as per-view batch norm in one process does
+                tracked.add_(1)
+                running_mean.lerp_(view_mean, momentum)
+                running_var.lerp_(view_var * n / (n - 1).clamp_min(1), momentum)
         inverse_std = torch.rsqrt(var + norm.eps)
         out = []
         for view, view_mean, view_inverse_std in zip(views, mean, inverse_std):
             y = (view - view_mean.view(shape)) * view_inverse_std.view(shape)
-            if weight is not None:
+            if weight is not None and bias is not None:
                 y = y * weight.float().view(shape) + bias.float().view(shape)
             out.append(y)
         ctx.norm = norm
@@ -244,7 +255,7 @@ class _SyncedNorm(torch.autograd.Function):
         return torch.cat(out).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, mean, inverse_std, n = ctx.saved_tensors
         channels, dims = x.shape[1], [0, *range(2, x.dim())]
         shape = (1, channels) + (1,) * (x.dim() - 2)
@@ -279,7 +290,8 @@ class SyncedBatchNorm(PerViewStatistics, nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         if not self.training:
             return super().forward(x)
-        return _SyncedNorm.apply(x, self.weight, self.bias, self)
+        out: torch.Tensor = _SyncedNorm.apply(x, self.weight, self.bias, self)
+        return out
 
 
 def synchronise_batchnorm(model: nn.Module, across_ranks: bool = True) -> nn.Module:

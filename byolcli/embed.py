@@ -25,10 +25,11 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from byolcli.encoder import metadata_of
 from byolcli.errors import Stopped, UserError
 from byolcli.files import atomic_path, atomic_write_text, check_outside_input, write_failed
 from byolcli.inference import autocast_dtype, iter_embeddings, pick_device
@@ -36,10 +37,12 @@ from byolcli.inputs import EMBEDDING_DTYPES, PRECISIONS, require_choice
 from byolcli.locks import exclusive
 from byolcli.model_choice import ModelChoice, choose_model
 from byolcli.names import escape_name, read_names, write_names
-from byolcli.scan import Skipped, scan
+from byolcli.scan import ImageEntry, Manifest, Skipped, scan
 from byolcli.signals import StopRequests
 
 if TYPE_CHECKING:
+    import torch
+
     from byolcli.terminal import Reporter
 
 DTYPES = {name: np.dtype(name) for name in EMBEDDING_DTYPES}
@@ -79,7 +82,7 @@ def embed_folder(
     torch_device = pick_device(device)
     encoder = choice.load(torch_device)
     paths = [image.path for image in manifest.images]
-    vectors = np.zeros((len(paths), encoder.byol_metadata["feature_dim"]), dtype=np.float32)
+    vectors = np.zeros((len(paths), metadata_of(encoder)["feature_dim"]), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
     for start, batch, ok in iter_embeddings(
         manifest.absolute_paths(), encoder, torch_device, batch_size, workers, normalize, precision
@@ -166,11 +169,11 @@ def embed_command(
 class EmbedJob:
     """One `byol embed` into `out`: the rows to compute, the partial array, the files beside it."""
 
-    manifest: object
+    manifest: Manifest
     out: Path
     files: dict[str, Path]
     model: ModelChoice
-    settings: dict
+    settings: dict[str, Any]
     dim: int
 
     def __post_init__(self) -> None:
@@ -179,7 +182,15 @@ class EmbedJob:
         self.dtype = DTYPES[self.settings["dtype"]]
 
     def embed(
-        self, encoder, device, batch_size, workers, normalize, precision, reporter, stop: StopRequests
+        self,
+        encoder: torch.nn.Module,
+        device: torch.device,
+        batch_size: int,
+        workers: int | None,
+        normalize: bool,
+        precision: str | None,
+        reporter: Reporter,
+        stop: StopRequests,
     ) -> np.ndarray:
         """Fill the partial array (reusing rows of an earlier output, continuing an interrupted run);
         returns which rows decoded. Raises Stopped, with the progress saved, if asked to stop."""
@@ -239,7 +250,7 @@ class EmbedJob:
         save_progress(len(todo))  # if publishing fails, the rerun publishes without embedding again
         return good
 
-    def publish(self, good: np.ndarray, reporter) -> None:
+    def publish(self, good: np.ndarray, reporter: Reporter) -> None:
         """Put the vectors and the files beside them in place together: all of them, or, if a
         write fails, none (the earlier output stays whole)."""
         files, images = self.files, self.images
@@ -247,12 +258,12 @@ class EmbedJob:
         keep = np.flatnonzero(good)
         skipped = self.manifest.skipped + broken
         with ExitStack() as writes:
-            targets = [
+            vectors, paths, skipped_list, meta = (
                 writes.enter_context(atomic_path(path))
                 for path in (self.out, files["paths"], files["skipped"], files["meta"])
-            ]
+            )
             try:
-                self._write(*targets, keep, skipped)
+                self._write(vectors, paths, skipped_list, meta, keep, skipped)
             except OSError as exc:  # named once, here: the atomic writes then pass it on as it is
                 raise write_failed(self.out, exc) from exc
         files["partial"].unlink(missing_ok=True)
@@ -291,7 +302,7 @@ class EmbedJob:
             os.replace(files["partial"], vectors)
 
 
-def allocated_memmap(path: Path, dtype, shape: tuple[int, int]) -> np.memmap:
+def allocated_memmap(path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, int]) -> np.memmap[Any, Any]:
     """A new .npy memory map whose disk space is reserved up front: on a full disk the error comes
     here, as an OSError, instead of as a crash (SIGBUS) at the first write into an unbacked page.
     A file that could not be reserved is removed."""
@@ -306,7 +317,7 @@ def allocated_memmap(path: Path, dtype, shape: tuple[int, int]) -> np.memmap:
     return array
 
 
-def _partial_progress(files: dict[str, Path], record: dict) -> tuple[int, list[int]]:
+def _partial_progress(files: dict[str, Path], record: dict[str, Any]) -> tuple[int, list[int]]:
     """(rows done, rows that did not decode) of an interrupted run of the same job; (0, []) if none."""
     if not (files["progress"].exists() and files["partial"].exists()):
         return 0, []
@@ -319,14 +330,14 @@ def _partial_progress(files: dict[str, Path], record: dict) -> tuple[int, list[i
     return 0, []
 
 
-def _paths_digest(images, keys) -> str:
+def _paths_digest(images: list[ImageEntry], keys: list[list[int]]) -> str:
     digest = hashlib.sha256()
     for image, key in zip(images, keys):
         digest.update(os.fsencode(f"{image.path}\0{key[0]}\0{key[1]}\n"))
     return digest.hexdigest()
 
 
-def _reusable_rows(out: Path, files: dict[str, Path], settings: dict) -> dict[tuple, int]:
+def _reusable_rows(out: Path, files: dict[str, Path], settings: dict[str, Any]) -> dict[tuple[Any, ...], int]:
     """(path, size, mtime) -> row of an existing output made with the same encoder and settings."""
     if not (out.exists() and files["paths"].exists() and files["meta"].exists()):
         return {}

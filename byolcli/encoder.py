@@ -11,10 +11,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from safetensors.torch import save as serialise
 from torch import nn
 
@@ -34,8 +35,8 @@ def save_encoder(
     *,
     architecture: str,
     image_size: int,
-    mean: tuple,
-    std: tuple,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
     train_images: int,
     epochs: float,
     steps: int,
@@ -68,7 +69,7 @@ def save_encoder(
         tmp.write_bytes(serialise(tensors, metadata=metadata))  # Python's write reports a full disk as OSError
 
 
-def file_metadata(path: str | Path) -> dict:
+def file_metadata(path: str | Path) -> dict[str, Any]:
     """The raw metadata of a safetensors file (empty for a plain state dict); UserError if it is none."""
     path = Path(path)
     if not path.is_file():
@@ -80,7 +81,7 @@ def file_metadata(path: str | Path) -> dict:
         raise UserError(f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]})") from None
 
 
-def read_metadata(path: str | Path) -> dict:
+def read_metadata(path: str | Path) -> dict[str, Any]:
     """The encoder's metadata, decoded; UserError if `path` is not a byolcli encoder."""
     raw = file_metadata(path)
     if raw.get("format") != FORMAT:
@@ -106,7 +107,7 @@ def read_metadata(path: str | Path) -> dict:
         raise UserError(f"{path}: damaged encoder metadata ({exc})") from None
 
 
-def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the exported encoder as a ready nn.Module in eval mode.
 
     The metadata travels along as `module.byol_metadata` (image size, normalisation, …).
@@ -120,5 +121,16 @@ def load_encoder(path: str | Path, device: str = "cpu") -> nn.Module:
         raise UserError(
             f"{path}: weights do not match a {metadata['architecture']} with the {metadata['stem']} stem ({first})"
         ) from None
-    model.byol_metadata = metadata
-    return model.to(device).eval()
+    return attach_metadata(model, metadata).to(device).eval()
+
+
+def attach_metadata(model: nn.Module, metadata: dict[str, Any]) -> nn.Module:
+    """`model`, carrying what byolcli knows of it (architecture, image size, normalisation, …) as
+    `model.byol_metadata`."""
+    model.__dict__["byol_metadata"] = metadata
+    return model
+
+
+def metadata_of(model: nn.Module) -> dict[str, Any]:
+    metadata: dict[str, Any] = model.__dict__["byol_metadata"]
+    return metadata

@@ -17,11 +17,12 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,18 @@ OVERFLOWS_IN_A_ROW = 25
 # collapsed one maps every image to (nearly) the same point.
 COLLAPSE_STD = 0.05  # per-dimension std × √d; ≈1 for spread-out vectors, → 0 at collapse
 COLLAPSE_RANK = 1.5  # effective rank of a batch's projections
+
+# What a loader yields: (uint8 canvases, original sizes) for views made on the device, else both views.
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class Window:
+    """The steps since the ranks last met, the seconds of them spent waiting for data, and when it began."""
+
+    start: float
+    steps: int = 0
+    wait: float = 0.0
 
 
 @dataclass
@@ -84,12 +97,14 @@ class Trainer:
     paths: list[Path]
     world: World = field(default_factory=World)
     decode_progress: Callable[[int, int], None] | None = field(default=None, repr=False)  # for in-memory plans
-    start_from: dict | None = field(default=None, repr=False)  # a checkpoint to continue
+    start_from: dict[str, Any] | None = field(default=None, repr=False)  # a checkpoint to continue
     step: int = 0
     stop_requested: int = 0  # the stop signal (SIGINT, SIGTERM) this process saw; 0 for none
     stopping: int = 0  # ... agreed on by every process: stop after this step, exit with this signal
     warned_collapse: bool = field(default=False, repr=False)
-    _batches: object = field(default=None, repr=False)  # the epoch's batch iterator, and the step it is at
+    _batches: Iterator[Batch] | None = field(
+        default=None, repr=False
+    )  # the epoch's batch iterator, and the step it is at
     _batches_at: int = field(default=-1, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,7 +125,8 @@ class Trainer:
             self.model.start_from(start_weights(plan.init, plan.backbone))
         if plan.sync_batchnorm and world.size > 1:
             synchronise_batchnorm(self.model)
-        self.model.to(self.device, memory_format=self.memory_format)
+        self.model.to(self.device)
+        self.model.to(memory_format=self.memory_format)
         # What the step calls: the model itself, or DDP around it, which averages the
         # online gradients across ranks (the target has none: it is never trained).
         forward = None
@@ -135,7 +151,7 @@ class Trainer:
         if self.world.size > 1:
             torch.manual_seed(item_seed(self.plan.seed, self.step, self.world.rank))
 
-    def _make_loader(self):
+    def _make_loader(self) -> Iterable[Batch]:
         plan, workers = self.plan, self.plan.workers
         if plan.in_memory:
             canvases, sizes = decode_canvases(self.paths, plan.image_size, workers, self.decode_progress)
@@ -164,7 +180,7 @@ class Trainer:
 
     # --- state ---------------------------------------------------------------
 
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -177,7 +193,7 @@ class Trainer:
             "rng": rng,
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.model.load_state_dict(state["model"])
         self.byol_step.optimizer.load_state_dict(state["optimizer"])
@@ -195,7 +211,12 @@ class Trainer:
     # --- the loop ------------------------------------------------------------
 
     def run(
-        self, until: int, on_log=None, on_checkpoint=None, log_every: float = 10.0, checkpoint_every: float = 300.0
+        self,
+        until: int,
+        on_log: Callable[[dict[str, Any]], None] | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+        log_every: float = 10.0,
+        checkpoint_every: float = 300.0,
     ) -> None:
         """Train up to optimizer step `until`. `on_log(record)` gets a metrics dict;
         `on_checkpoint(step)` is called whenever it is time to save.
@@ -210,7 +231,7 @@ class Trainer:
         distributed_run = self.world.size > 1
         next_meeting = self.step + 1  # the first meeting measures the step time
         counts = Counts.zeros(self.device)
-        window = {"steps": 0, "wait": 0.0, "start": time.perf_counter()}
+        window = Window(time.perf_counter())
         last_log = last_checkpoint = time.perf_counter()
         while self.step < until and not self.stopping:
             batches = self._epoch_batches()
@@ -222,12 +243,12 @@ class Trainer:
                     self.step >= next_meeting if distributed_run else now - last_log >= log_every or self.stop_requested
                 )
                 if meet:
-                    loss, step_seconds, overflowed = self._agree(counts, window["steps"], now - window["start"], lr)
+                    loss, step_seconds, overflowed = self._agree(counts, window.steps, now - window.start, lr)
                     next_meeting = self.step + max(1, int(log_every / max(step_seconds, 1e-6)))
                     if on_log:
                         on_log(self._log_record(loss, window, projections, lr, tau, now, overflowed))
                     counts.new_window()
-                    window = {"steps": 0, "wait": 0.0, "start": now}
+                    window = Window(now)
                     last_log = now
                 if on_checkpoint and (now - last_checkpoint >= checkpoint_every or finished or self.stopping):
                     on_checkpoint(self.step)
@@ -235,7 +256,7 @@ class Trainer:
                 if finished or self.stopping:
                     break
 
-    def _epoch_batches(self):
+    def _epoch_batches(self) -> Iterator[Batch]:
         """The batch iterator at the current step. One iterator per epoch, kept across calls of run
         (the time-budget calibration stops and goes on): a new one would throw away what persistent
         loader workers have prefetched."""
@@ -245,7 +266,9 @@ class Trainer:
             self._batches = iter(self.loader)
         return self._batches
 
-    def _train_step(self, batches, counts: Counts, window: dict) -> tuple[float, float, torch.Tensor]:
+    def _train_step(
+        self, batches: Iterator[Batch], counts: Counts, window: Window
+    ) -> tuple[float, float, torch.Tensor]:
         """One optimizer step over `accumulation` micro-batches. Returns (lr, τ, view 1's projections)."""
         plan, step = self.plan, self.byol_step
         lr = learning_rate(self.step, plan.total_steps, plan.warmup_steps, plan.lr)
@@ -258,10 +281,11 @@ class Trainer:
             view1, view2 = self._views(batch)
             # On a GPU the views are queued work, not a wait for data; on a CPU making them is
             # time not spent training.
-            window["wait"] += (loaded if self.device.type == "cuda" else time.perf_counter()) - waited
+            window.wait += (loaded if self.device.type == "cuda" else time.perf_counter()) - waited
             # Gradients are averaged across ranks once per optimizer step, not per micro-batch.
             last = micro == plan.accumulation - 1
-            with step.forward.no_sync() if self.world.size > 1 and not last else nullcontext():
+            ranks = step.forward
+            with ranks.no_sync() if isinstance(ranks, DistributedDataParallel) and not last else nullcontext():
                 loss, projections = step.accumulate(view1, view2, plan.accumulation)
             self._add_loss(counts, loss)
         skipped = step.finish(tau)
@@ -270,10 +294,10 @@ class Trainer:
             counts.skipped_in_a_row = (counts.skipped_in_a_row + 1) * skipped
         self.step += 1
         self._batches_at = self.step
-        window["steps"] += 1
+        window.steps += 1
         return lr, tau, projections
 
-    def _views(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         first, second = (to_device(t, self.device) for t in batch)
         if self.augment_on_device:  # first: uint8 canvases, second: original sizes
             first, second = byol_views(first, second, self.plan.image_size)
@@ -291,7 +315,7 @@ class Trainer:
             counts.loss_sum += loss
             counts.losses += 1
 
-    def _agree(self, counts: Counts, steps: int, seconds: float, lr: float) -> tuple[float, float, int]:
+    def _agree(self, counts: Counts, steps: int, seconds: float, lr: float) -> tuple[float | None, float, int]:
         """(mean loss, mean seconds per step, steps the loss scaler skipped) over all ranks since the
         last meeting; sets `stopping` if any rank saw a stop signal (SIGTERM over SIGINT when ranks
         saw different ones)."""
@@ -320,9 +344,18 @@ class Trainer:
             )
         return loss, step_seconds, skipped
 
-    def _log_record(self, loss, window, projections, lr, tau, now, overflowed) -> dict:
-        steps = window["steps"]
-        elapsed = max(now - window["start"], 1e-9)
+    def _log_record(
+        self,
+        loss: float | None,
+        window: Window,
+        projections: torch.Tensor,
+        lr: float,
+        tau: float,
+        now: float,
+        overflowed: int,
+    ) -> dict[str, Any]:
+        steps = window.steps
+        elapsed = max(now - window.start, 1e-9)
         spread, rank = projection_health(projections)
         return {
             "step": self.step,
@@ -331,7 +364,7 @@ class Trainer:
             "lr": round(lr, 6),
             "tau": round(tau, 6),
             "images_per_s": round(steps * self.plan.effective_batch / elapsed, 2),
-            "data_wait": round(min(1.0, window["wait"] / elapsed), 4),
+            "data_wait": round(min(1.0, window.wait / elapsed), 4),
             "projection_std": round(spread, 4),
             "effective_rank": round(rank, 2),
             "collapsed": spread < COLLAPSE_STD or rank < COLLAPSE_RANK,
@@ -359,15 +392,16 @@ def projection_health(projections: torch.Tensor) -> tuple[float, float]:
     return spread, effective_rank(z - z.mean(dim=0))
 
 
-def _as_python_rng_state(state):
+def _as_python_rng_state(state: list[Any]) -> tuple[Any, ...]:
     # torch.load returns lists where random.getstate() had tuples.
     version, internal, gauss = state
     return version, tuple(internal), gauss
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        return state
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint means the same to the user
         raise UserError(
             f"{path}: unreadable checkpoint ({str(exc).splitlines()[0][:120]}); use --restart to start over"

@@ -30,7 +30,7 @@ class PeerFailed(Exception):
 
     @property
     def exit_code(self) -> int:
-        return self.args[0] if self.args else 1
+        return int(self.args[0]) if self.args else 1
 
 
 class WriteFailed(Exception):
@@ -49,4 +49,4 @@ class Stopped(Exception):
 
     @property
     def signum(self) -> int:
-        return self.args[0]
+        return int(self.args[0])

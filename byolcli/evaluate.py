@@ -13,18 +13,19 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
+from byolcli.encoder import metadata_of
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
 from byolcli.inference import embed_paths, pick_device
-from byolcli.inputs import RANDOM_INIT, START
+from byolcli.inputs import IMAGENET, RANDOM_INIT, START
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
-from byolcli.model_choice import IMAGENET, choose_model
+from byolcli.model_choice import choose_model
 from byolcli.names import read_names
 from byolcli.start import random_init_network, start_command, start_network
 
@@ -67,11 +68,13 @@ def make_protocol(data: LabelledImages, y: torch.Tensor, csv_path: Path) -> Prot
         return Protocol(name, [(train, test, val if len(val) else None)])
     k = min(MAX_FOLDS, min(counts.values()))
     fold = stratified_folds(y, k)
-    folds = [((fold != f).nonzero().flatten(), (fold == f).nonzero().flatten(), None) for f in range(k)]
+    folds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [
+        ((fold != f).nonzero().flatten(), (fold == f).nonzero().flatten(), None) for f in range(k)
+    ]
     return Protocol(f"{k}-fold stratified cross-validation over {len(y):,} images (no split column)", folds)
 
 
-def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Protocol) -> dict:
+def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Protocol) -> dict[str, Any]:
     """kNN and linear-probe results, pooled over the protocol's test rows."""
     features = features.float()
     knn_votes, linear_logits, tested = [], [], []
@@ -96,7 +99,7 @@ def score(features: torch.Tensor, y: torch.Tensor, classes: int, protocol: Proto
     return {"knn": summarize(torch.cat(knn_votes), truth, classes), "linear": linear}
 
 
-def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Module:
+def load_baseline(baseline: Path, metadata: dict[str, Any] | None, device: torch.device) -> torch.nn.Module:
     """--baseline: an encoder file, or 'imagenet' (unless a file has that name): torchvision's weights for
     the evaluated encoder's architecture, at the size they were trained at, where pretrained networks
     score higher than on small images (docs/experiments.md)."""
@@ -107,7 +110,7 @@ def load_baseline(baseline: Path, metadata: dict | None, device) -> torch.nn.Mod
     return choose_model(baseline).load(device)
 
 
-def embeddings_model(meta: dict) -> dict | None:
+def embeddings_model(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The metadata of the model that made a `byol embed` output, where it can still be known."""
     source = meta["encoder"]
     if source.startswith(f"{IMAGENET}:"):
@@ -117,7 +120,7 @@ def embeddings_model(meta: dict) -> dict | None:
     return choose_model(source, meta.get("architecture"), meta.get("image_size")).metadata
 
 
-def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict]:
+def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
     """Rows of an earlier `byol embed` output for the CSV's images (via its paths and meta files)."""
     from byolcli.embed import sidecars
 
@@ -143,8 +146,14 @@ def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Ten
 
 
 def keep_usable(
-    data: LabelledImages, encoders: dict, good: np.ndarray, labels: Path, unmatched: str, skip_missing: bool, reporter
-) -> tuple[LabelledImages, dict]:
+    data: LabelledImages,
+    encoders: dict[str, Any],
+    good: np.ndarray,
+    labels: Path,
+    unmatched: str,
+    skip_missing: bool,
+    reporter: Reporter,
+) -> tuple[LabelledImages, dict[str, Any]]:
     """The rows every encoder could embed; the others stop the evaluation unless --skip-missing."""
     if good.all():
         return data, encoders
@@ -159,7 +168,18 @@ def keep_usable(
     return data.subset(keep.tolist()), {name: f[torch.from_numpy(keep)] for name, f in encoders.items()}
 
 
-def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter):
+def _embed_all(
+    data: LabelledImages,
+    model: Path | None,
+    arch: str | None,
+    image_size: int | None,
+    embeddings: Path | None,
+    baseline: Path | None,
+    torch_device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    reporter: Reporter,
+) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, Any] | None, str, dict[str, str | None]]:
     """Every compared encoder's features of the labelled images: the encoder's (or the vectors of
     --embeddings), --baseline's and the random-init network's. Returns (features by name, rows every
     encoder could embed, the encoder's metadata, what a failed row means, where each came from)."""
@@ -204,7 +224,7 @@ def _embed_all(data, model, arch, image_size, embeddings, baseline, torch_device
     sources = {
         "embeddings": str(embeddings),
         "encoder": source,
-        "baseline": None if other is None else f"{baseline} ({other.byol_metadata['image_size']} px)",
+        "baseline": None if other is None else f"{baseline} ({metadata_of(other)['image_size']} px)",
         START: metadata.get("init") if metadata else None,
         RANDOM_INIT: f"{metadata['architecture']}, seed 0" if metadata else None,
     }
@@ -227,7 +247,7 @@ def evaluate_command(
     report_dir: Path | None = None,
     arch: str | None = None,
     image_size: int | None = None,
-) -> dict:
+) -> dict[str, Any]:
     data = read_labels(labels, root)
     if warning := repeated_warning(data, labels):
         reporter.warn(warning)
@@ -253,7 +273,7 @@ def evaluate_command(
         "sources": {name: sources[name] for name in encoders},
         "results": results,
     }
-    if START in results and _worse_than_start(results[next(iter(results))], results[START]):
+    if START in results and metadata and _worse_than_start(results[next(iter(results))], results[START]):
         report["use_start"] = start_command(metadata)
     from byolcli.terminal import evaluation_report
 
@@ -265,13 +285,19 @@ def evaluate_command(
     return report
 
 
-def _worse_than_start(encoder: dict, start: dict) -> bool:
+def _worse_than_start(encoder: dict[str, Any], start: dict[str, Any]) -> bool:
     """Whether the encoder scores below its start on both kNN and the linear probe."""
     return all(encoder[method]["top1"] < start[method]["top1"] for method in ("knn", "linear"))
 
 
 def _write_page(
-    report_dir: Path, labels: Path, data: LabelledImages, encoders: dict, protocol: Protocol, results: dict, reporter
+    report_dir: Path,
+    labels: Path,
+    data: LabelledImages,
+    encoders: dict[str, Any],
+    protocol: Protocol,
+    results: dict[str, Any],
+    reporter: Reporter,
 ) -> None:
     from byolcli.gallery import write_gallery
 
@@ -301,7 +327,7 @@ def evaluate_folder_command(
     device: str | None = None,
     json_out: Path | None = None,
     report_dir: Path | None = None,
-) -> dict:
+) -> dict[str, Any]:
     """`byol evaluate FOLDER`: the label-free measures and gallery for any folder and encoder."""
     from byolcli.files import check_outside_input
     from byolcli.judge import judge

@@ -18,7 +18,9 @@ import copy
 import inspect
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +30,9 @@ from byolcli.errors import UserError
 from byolcli.files import atomic_path
 from byolcli.model_choice import choose_model
 from byolcli.names import escape_name
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 EXTRA = 'pip install "byolcli[onnx]"'
 INPUT, OUTPUT = "images", "embeddings"
@@ -39,18 +44,23 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2}
 class RawImageEncoder(nn.Module):
     """uint8 images in, embeddings out: the encoder with its input normalisation in front."""
 
-    def __init__(self, encoder: nn.Module, mean, std, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, encoder: nn.Module, mean: Sequence[float], std: Sequence[float], dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.encoder = encoder.to(dtype)
         std_ = torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
         mean_ = torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)
         # (x / 255 − mean) / std as one multiply-add.
+        self.scale: torch.Tensor
+        self.shift: torch.Tensor
         self.register_buffer("scale", (1 / (255 * std_)).to(dtype))
         self.register_buffer("shift", (mean_ / std_).to(dtype))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.to(self.scale.dtype) * self.scale - self.shift
-        return self.encoder(x).float()
+        vectors: torch.Tensor = self.encoder(x)
+        return vectors.float()
 
 
 def stock_backbone(encoder: nn.Module, architecture: str) -> nn.Module:
@@ -63,12 +73,19 @@ def stock_backbone(encoder: nn.Module, architecture: str) -> nn.Module:
     if stem_of(state) == "small":
         small_stem(stock)
     stock.load_state_dict(state)
-    return stock.eval()
+    eval_mode: nn.Module = stock.eval()
+    return eval_mode
 
 
 def export_onnx(
-    model, out: Path, batch: str, fp16: bool, reporter, arch: str | None = None, image_size: int | None = None
-) -> dict:
+    model: str | Path | None,
+    out: Path,
+    batch: str,
+    fp16: bool,
+    reporter: Reporter,
+    arch: str | None = None,
+    image_size: int | None = None,
+) -> dict[str, Any]:
     """Write `out`; returns its metadata (what the file's metadata_props hold)."""
     try:
         import onnx
@@ -105,6 +122,7 @@ def export_onnx(
             output_names=[OUTPUT],
             dynamic_shapes=({0: torch.export.Dim("batch")},) if dynamic else None,
         )
+    assert program is not None  # the dynamo exporter returns its program
     proto = program.model_proto
     description = {
         **_as_text(meta),
@@ -127,7 +145,9 @@ def export_onnx(
     return description
 
 
-def _check_against_torch(proto, reference: nn.Module, example: torch.Tensor, tolerance: float, onnxruntime) -> float:
+def _check_against_torch(
+    proto: Any, reference: nn.Module, example: torch.Tensor, tolerance: float, onnxruntime: Any
+) -> float:
     """Run the export with onnxruntime on `example`; its largest difference from fp32 PyTorch."""
     with torch.no_grad():
         expected = reference(example).numpy()
@@ -140,5 +160,5 @@ def _check_against_torch(proto, reference: nn.Module, example: torch.Tensor, tol
     return largest
 
 
-def _as_text(metadata: dict) -> dict[str, str]:
+def _as_text(metadata: dict[str, Any]) -> dict[str, str]:
     return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}

@@ -73,7 +73,7 @@ def current_umask() -> int:
     return mask
 
 
-def os_error_behind(exc: BaseException) -> OSError | None:
+def os_error_behind(exc: BaseException | None) -> OSError | None:
     """The OSError that caused `exc`, if any: torch.save reports a failed write as a
     RuntimeError raised while handling the file's OSError."""
     while exc is not None:

@@ -90,12 +90,12 @@ def write_gallery(
 
     top = max(max(row) for row in confusion) or 1
     header = "".join(f"<th>{html.escape(c)}</th>" for c in classes)
-    body = []
+    matrix = []
     for c, row in enumerate(confusion):
         cells = "".join(f'<td style="background:rgba(40,110,220,{v / top:.2f})">{v}</td>' for v in row)
-        body.append(f"<tr><th>{html.escape(classes[c])}</th>{cells}</tr>")
+        matrix.append(f"<tr><th>{html.escape(classes[c])}</th>{cells}</tr>")
     body = f"""<h2>Nearest neighbours</h2><p>First tile: a test image; then its {NEIGHBOURS} nearest training images
 by cosine similarity (green: same label, red: another).</p>{"".join(rows_html)}
 <h2>kNN confusion matrix</h2><p>Rows: true class; columns: predicted.</p>
-<table><tr><th></th>{header}</tr>{"".join(body)}</table>"""
+<table><tr><th></th>{header}</tr>{"".join(matrix)}</table>"""
     return write_page(folder / "index.html", title, body)

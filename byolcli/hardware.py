@@ -4,6 +4,11 @@ Both the planner and `byol embed` ask here."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: `byol --help` and the planner stay light
+    import torch
+
 import contextlib
 import math
 import os
@@ -48,8 +53,8 @@ def _cgroup_cpu_quota() -> float | None:
         quota, period = _read(CGROUP / "cpu.max").split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     with contextlib.suppress(OSError, ValueError):
-        quota = int(_read(CGROUP / "cpu" / "cpu.cfs_quota_us"))
-        return None if quota <= 0 else quota / int(_read(CGROUP / "cpu" / "cpu.cfs_period_us"))
+        cfs_quota = int(_read(CGROUP / "cpu" / "cpu.cfs_quota_us"))
+        return None if cfs_quota <= 0 else cfs_quota / int(_read(CGROUP / "cpu" / "cpu.cfs_period_us"))
     return None
 
 
@@ -130,14 +135,14 @@ def detect_hardware(device: str | None = None) -> Hardware:
     return Hardware("cpu", f"CPU ({cores} cores)", total, total, cpu_has_bf16(), cores, "cpu", total, shm)
 
 
-def precision_dtype(precision: str):
+def precision_dtype(precision: str) -> torch.dtype | None:
     """The dtype autocast computes `precision` in; None for fp32, which never enters autocast."""
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
-def mixed_precision(device_type: str, dtype):
+def mixed_precision(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager[object]:
     """torch.autocast for `dtype`, or no context at all for fp32 (dtype None): torch 2.4 raises on
     torch.autocast("mps", enabled=False) rather than doing nothing."""
     import torch
@@ -145,7 +150,7 @@ def mixed_precision(device_type: str, dtype):
     return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
 
 
-def use_device(device, precision: str) -> None:
+def use_device(device: torch.device, precision: str) -> None:
     """Make `device` the current CUDA device (pinned-memory threads, cuDNN handles and memory
     checks otherwise use GPU 0), and keep fp32 exact there: cuDNN's convolutions use TF32 on
     Ampere and newer unless told not to."""
@@ -175,7 +180,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return any(sign in text for sign in OUT_OF_MEMORY)
 
 
-def memory_held(device) -> int:
+def memory_held(device: torch.device) -> int:
     """Bytes the step kept from the rest of the device: on CUDA what the allocator reserved at its
     peak (what it allocated, plus the cache it cannot hand out elsewhere); on MPS what the driver
     holds, since unified memory swaps instead of failing when it runs short."""
@@ -188,13 +193,13 @@ def memory_held(device) -> int:
     return 0
 
 
-def to_device(tensor, device):
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`tensor` on `device`, copied without waiting only from page-locked memory to CUDA: MPS does
     not wait for a non-blocking copy from ordinary memory, whose source may be freed before it is read."""
     return tensor.to(device, non_blocking=device.type == "cuda" and tensor.is_pinned())
 
 
-def release_cached_memory(device) -> None:
+def release_cached_memory(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":
@@ -203,7 +208,7 @@ def release_cached_memory(device) -> None:
         torch.mps.empty_cache()
 
 
-def synchronize(device) -> None:
+def synchronize(device: torch.device) -> None:
     import torch
 
     if device.type == "cuda":

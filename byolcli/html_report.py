@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
+from typing import Any
 
 from byolcli.gallery import neighbour_row, tile, write_page
 from byolcli.inputs import RANDOM_INIT, START
@@ -28,7 +29,7 @@ CURVES = (
 WIDTH, HEIGHT = 300, 120
 
 
-def curve_svg(steps: list[float], values: list[float], title: str) -> str:
+def curve_svg(steps: list[float], values: list[float | None], title: str) -> str:
     """One inline SVG line chart, with its range written at the corners."""
     points = [(s, v) for s, v in zip(steps, values) if v is not None]
     if len(points) < 2:
@@ -52,7 +53,7 @@ def curve_svg(steps: list[float], values: list[float], title: str) -> str:
     )
 
 
-def curves_html(records: list[dict]) -> str:
+def curves_html(records: list[dict[str, Any]]) -> str:
     if not records:
         return ""
     steps = [r["step"] for r in records]
@@ -60,7 +61,7 @@ def curves_html(records: list[dict]) -> str:
     return f"<h2>Training curves</h2><div>{charts}</div>"
 
 
-def plan_html(plan: dict) -> str:
+def plan_html(plan: dict[str, Any]) -> str:
     rows = "".join(
         f'<tr><th class="text">{html.escape(key)}</th><td class="text">{html.escape(str(plan.get(key)))}</td>'
         f'<td class="text">{html.escape(why)}</td></tr>'
@@ -100,7 +101,11 @@ def gallery_html(judgement: Judgement) -> str:
 
 
 def write_report(
-    target: Path, title: str, judgement: Judgement, plan: dict | None = None, records: list[dict] | None = None
+    target: Path,
+    title: str,
+    judgement: Judgement,
+    plan: dict[str, Any] | None = None,
+    records: list[dict[str, Any]] | None = None,
 ) -> Path:
     body = (plan_html(plan) if plan else "") + curves_html(records or []) + measures_html(judgement)
     return write_page(target, title, body + gallery_html(judgement))

@@ -4,7 +4,7 @@ computes natively. `byol embed`, `byol evaluate` and the label-free report all e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from byolcli.encoder import metadata_of
 from byolcli.images import open_rgb
 from byolcli.pixels import normalize_images
 
@@ -25,13 +26,15 @@ def load_for_embedding(path: str | Path, size: int) -> torch.Tensor:
     image = open_rgb(path, min_side=size)
     width, height = image.size
     scale = size / min(width, height)
-    resized = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BILINEAR)
+    resized = image.resize(
+        (max(size, round(width * scale)), max(size, round(height * scale))), Image.Resampling.BILINEAR
+    )
     left, top = (resized.width - size) // 2, (resized.height - size) // 2
     pixels = np.asarray(resized.crop((left, top, left + size, top + size)))
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1)
 
 
-class ImageDataset(Dataset):
+class ImageDataset(Dataset[tuple[torch.Tensor, bool]]):
     """Item i: (uint8 image, True) or, if the file broke since the scan, (zeros, False)."""
 
     def __init__(self, paths: list[Path], size: int) -> None:
@@ -41,7 +44,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, bool]:
         try:
             return load_for_embedding(self.paths[index], self.size), True
         except Exception:  # noqa: BLE001 - reported as a skipped file by the caller
@@ -77,7 +80,7 @@ def iter_embeddings(
     from byolcli.hardware import detect_hardware, mixed_precision, to_device, use_device
     from byolcli.rules import LOADER_PREFETCH, choose_workers, fit_workers_to_shared_memory
 
-    meta = encoder.byol_metadata
+    meta = metadata_of(encoder)
     dataset = ImageDataset(paths, meta["image_size"])
     if workers is None:
         held = LOADER_PREFETCH * batch_size * 3 * meta["image_size"] ** 2  # uint8 images in /dev/shm
@@ -116,11 +119,16 @@ def iter_embeddings(
 
 
 def embed_paths(
-    paths: list[Path], encoder, device, batch_size: int, workers: int | None, progress=None
+    paths: list[Path],
+    encoder: torch.nn.Module,
+    device: torch.device,
+    batch_size: int,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Every image's vector as one matrix (rows of images that broke since the scan are zeros) and
     which rows are good."""
-    dim = encoder.byol_metadata["feature_dim"]
+    dim = metadata_of(encoder)["feature_dim"]
     features = np.zeros((len(paths), dim), dtype=np.float32)
     good = np.ones(len(paths), dtype=bool)
     for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):

@@ -4,6 +4,7 @@ commands, called from Python, check the same things through these functions."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from byolcli.errors import UserError
@@ -45,7 +46,7 @@ def require_model_file(model: str | Path | None, names: tuple[str, ...] = (IMAGE
         raise UserError(f"{model}: no such model file")
 
 
-def require_choice(flag: str, value: str | None, choices) -> None:
+def require_choice(flag: str, value: str | None, choices: Sequence[str]) -> None:
     if value is not None and value not in choices:
         raise UserError(f"{flag} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
@@ -55,7 +56,7 @@ def require_image_size(value: int | None) -> None:
         raise UserError(f"--image-size {value}: must be at least {MIN_IMAGE_SIZE}")
 
 
-def require_model_flags(model, arch: str | None, image_size: int | None) -> None:
+def require_model_flags(model: str | Path | None, arch: str | None, image_size: int | None) -> None:
     """The flags that name a model: --model (or --init, --baseline), --arch, --image-size."""
     require_model_file(model)
     require_choice("--arch", arch, tuple(ARCHITECTURES))

@@ -7,12 +7,15 @@ for any folder and encoder."""
 from __future__ import annotations
 
 import random
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from byolcli.encoder import metadata_of
 from byolcli.inference import embed_paths
 from byolcli.inputs import RANDOM_INIT, START
 from byolcli.label_free import (
@@ -61,10 +64,10 @@ class Judgement:
     paths: list[Path]  # the sample, in row order
     queries: list[int]  # rows of the gallery's query images
     neighbours: dict[str, torch.Tensor]  # per encoder: (queries, NEIGHBOURS) rows
-    measures: dict[str, dict]  # per encoder: rankme, alignment, uniformity, near_duplicate_share
+    measures: dict[str, dict[str, float]]  # per encoder: rankme, alignment, uniformity, near_duplicate_share
     duplicates: list[tuple[int, int, float]]  # near-duplicate pairs under the encoder
 
-    def to_dict(self, root: Path) -> dict:
+    def to_dict(self, root: Path) -> dict[str, Any]:
         def name(row: int) -> str:
             path = self.paths[row]
             return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
@@ -91,15 +94,22 @@ def sample_paths(paths: list[Path], size: int = SAMPLE, seed: int = 0) -> list[P
     return [paths[i] for i in chosen]
 
 
-def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, workers: int | None = None) -> Judgement:
+def judge(
+    paths: list[Path],
+    encoder: torch.nn.Module,
+    device: torch.device,
+    progress: Callable[..., AbstractContextManager[Callable[[int, int], None]]] | None = None,
+    seed: int = 0,
+    workers: int | None = None,
+) -> Judgement:
     """Embed a seeded sample of `paths` with `encoder` and with the network it started from (its random-init
     twin when it started from random weights, or when its start cannot be had), and measure both."""
     sample = sample_paths(paths, SAMPLE, seed)
-    start, _ = start_network(encoder.byol_metadata, device)
+    start, _ = start_network(metadata_of(encoder), device)
     reference = RANDOM_INIT if start is None else START
     networks = {
         ENCODER: encoder,
-        reference: random_init_network(encoder.byol_metadata, device) if start is None else start,
+        reference: random_init_network(metadata_of(encoder), device) if start is None else start,
     }
     features, measures = {}, {}
     for who, network in networks.items():
@@ -108,8 +118,9 @@ def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, work
         features[who] = features[who][torch.from_numpy(ok)]
     keep = [p for p, good in zip(sample, ok) if good]
     queries = sorted(random.Random(seed).sample(range(len(keep)), min(QUERIES, len(keep))))
-    views = view_embeddings(keep, networks, encoder.byol_metadata["image_size"], device, seed, progress)
-    neighbours, duplicates = {}, []
+    views = view_embeddings(keep, networks, metadata_of(encoder)["image_size"], device, seed, progress)
+    neighbours: dict[str, torch.Tensor] = {}
+    duplicates: list[tuple[int, int, float]] = []
     for who in networks:
         found = near_duplicates(features[who])
         duplicates = found if who == ENCODER else duplicates
@@ -126,7 +137,12 @@ def judge(paths: list[Path], encoder, device, progress=None, seed: int = 0, work
 
 
 def view_embeddings(
-    paths: list[Path], networks: dict, image_size: int, device, seed: int, progress=None
+    paths: list[Path],
+    networks: dict[str, torch.nn.Module],
+    image_size: int,
+    device: torch.device,
+    seed: int,
+    progress: Callable[..., AbstractContextManager[Callable[[int, int], None]]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Two views each of a seeded sample of the images, made by byolcli's training augmentation, embedded
     by every network (all are judged on the same views): per network, both views' rows, row i of each
@@ -134,7 +150,7 @@ def view_embeddings(
     from byolcli.data import TwoViewDataset
 
     dataset = TwoViewDataset(sample_paths(paths, VIEW_PAIRS, seed), image_size, seed)
-    rows = {who: ([], []) for who in networks}
+    rows: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {who: ([], []) for who in networks}
     with progress("embedding augmented views", unit="images") if progress else nullcontext() as step:
         with torch.inference_mode():
             for start in range(0, len(dataset), 64):

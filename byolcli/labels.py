@@ -84,16 +84,21 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
     path_col = _find(header, PATH_COLUMNS)
     label_col = _find(header, LABEL_COLUMNS)
     if path_col is None or label_col is None:
-        missing = (
+        absent = (
             f"image path column ({'/'.join(PATH_COLUMNS[:4])})"
             if path_col is None
             else f"label column ({'/'.join(LABEL_COLUMNS[:3])})"
         )
-        raise UserError(f"{csv_path}: line 1: the header has no {missing}; it reads: {','.join(table[0])[:120]}")
+        raise UserError(f"{csv_path}: line 1: the header has no {absent}; it reads: {','.join(table[0])[:120]}")
     split_col = _find(header, ("split", "subset", "set", "fold_name"))
     base = root if root is not None else csv_path.parent
 
-    paths, labels, splits, rows, missing, repeated = [], [], [], [], [], []
+    paths: list[Path] = []
+    labels: list[str] = []
+    splits: list[str] = []
+    rows: list[int] = []
+    missing: list[tuple[int, str]] = []
+    repeated: list[tuple[int, int, str]] = []
     seen: dict[str, int] = {}  # normalised absolute path -> index of its row
     for line, row in enumerate(table[1:], start=2):
         if len(row) < len(header):
@@ -131,7 +136,7 @@ def read_labels(csv_path: Path, root: Path | None = None) -> LabelledImages:
         if not full.is_file():
             missing.append((line, path))
         paths.append(full)
-        if split_col is not None:
+        if split is not None:
             splits.append(split)
         labels.append(label)
         rows.append(line)

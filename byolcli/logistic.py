@@ -7,6 +7,8 @@ and one wide product costs little more than one narrow one (benchmarks/README.md
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 HISTORY = 100  # curvature pairs each L-BFGS keeps (as torch.optim.LBFGS)
@@ -18,7 +20,7 @@ MEMORY = 2**27  # floats the fits may take together; past it, strengths take tur
 
 
 def fit_logistic(
-    x: torch.Tensor, y: torch.Tensor, classes: int, weight_decays, iterations: int = 100
+    x: torch.Tensor, y: torch.Tensor, classes: int, weight_decays: Sequence[float], iterations: int = 100
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each strength λ, the (W, b) minimising mean cross-entropy + λ‖W‖²:
     W (strengths, features, classes), b (strengths, classes)."""
@@ -30,11 +32,15 @@ def fit_logistic(
     return torch.cat([w for w, _ in fits]), torch.cat([b for _, b in fits])
 
 
-def _fit_together(x, y, classes, decays, iterations):
+def _fit_together(
+    x: torch.Tensor, y: torch.Tensor, classes: int, decays: torch.Tensor, iterations: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     rows, features = x.shape
     target = torch.nn.functional.one_hot(y, classes).to(x.dtype)[:, None]
 
-    def objective(theta, decays):  # theta (strengths, features + 1, classes): W's rows, then b
+    def objective(
+        theta: torch.Tensor, decays: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # theta (strengths, features + 1, classes): W's rows, then b
         strengths = len(decays)
         weight, bias = theta[:, :features], theta[:, features]
         logits = (x @ weight.permute(1, 0, 2).reshape(features, -1)).view(rows, strengths, classes) + bias
@@ -95,7 +101,9 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum((1, 2))
 
 
-def _inverse_hessian_times(grad, history, scale):
+def _inverse_hessian_times(
+    grad: torch.Tensor, history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], scale: torch.Tensor
+) -> torch.Tensor:
     """L-BFGS's two-loop recursion, per strength; a pair whose weight is 0 (no curvature) is skipped."""
     q = grad.clone()
     alphas = []

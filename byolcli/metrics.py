@@ -8,6 +8,8 @@ logistic regression on standardised frozen features.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -62,8 +64,11 @@ def linear_probe_scores(
     a stratified 20%. The test rows never influence it. The final model is fitted on all training rows.
     """
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
-    standard = lambda t: (t.float() - mean) / std  # noqa: E731
-    if val_x is not None and len(val_x):
+
+    def standard(t: torch.Tensor) -> torch.Tensor:
+        return (t.float() - mean) / std
+
+    if val_x is not None and val_y is not None and len(val_x):
         splits = [(train_x, train_y, val_x, val_y)]
     elif len(train_y) <= FEW_ROWS and (smallest := int(present_counts(train_y).min())) >= 2:
         folds = min(FOLDS if len(train_y) <= MANY_ROWS else FOLDS_ABOVE, smallest)
@@ -74,19 +79,21 @@ def linear_probe_scores(
     else:
         fit_index, val_index = stratified_holdout(train_y, 0.2, seed)
         splits = [(train_x[fit_index], train_y[fit_index], train_x[val_index], train_y[val_index])]
-    best = choose_weight_decay([tuple(map(standard, (a, c))) + (b, d) for a, b, c, d in splits], classes)
+    best = choose_weight_decay([(standard(a), standard(c), b, d) for a, b, c, d in splits], classes)
     w, b = fit_logistic(standard(train_x), train_y, classes, [best])
     return standard(test_x) @ w[0] + b[0], best, best in (WEIGHT_DECAYS[0], WEIGHT_DECAYS[-1])
 
 
-def choose_weight_decay(splits: list[tuple], classes: int) -> float:
+def choose_weight_decay(
+    splits: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]], classes: int
+) -> float:
     """The grid's L2 strength with the best summed accuracy over the (fit x, check x, fit y, check y)
     splits; every strength of a split is fitted in one batch."""
     accuracy = torch.zeros(len(WEIGHT_DECAYS))
     for fit_x, check_x, fit_y, check_y in splits:
         w, b = fit_logistic(fit_x, fit_y, classes, WEIGHT_DECAYS, SEARCH_ITERATIONS)
         accuracy += ((check_x @ w + b[:, None]).argmax(-1) == check_y).float().mean(1).cpu()
-    return max(zip(accuracy.tolist(), WEIGHT_DECAYS))[1]  # ties: the stronger regulariser
+    return float(max(zip(accuracy.tolist(), WEIGHT_DECAYS))[1])  # ties: the stronger regulariser
 
 
 def present_counts(y: torch.Tensor) -> torch.Tensor:
@@ -99,7 +106,7 @@ def stratified_holdout(y: torch.Tensor, share: float, seed: int) -> tuple[torch.
     """Split row indices so each class with ≥ 2 rows puts about `share` of them (≥ 1) aside."""
     generator = torch.Generator().manual_seed(seed)
     keep, aside = [], []
-    for label in y.unique():
+    for label in torch.unique(y):
         rows = (y == label).nonzero().flatten().cpu()
         rows = rows[torch.randperm(len(rows), generator=generator)]
         n_aside = 0 if len(rows) < 2 else max(1, round(len(rows) * share))
@@ -113,7 +120,7 @@ def stratified_folds(y: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor
     generator = torch.Generator().manual_seed(seed)
     fold = torch.empty(len(y), dtype=torch.long)
     offset = 0
-    for label in y.unique():
+    for label in torch.unique(y):
         rows = (y == label).nonzero().flatten().cpu()
         rows = rows[torch.randperm(len(rows), generator=generator)]
         fold[rows] = (torch.arange(len(rows)) + offset) % folds
@@ -121,10 +128,10 @@ def stratified_folds(y: torch.Tensor, folds: int, seed: int = 0) -> torch.Tensor
     return fold.to(y.device)
 
 
-def summarize(scores: torch.Tensor, y: torch.Tensor, classes: int) -> dict:
+def summarize(scores: torch.Tensor, y: torch.Tensor, classes: int) -> dict[str, Any]:
     """top-1, top-5 (when there are more than 5 classes), balanced accuracy, per-class recall."""
     predicted = scores.argmax(1)
-    result = {"top1": (predicted == y).float().mean().item()}
+    result: dict[str, Any] = {"top1": (predicted == y).float().mean().item()}
     if classes > 5:
         top5 = scores.topk(5, dim=1).indices
         result["top5"] = (top5 == y[:, None]).any(1).float().mean().item()

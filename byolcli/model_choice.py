@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -20,30 +21,35 @@ from byolcli.errors import UserError
 from byolcli.files import RUNS_DIR, file_sha256
 from byolcli.inputs import IMAGENET, IMAGENET_SIZE, require_choice, require_image_size
 
+if TYPE_CHECKING:
+    import torch
+
 DEFAULT_ARCH = "resnet18"
 
 
 @dataclass(frozen=True)
 class ModelChoice:
     kind: str  # "encoder", IMAGENET or "state dict"
-    metadata: dict  # architecture, image_size, mean, std, feature_dim, train_images, source, …
+    metadata: dict[str, Any]  # architecture, image_size, mean, std, feature_dim, train_images, source, …
     description: str  # how messages name it
     fingerprint: str  # changes whenever the vectors would: the file's SHA-256, or the weights' name
     path: Path | None = None  # the file, where there is one
 
-    def load(self, device="cpu") -> nn.Module:
+    def load(self, device: str | torch.device = "cpu") -> nn.Module:
         """The encoder in eval mode on `device`, with `byol_metadata` attached."""
-        from byolcli.encoder import load_encoder
+        from byolcli.encoder import attach_metadata, load_encoder
         from byolcli.start import backbone_from, imagenet_state, read_state_file
 
         architecture = self.metadata["architecture"]
         if self.kind == "encoder":
+            assert self.path is not None  # an encoder is a file
             model = load_encoder(self.path, device)
         elif self.kind == IMAGENET:
             model = backbone_from(imagenet_state(architecture), architecture, IMAGENET, "--arch")
         else:
+            assert self.path is not None  # so is a state dict
             model = backbone_from(read_state_file(self.path)[0], architecture, str(self.path), "--arch")
-        model.byol_metadata = self.metadata
+        attach_metadata(model, self.metadata)
         return model.to(device).eval()
 
 
@@ -87,13 +93,22 @@ def choose_model(
             f"{path}: a plain state dict without byolcli metadata; add {' and '.join(missing)} to say "
             f"what it is (--arch {'|'.join(BACKBONES)}, --image-size in pixels)"
         )
+    assert arch is not None and image_size is not None  # both given, or missing was not empty
     metadata = _plain_metadata(arch, image_size, str(path), MEAN, STD, BACKBONES, stem_of(state))
     return ModelChoice(
         "state dict", metadata, f"{path} (plain {arch} state dict, {image_size} px)", file_sha256(path), path
     )
 
 
-def _plain_metadata(arch: str, size: int, source: str, mean, std, backbones, stem: str) -> dict:
+def _plain_metadata(
+    arch: str,
+    size: int,
+    source: str,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    backbones: dict[str, tuple[Any, int]],
+    stem: str,
+) -> dict[str, Any]:
     return {
         "architecture": arch,
         "stem": stem,

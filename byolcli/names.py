@@ -17,6 +17,7 @@ from __future__ import annotations
 import codecs
 import os
 import unicodedata
+from collections.abc import Iterable
 
 NAMED = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
 # Control characters, and the separators that str.splitlines() breaks on.
@@ -47,7 +48,7 @@ def unescape_name(line: str) -> str:
     return os.fsdecode(codecs.escape_decode(line.encode("utf-8", "surrogateescape"))[0])
 
 
-def write_names(names) -> str:
+def write_names(names: Iterable[str]) -> str:
     """The text of a name list: one escaped name per line."""
     return "".join(f"{escape_name(name)}\n" for name in names)
 

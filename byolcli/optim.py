@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ class LARS(torch.optim.Optimizer):
 
     def __init__(
         self,
-        groups,
+        groups: list[dict[str, Any]],
         lr: float,
         momentum: float = RECIPE.lars_momentum,
         weight_decay: float = RECIPE.weight_decay,
@@ -33,7 +34,7 @@ class LARS(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: None = None) -> None:  # type: ignore[override]  # BYOL never passes a closure
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -62,13 +63,15 @@ class LARS(torch.optim.Optimizer):
         state = self.state[p]
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(p)
-        return state["momentum"]
+        momentum: torch.Tensor = state["momentum"]
+        return momentum
 
 
-def lars_groups(*modules: nn.Module) -> list[dict]:
+def lars_groups(*modules: nn.Module) -> list[dict[str, Any]]:
     """Split parameters: weights of conv/linear layers get LARS and weight decay;
     biases and batch-norm parameters (all 1-D tensors) get neither."""
-    adapted, excluded = [], []
+    adapted: list[nn.Parameter] = []
+    excluded: list[nn.Parameter] = []
     for module in modules:
         for p in module.parameters():
             if p.requires_grad:

@@ -5,6 +5,7 @@ training device."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch is imported where tensors are made: the planner's rules read this module too
@@ -21,7 +22,7 @@ def canvas_side(size: int) -> int:
     return size * 3 // 2
 
 
-def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
+def normalize_images(images: torch.Tensor, mean: Sequence[float] = MEAN, std: Sequence[float] = STD) -> torch.Tensor:
     """A batch (n, 3, h, w) to normalised float: uint8 is scaled to 0..1 first."""
     if not images.is_floating_point():
         images = images.float() / 255
@@ -29,14 +30,16 @@ def normalize_images(images: torch.Tensor, mean=MEAN, std=STD) -> torch.Tensor:
     return (images - constant(mean, images, shape)) / constant(std, images, shape)
 
 
-def constant(values, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+def constant(values: Iterable[float], like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """`values` as a tensor of `like`'s device and dtype, made once: a tensor made from Python
     numbers is copied to the GPU, and that copy waits for the work queued before it."""
     return _constant(tuple(values), like.device, like.dtype, shape)
 
 
 @functools.lru_cache(maxsize=64)
-def _constant(values: tuple, device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def _constant(
+    values: tuple[float, ...], device: torch.device, dtype: torch.dtype, shape: tuple[int, ...]
+) -> torch.Tensor:
     import torch
 
     return torch.tensor(values, dtype=dtype).view(shape).to(device)

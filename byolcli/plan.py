@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
 
 from byolcli.errors import UserError
 from byolcli.hardware import Hardware
@@ -36,6 +37,8 @@ from byolcli.rules import (
     tau_for,
     warmup_for,
 )
+
+T = TypeVar("T")
 
 MIN_IMAGES = 16  # batch norm needs a batch; BYOL needs more than a handful of images to mean anything
 USEFUL_EPOCHS = 40  # the shortest run measured to beat an untrained network on kNN (docs/experiments.md)
@@ -83,11 +86,11 @@ class Plan:
     def estimated_seconds(self) -> float:
         return self.step_seconds * self.total_steps
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> Plan:
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
         return cls(**data)
 
 
@@ -206,14 +209,20 @@ def make_plan(
 
 
 def choose_step(
-    short_sides: list[int], hw: Hardware, over: Overrides, probe, world_size: int, reasons: dict, find_imagenet
+    short_sides: list[int],
+    hw: Hardware,
+    over: Overrides,
+    probe: Callable[[StepSetting], float],
+    world_size: int,
+    reasons: dict[str, str],
+    find_imagenet: Callable[[str], str | None],
 ) -> tuple[StepSetting, str | None, int, bool]:
     """What one training step runs (network, size, precision, where the views are made), as the
     probe will time it; the weights it starts from; and the loader workers and whether the images
     are decoded into memory."""
     images = len(short_sides)
 
-    def pick(name, override, chosen):
+    def pick(name: str, override: T | None, chosen: Callable[[], tuple[T, str]]) -> T:
         value, why = chosen() if override is None else (override, "set by flag")
         reasons[name] = why
         return value
@@ -263,6 +272,8 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
     The probe times the model alone; real steps also pay for data loading and
     share the CPU with it, so the first estimate can be far off.
     """
+    budget = plan.time_budget
+    assert budget is not None  # re-planned only under --time
     total = steps_done + max(0, int(seconds_left / step_seconds))
     plan.total_steps = max(total, steps_done + 1)
     plan.epochs = round(plan.total_steps / plan.steps_per_epoch, 3)
@@ -274,7 +285,7 @@ def refit_to_budget(plan: Plan, steps_done: int, seconds_left: float, step_secon
         plan.lr = plan.base_lr * plan.effective_batch / 256
     plan.step_seconds = step_seconds
     plan.reasons["epochs"] = (
-        f"what fits in the {format_seconds(plan.time_budget)} budget at "
+        f"what fits in the {format_seconds(budget)} budget at "
         f"{step_seconds:.2f} s per step, measured in the first training steps"
     )
 

@@ -6,8 +6,12 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from byolcli.hardware import Hardware, is_out_of_memory, memory_held, release_cached_memory, synchronize
+
+if TYPE_CHECKING:
+    import torch
 
 MEMORY_MARGIN = 0.85  # a probed step may use at most this share of the device's memory
 
@@ -59,7 +63,7 @@ def probe_step(hw: Hardware, setting: StepSetting, steps: int = 2) -> float:
     return seconds
 
 
-def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float:
+def _time_steps(hw: Hardware, device: torch.device, setting: StepSetting, steps: int) -> float:
     import torch
 
     from byolcli.augment import byol_views
@@ -76,7 +80,8 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
     model = BYOL(setting.backbone, setting.stem)
     if setting.sync_batchnorm:  # its memory differs from batch norm's; only rank 0 probes, so no sums travel
         synchronise_batchnorm(model, across_ranks=False)
-    model.to(device, memory_format=memory_format)
+    model.to(device)
+    model.to(memory_format=memory_format)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buckets = torch.empty(trained if setting.gradient_buckets else 0, device=device)  # noqa: F841
     step = ByolStep(model, setting.precision, device.type, lr=0.1)
@@ -92,7 +97,7 @@ def _time_steps(hw: Hardware, device, setting: StepSetting, steps: int) -> float
         start = time.perf_counter()
         if setting.augment_on == "device":
             views = [v.contiguous(memory_format=memory_format) for v in byol_views(canvases, sizes, size)]
-        step.accumulate(*views)
+        step.accumulate(views[0], views[1])
         step.finish(tau=0.99)
         synchronize(device)
         timings.append(time.perf_counter() - start)

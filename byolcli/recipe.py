@@ -39,7 +39,8 @@ class Recipe:
 
     def views(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """(blur probability, solarize probability) of view 1 and of view 2."""
-        return tuple(zip(self.blur_p, self.solarize_p))
+        (blur1, blur2), (solarize1, solarize2) = self.blur_p, self.solarize_p
+        return (blur1, solarize1), (blur2, solarize2)
 
 
 RECIPE = Recipe()

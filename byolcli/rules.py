@@ -275,7 +275,7 @@ def choose_sync_batchnorm(batch: int, world_size: int) -> tuple[bool, str]:
 
 
 def power_of_two_at_most(n: float) -> int:
-    return 2 ** int(math.floor(math.log2(max(n, 1))))
+    return int(2 ** math.floor(math.log2(max(n, 1))))
 
 
 def time_precisions(setting: StepSetting, probe: Callable[[StepSetting], float]) -> tuple[str, str]:

@@ -13,11 +13,12 @@ import json
 import os
 import warnings
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
@@ -74,12 +75,12 @@ class Manifest:
     ignored: int = 0  # files with extensions that are not images (.txt, .csv, ...)
     reused: int = 0  # verdicts taken from the cache instead of reopening the file
     cache_file: Path | None = None
-    formats: Counter = field(init=False)
+    formats: Counter[str] = field(init=False)
 
     def __post_init__(self) -> None:
         self.formats = Counter(image.format for image in self.images)
 
-    def reasons(self) -> Counter:
+    def reasons(self) -> Counter[str]:
         return Counter(s.reason for s in self.skipped)
 
     def absolute_paths(self) -> list[Path]:
@@ -88,7 +89,7 @@ class Manifest:
 
 def heif_available() -> bool:
     try:
-        import pillow_heif  # type: ignore[import-not-found]
+        import pillow_heif
     except ImportError:
         return False
     pillow_heif.register_heif_opener()
@@ -111,7 +112,7 @@ def scan(
     cache_file = _cache_file(root) if use_cache else None
     cached = _load_cache(cache_file)
 
-    verdicts: dict[str, tuple] = {}
+    verdicts: dict[str, tuple[Any, ...]] = {}
     to_check: list[tuple[str, int, int]] = []
     for rel, size, mtime in candidates:
         hit = cached.get(rel)
@@ -224,7 +225,7 @@ def check_image(path: str | Path, size: int) -> tuple[str, int, int, str]:
     return fmt, width, height, ""
 
 
-def _check_chunk(root: str, chunk: list[tuple[str, int, int]]) -> list[tuple[str, tuple]]:
+def _check_chunk(root: str, chunk: list[tuple[str, int, int]]) -> list[tuple[str, tuple[Any, ...]]]:
     heif_available()  # register the HEIF opener in worker processes too
     out = []
     for rel, size, mtime in chunk:
@@ -233,8 +234,8 @@ def _check_chunk(root: str, chunk: list[tuple[str, int, int]]) -> list[tuple[str
     return out
 
 
-def _check_all(root: Path, todo: list[tuple[str, int, int]], progress: Progress | None) -> dict[str, tuple]:
-    done: dict[str, tuple] = {}
+def _check_all(root: Path, todo: list[tuple[str, int, int]], progress: Progress | None) -> dict[str, tuple[Any, ...]]:
+    done: dict[str, tuple[Any, ...]] = {}
     total = len(todo)
     if progress:
         progress(0, total)
@@ -243,17 +244,17 @@ def _check_all(root: Path, todo: list[tuple[str, int, int]], progress: Progress 
     chunks = [todo[i : i + CHUNK] for i in range(0, total, CHUNK)]
     workers = min(os.cpu_count() or 1, len(chunks))
     if total < PARALLEL_THRESHOLD or workers == 1:
-        results = (_check_chunk(str(root), chunk) for chunk in chunks)
-        _collect(results, done, total, progress)
+        _collect((_check_chunk(str(root), chunk) for chunk in chunks), done, total, progress)
     else:
         # spawn, not fork: the caller may already hold torch's thread pools.
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            results = pool.map(_check_chunk, [str(root)] * len(chunks), chunks)
-            _collect(results, done, total, progress)
+            _collect(pool.map(_check_chunk, [str(root)] * len(chunks), chunks), done, total, progress)
     return done
 
 
-def _collect(results, done: dict, total: int, progress: Progress | None) -> None:
+def _collect(
+    results: Iterable[list[tuple[str, tuple[Any, ...]]]], done: dict[str, Any], total: int, progress: Progress | None
+) -> None:
     for chunk_result in results:
         done.update(chunk_result)
         if progress:
@@ -268,7 +269,7 @@ def _cache_file(root: Path) -> Path | None:
     return folder / f"{digest}.json"
 
 
-def _load_cache(cache_file: Path | None) -> dict[str, tuple]:
+def _load_cache(cache_file: Path | None) -> dict[str, tuple[Any, ...]]:
     if cache_file is None:
         return {}
     try:
@@ -282,7 +283,7 @@ def _load_cache(cache_file: Path | None) -> dict[str, tuple]:
         return {}  # a damaged cache only costs a full re-check
 
 
-def _save_cache(cache_file: Path, root: Path, verdicts: dict[str, tuple]) -> str | None:
+def _save_cache(cache_file: Path, root: Path, verdicts: dict[str, tuple[Any, ...]]) -> str | None:
     """Write the verdicts; returns what went wrong, if anything. A cache only saves time: a
     folder that cannot be written (read-only home, full disk) must not fail the scan."""
     data = {"version": CACHE_VERSION, "root": str(root), "entries": verdicts}

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import signal
 from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -27,17 +29,17 @@ class StopRequests:
         self.signum: int | None = None
         self.on_request = on_request
         self.second_quits = second_quits
-        self._previous: dict = {}
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequests:
         self._previous = {number: signal.signal(number, self._handle) for number in STOP_SIGNALS}
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.signum is not None:
             if self.second_quits:
                 raise KeyboardInterrupt

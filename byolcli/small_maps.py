@@ -14,14 +14,20 @@ Only on CPU: GPU convolution libraries have not been measured against it.
 from __future__ import annotations
 
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+# (rows, cols, taps, out_height, out_width): see dense_layout
+Layout = tuple[slice, slice, torch.Tensor, int, int]
+
 
 @cache
-def dense_layout(height: int, width: int, kernel: tuple, stride: tuple, padding: tuple):
+def dense_layout(
+    height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> Layout | None:
     """How a convolution over a height×width map reads its kernel, if every output pixel
     sees every input pixel; else None.
 
@@ -58,7 +64,7 @@ class _KernelAsMatrix(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, layout):
+    def forward(ctx: Any, weight: torch.Tensor, layout: Layout) -> torch.Tensor:
         rows, cols, taps, out_h, out_w = layout
         o, c = weight.shape[:2]
         window = weight[:, :, rows, cols].permute(0, 2, 3, 1)  # (o, window rows, window cols, c)
@@ -67,7 +73,7 @@ class _KernelAsMatrix(torch.autograd.Function):
         return pairs.view(o, out_h * out_w, -1, c).transpose(0, 1).reshape(out_h * out_w * o, -1)
 
     @staticmethod
-    def backward(ctx, grad_matrix):
+    def backward(ctx: Any, grad_matrix: torch.Tensor) -> tuple[torch.Tensor, None]:
         rows, cols, taps, out_h, out_w = ctx.layout
         o, window_h, window_w, c = ctx.window_shape
         pairs = grad_matrix.view(out_h * out_w, o, -1, c).transpose(0, 1).reshape(o, -1, c)

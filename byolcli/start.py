@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import shlex
 import socket
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
 from safetensors.torch import load_file
 
 from byolcli.backbones import make_backbone, stem_of
+from byolcli.encoder import attach_metadata
 from byolcli.errors import UserError
 from byolcli.files import file_sha256
 from byolcli.inputs import IMAGENET, RANDOM, START
@@ -31,12 +34,12 @@ DOWNLOAD_TIMEOUT = 15  # seconds without a byte before a download is given up
 
 def imagenet_cache_file(architecture: str) -> Path:
     """Where torchvision keeps (and first looks for) its ImageNet weights of `architecture`."""
-    url = torchvision.models.get_model_weights(architecture).DEFAULT.url
+    url: str = torchvision.models.get_model_weights(architecture).DEFAULT.url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 @contextmanager
-def _socket_timeout(seconds: float):
+def _socket_timeout(seconds: float) -> Iterator[None]:
     before = socket.getdefaulttimeout()
     socket.setdefaulttimeout(seconds)
     try:
@@ -61,7 +64,7 @@ def fetch_imagenet(architecture: str) -> str | None:
     return None
 
 
-def imagenet_state(architecture: str) -> dict:
+def imagenet_state(architecture: str) -> dict[str, Any]:
     """torchvision's ImageNet backbone weights (no `fc`), from torch's cache or downloaded into it."""
     why = fetch_imagenet(architecture)
     if why is not None:
@@ -70,7 +73,7 @@ def imagenet_state(architecture: str) -> dict:
     return _backbone_only(torch.load(imagenet_cache_file(architecture), map_location="cpu", weights_only=True))
 
 
-def read_state_file(path: Path) -> tuple[dict, dict]:
+def read_state_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors, safetensors metadata) of a weights file: safetensors, or a state dict saved by torch.save."""
     from byolcli.encoder import file_metadata
 
@@ -90,7 +93,7 @@ def read_state_file(path: Path) -> tuple[dict, dict]:
     return load_file(str(path)), metadata
 
 
-def backbone_from(state: dict, architecture: str, name: str, hint: str) -> torch.nn.Module:
+def backbone_from(state: dict[str, Any], architecture: str, name: str, hint: str) -> torch.nn.Module:
     """A ResNet backbone holding `state` (its `fc` classifier, if any, dropped), with whichever stem its
     first convolution has; a one-line error naming the weights (`name`) and what to check when they do not fit."""
     state = _backbone_only(state)
@@ -105,7 +108,7 @@ def backbone_from(state: dict, architecture: str, name: str, hint: str) -> torch
     return model
 
 
-def start_weights(init: str, architecture: str) -> dict:
+def start_weights(init: str, architecture: str) -> dict[str, Any]:
     """The backbone weights a plan's `init` names, checked against `architecture`."""
     if init == IMAGENET:
         return imagenet_state(architecture)
@@ -113,7 +116,7 @@ def start_weights(init: str, architecture: str) -> dict:
     return backbone_from(state, architecture, f"--init {init}", "--backbone").state_dict()
 
 
-def describe_file(path: Path) -> dict:
+def describe_file(path: Path) -> dict[str, Any]:
     """What an --init file is: architecture (None for a plain state dict), stem, image size and normalisation
     where its metadata records them. UserError when it is not a ResNet's weights."""
     from byolcli.encoder import FORMAT, read_metadata
@@ -136,7 +139,7 @@ def start_name(init: str | None) -> str:
     return f"{Path(init).name} sha256:{file_sha256(init)}"
 
 
-def start_network(metadata: dict, device) -> tuple[torch.nn.Module | None, str]:
+def start_network(metadata: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module | None, str]:
     """The network an encoder's training started from, frozen, at the encoder's image size and
     normalisation (read from its metadata), in eval mode on `device`; or None and why there is none."""
     init, architecture = metadata.get("init", RANDOM), metadata["architecture"]
@@ -153,11 +156,10 @@ def start_network(metadata: dict, device) -> tuple[torch.nn.Module | None, str]:
             return None, f"its start, {init.rsplit(' sha256:', 1)[0]}, is no longer at {path} as it was"
         state = start_weights(str(path), architecture)
     model = backbone_from(state, architecture, START, "the encoder's architecture")
-    model.byol_metadata = metadata
-    return model.to(device).eval(), ""
+    return attach_metadata(model, metadata).to(device).eval(), ""
 
 
-def start_command(metadata: dict) -> str:
+def start_command(metadata: dict[str, Any]) -> str:
     """The `byol embed` command that uses an encoder's start, frozen, in its place, at the encoder's size."""
     size, architecture = metadata["image_size"], metadata["architecture"]
     if metadata["init"] == IMAGENET:
@@ -167,7 +169,7 @@ def start_command(metadata: dict) -> str:
     return f"byol embed FOLDER --model {shlex.quote(path)}{arch} --image-size {size}"
 
 
-def _backbone_only(state: dict) -> dict:
+def _backbone_only(state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in state.items() if not k.startswith("fc.")}
 
 
@@ -175,9 +177,8 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).splitlines() or [type(exc).__name__])[0][:120]
 
 
-def random_init_network(metadata: dict, device) -> torch.nn.Module:
+def random_init_network(metadata: dict[str, Any], device: torch.device) -> torch.nn.Module:
     """The architecture of an encoder's `metadata`, randomly initialised (seed 0), ready to embed."""
     torch.manual_seed(0)
     model = make_backbone(metadata["architecture"], stem=metadata.get("stem", "standard"))
-    model.byol_metadata = metadata
-    return model.to(device).eval()
+    return attach_metadata(model, metadata).to(device).eval()

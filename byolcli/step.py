@@ -58,9 +58,11 @@ class ByolStep:
         loss does not rule out.
         """
         enabled = self.scaler.is_enabled()
-        before = self.scaler._scale.clone() if enabled else None  # the scale tensor update() changes in place
+        # The scale tensor update() changes in place; a disabled scaler has none.
+        before = self.scaler._scale.clone() if enabled and self.scaler._scale is not None else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.update_target(tau)
-        return self.scaler._scale < before if enabled else None
+        after = self.scaler._scale if enabled else None
+        return None if before is None or after is None else after < before

@@ -7,8 +7,9 @@ or return data, and this module turns that into terminal output.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -17,6 +18,7 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
+    Task,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
@@ -27,6 +29,10 @@ from rich.text import Text
 
 from byolcli.inputs import RANDOM_INIT, START
 from byolcli.names import escape_name
+
+if TYPE_CHECKING:
+    from byolcli.plan import Plan
+    from byolcli.scan import Manifest
 
 # Results go to stdout; progress, warnings and errors go to stderr, so that
 # `byol scan … > report.txt` captures only the report.
@@ -41,7 +47,7 @@ class RateColumn(ProgressColumn):
         super().__init__()
         self.unit = unit
 
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:,.0f} {self.unit}/s" if speed else "")
 
@@ -60,7 +66,7 @@ class Reporter:
             err.print(f"[yellow]warning:[/] {escape(message)}", soft_wrap=True)
 
     @contextlib.contextmanager
-    def progress(self, description: str, unit: str = "files") -> Iterator:
+    def progress(self, description: str, unit: str = "files") -> Iterator[Callable[[int, int], None]]:
         """Yield a `(done, total)` callback that drives a progress bar with rate and ETA."""
         if self.quiet or not err.is_terminal:
             yield lambda done, total: None
@@ -84,7 +90,7 @@ class Reporter:
             yield update
 
 
-def scan_report(manifest, show_all_skipped: bool = False) -> None:
+def scan_report(manifest: Manifest, show_all_skipped: bool = False) -> None:
     """Summary of a Manifest: images per format, skipped files per reason, examples."""
     out.print(
         f"[bold]{len(manifest.images):,} images[/] in {escape(str(manifest.root))}", highlight=False, soft_wrap=True
@@ -122,7 +128,7 @@ def scan_report(manifest, show_all_skipped: bool = False) -> None:
         out.print("; ".join(notes))
 
 
-def plan_report(plan, manifest, out, reporter: Reporter) -> None:
+def plan_report(plan: Plan, manifest: Manifest, out: Path, reporter: Reporter) -> None:
     """The plan as the user sees it before training: every choice and why."""
     if reporter.quiet:
         return
@@ -136,7 +142,7 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
     table.add_row("images", f"{plan.images:,} used, {plan.skipped:,} skipped", Text(str(manifest.root)))
     table.add_row("device", plan.device_name, plan.device)
     table.add_row("backbone", plan.backbone, r.get("backbone", ""))
-    start = {None: "random weights", "imagenet": "ImageNet weights"}.get(plan.init) or Text(Path(plan.init).name)
+    start = {None: "random weights", "imagenet": "ImageNet weights"}.get(plan.init) or Text(Path(str(plan.init)).name)
     table.add_row("start", start, r.get("init", ""))
     if plan.init is not None:
         table.add_row("normalisation", "ImageNet's mean and std", "what torchvision's weights and byolcli's expect")
@@ -180,7 +186,7 @@ def plan_report(plan, manifest, out, reporter: Reporter) -> None:
 
 
 class _TrainColumns(ProgressColumn):
-    def render(self, task) -> Text:
+    def render(self, task: Task) -> Text:
         f = task.fields
         if "loss" not in f:
             return Text("")
@@ -193,14 +199,14 @@ def loss_text(loss: float | None) -> str:
 
 
 @contextlib.contextmanager
-def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
+def training_progress(plan: Plan, start_step: int, reporter: Reporter) -> Iterator[Callable[[dict[str, Any]], None]]:
     """Yield `show(record)` for each metrics record: a live bar on a terminal, a line otherwise."""
     if reporter.quiet:
         yield lambda record: None
         return
     if not err.is_terminal:
 
-        def line(record: dict) -> None:
+        def line(record: dict[str, Any]) -> None:
             err.print(
                 f"step {record['step']:,}/{plan.total_steps:,} epoch {record['epoch']:.2f} "
                 f"{loss_text(record['loss'])} {record['images_per_s']:.1f} img/s "
@@ -223,7 +229,7 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
     with Progress(*columns, console=err) as bar:
         task = bar.add_task("training", total=plan.total_steps, completed=start_step)
 
-        def show(record: dict) -> None:
+        def show(record: dict[str, Any]) -> None:
             bar.update(
                 task,
                 completed=record["step"],
@@ -235,7 +241,7 @@ def training_progress(plan, start_step: int, reporter: Reporter) -> Iterator:
         yield show
 
 
-def evaluation_report(report: dict) -> None:
+def evaluation_report(report: dict[str, Any]) -> None:
     """Side-by-side table of every encoder's scores, with the gain over its start and over the random init,
     and per-class recall."""
     results = report["results"]
@@ -301,7 +307,7 @@ def evaluation_report(report: dict) -> None:
     out.print(per_class)
 
 
-def judgement_report(result: dict) -> None:
+def judgement_report(result: dict[str, Any]) -> None:
     """The label-free measures of the encoder and the network it is compared with, with what each means."""
     out.print(f"[bold]{result['images']:,} images[/] (a seeded sample of the folder), no labels", highlight=False)
     table = Table()

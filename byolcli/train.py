@@ -9,10 +9,12 @@ import json
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from contextlib import ExitStack, nullcontext, suppress
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 import torch
 
@@ -30,10 +32,13 @@ from byolcli.names import read_names, write_names
 from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, Plan, fit_to_world, halve_batch, make_plan, refit_to_budget, short_run_warning
 from byolcli.probe import probe_step
-from byolcli.scan import scan
+from byolcli.scan import Manifest, scan
 from byolcli.signals import StopRequests
 from byolcli.start import fetch_imagenet, start_name
 from byolcli.train_flags import validate, warn_changed_flags
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 CHECKPOINT = "checkpoint.pt"
 ENCODER = "encoder.safetensors"
@@ -60,7 +65,7 @@ class TrainRequest:
     log_every: float = 10.0  # seconds between metrics lines
 
 
-def train_folder(request: TrainRequest, reporter) -> Path:
+def train_folder(request: TrainRequest, reporter: Reporter) -> Path:
     """Run `byol train`: a new run, or the continuation of an interrupted one. Returns the encoder's path.
 
     Under torchrun every process runs this; rank 0 does all the scanning,
@@ -80,7 +85,9 @@ def train_folder(request: TrainRequest, reporter) -> Path:
         distributed.stop(world)
 
 
-def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
+def _prepare(
+    request: TrainRequest, reporter: Reporter, world: World, held: ExitStack
+) -> tuple[Plan, list[Path], dict[str, Any] | None, Path, str, bool]:
     """Rank 0's part: scan, take the run folder's lock, and plan a new run or load the saved one.
     Returns (plan, image paths, checkpoint or None, run folder, the folder's root)."""
     overrides = validate(request.choices)  # before anything is scanned, moved or written
@@ -99,7 +106,7 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
         failed_at = _ran_out_of_memory(out)
         if failed_at is not None and plan.batch_size >= failed_at:  # the checkpoint may predate the last halving
             state, halved = _halve_batch(plan, out, reporter, to=failed_at // 2), True
-        _truncate_metrics(out / METRICS, state["step"])
+        _truncate_metrics(out / METRICS, state["step"] if state else 0)
     else:
         plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
 
@@ -112,7 +119,7 @@ def _prepare(request: TrainRequest, reporter, world: World, held: ExitStack):
     return plan, paths, state, out, str(manifest.root), halved
 
 
-def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack) -> Path:
+def _train_folder(request: TrainRequest, reporter: Reporter, world: World, held: ExitStack) -> Path:
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
     plan, paths, state, out, root, halved = distributed.share(world, lambda: _prepare(request, reporter, world, held))
     while True:
@@ -129,7 +136,7 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
                 raise
             _cannot_continue(exc, plan, out, world)
         # Past the except block, so that the failed step's tensors are gone with its traceback.
-        trainer = None
+        del trainer
         release_cached_memory(torch.device(plan.device))
         state, halved = _halve_batch(plan, out, reporter), True
 
@@ -160,7 +167,7 @@ def _train_folder(request: TrainRequest, reporter, world: World, held: ExitStack
     return encoder_path
 
 
-def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter) -> None:
+def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter: Reporter) -> None:
     """report.html beside the encoder: the plan, the curves, and the trained encoder against a
     random-init one without labels; report.json holds the measures and neighbours."""
     from byolcli.encoder import load_encoder
@@ -178,7 +185,9 @@ def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter
     reporter.info(f"report written to {page}")
 
 
-def _plan_new_run(manifest, out: Path, overrides: Overrides, reporter, world: World) -> tuple[Plan, list[Path]]:
+def _plan_new_run(
+    manifest: Manifest, out: Path, overrides: Overrides, reporter: Reporter, world: World
+) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
     if world.local_size > 1:  # the processes on this machine share its cores and memory
         hw = replace(
@@ -240,7 +249,7 @@ def _ran_out_of_memory(out: Path) -> int | None:
         return None
 
 
-def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict | None:
+def _halve_batch(plan: Plan, out: Path, reporter: Reporter, to: int | None = None) -> dict[str, Any] | None:
     """After running out of memory mid-run: half the batch (or `to`, where the checkpoint predates
     the last halving), as much more accumulation (the same global batch, so the learning rate, the
     data order and the checkpoint stay valid). Returns the last checkpoint to continue from."""
@@ -259,7 +268,7 @@ def _halve_batch(plan: Plan, out: Path, reporter, to: int | None = None) -> dict
 
 
 def _resume(
-    state: dict, root: Path, out: Path, overrides: Overrides, reporter, world: World
+    state: dict[str, Any], root: Path, out: Path, overrides: Overrides, reporter: Reporter, world: World
 ) -> tuple[Plan, list[Path]]:
     plan = Plan.from_dict(state["plan"])
     if state["step"] >= plan.total_steps and (out / ENCODER).exists():
@@ -284,7 +293,7 @@ def _resume(
     return plan, paths
 
 
-def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter, recalibrate: bool = False) -> None:
+def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter: Reporter, recalibrate: bool = False) -> None:
     """The loop with progress, metrics, checkpoints, Ctrl-C / SIGTERM handling and the budget re-plan
     (at the start, and again after the batch was halved: its steps take another time). Only rank 0
     writes; every rank runs the same steps."""
@@ -305,12 +314,12 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter, recalib
             StopRequests(on_stop_request, second_quits=world.size == 1),
             training_progress(plan, trainer.step, reporter) as show,
         ):
-            on_log = _metrics_logger(trainer, metrics, out / METRICS, show, reporter)
+            on_log = _metrics_logger(trainer, metrics, out / METRICS, show, reporter) if metrics else None
 
             def train_until(step: int) -> None:
                 trainer.run(
                     step,
-                    on_log=on_log if world.is_main else None,
+                    on_log=on_log,
                     on_checkpoint=(lambda _: trainer.save(out / CHECKPOINT)) if world.is_main else None,
                     log_every=request.log_every,
                     checkpoint_every=request.checkpoint_every,
@@ -333,11 +342,13 @@ def _train(trainer: Trainer, out: Path, request: TrainRequest, reporter, recalib
         raise Stopped(int(trainer.stopping))
 
 
-def _metrics_logger(trainer: Trainer, metrics, path: Path, show, reporter):
+def _metrics_logger(
+    trainer: Trainer, metrics: TextIO, path: Path, show: Callable[[dict[str, Any]], None], reporter: Reporter
+) -> Callable[[dict[str, Any]], None]:
     """What each metrics record goes through: a line of metrics.jsonl, the progress display, and a
     warning the first time the representation looks collapsed."""
 
-    def on_log(record: dict) -> None:
+    def on_log(record: dict[str, Any]) -> None:
         try:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -355,9 +366,11 @@ def _metrics_logger(trainer: Trainer, metrics, path: Path, show, reporter):
     return on_log
 
 
-def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
+def _calibrate(trainer: Trainer, train_until: Callable[[int], None], out: Path, reporter: Reporter) -> None:
     """Under --time: train the calibration steps, then re-plan the run's length from their speed."""
     plan, world = trainer.plan, trainer.world
+    budget = plan.time_budget
+    assert budget is not None  # calibrated only under --time
     spent = trainer.step * plan.step_seconds  # by the steps before, at the speed last measured
     warm, timed = (trainer.step + steps for steps in CALIBRATION)
     started = time.perf_counter()
@@ -369,7 +382,7 @@ def _calibrate(trainer: Trainer, train_until, out: Path, reporter) -> None:
     # Rank 0's clock decides for all, so every rank re-plans the same length.
     now = time.perf_counter()
     seconds_left, step_seconds = distributed.share(
-        world, lambda: (plan.time_budget - spent - (now - started), (now - timing) / (timed - warm))
+        world, lambda: (budget - spent - (now - started), (now - timing) / (timed - warm))
     )
     warned = short_run_warning(plan) is not None  # said before the first step
     refit_to_budget(plan, trainer.step, seconds_left, step_seconds)
@@ -399,7 +412,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def _move_aside(out: Path, reporter) -> None:
+def _move_aside(out: Path, reporter: Reporter) -> None:
     """--restart: the previous run's files go to a sibling folder; the lock stays where it is held."""
     previous = [entry for entry in out.iterdir() if entry.name != LOCK]
     if not previous:

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from byolcli.errors import UserError
 from byolcli.inputs import ARCHITECTURES, AUTO, IMAGENET, PRECISIONS, RANDOM, STEMS, require_choice, require_image_size
 from byolcli.plan import Overrides, Plan
+
+if TYPE_CHECKING:
+    from byolcli.terminal import Reporter
 
 # Override name -> the Plan field it sets.
 PLANNED_AS = {
@@ -26,7 +30,7 @@ PLANNED_AS = {
 }
 
 
-def warn_changed_flags(over: Overrides, plan: Plan, reporter) -> None:
+def warn_changed_flags(over: Overrides, plan: Plan, reporter: Reporter) -> None:
     """Rerunning the same command resumes silently; flags that would change the plan are named."""
 
     def differs(name: str, field_name: str) -> bool:
