@@ -35,12 +35,13 @@ from byolcli.evaluate import evaluate_command
 from byolcli.files import atomic_write_text
 from byolcli.hardware import detect_hardware
 from byolcli.inference import pick_device
-from byolcli.inputs import RANDOM_INIT, start_name
+from byolcli.inputs import RANDOM_INIT
 from byolcli.judge import ENCODER, judge
 from byolcli.pixels import MEAN, STD
 from byolcli.plan import Overrides, make_plan
 from byolcli.probe import probe_step
 from byolcli.scan import scan
+from byolcli.start import start_name
 from byolcli.terminal import Reporter
 from byolcli.train_flags import validate
 
