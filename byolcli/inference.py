@@ -77,14 +77,14 @@ def iter_embeddings(
     precision: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
-    from byolcli.hardware import detect_hardware, mixed_precision, to_device, use_device
-    from byolcli.rules import LOADER_PREFETCH, choose_workers, fit_workers_to_shared_memory
+    from byolcli.hardware import detect_hardware, mixed_precision, precision_dtype, to_device, use_device
+    from byolcli.rules import LOADER_PREFETCH, choose_workers, device_precision, fit_workers_to_shared_memory
 
     meta = metadata_of(encoder)
     dataset = ImageDataset(paths, meta["image_size"])
+    hw = detect_hardware(str(device))  # once, for the default workers and precision
     if workers is None:
         held = LOADER_PREFETCH * batch_size * 3 * meta["image_size"] ** 2  # uint8 images in /dev/shm
-        hw = detect_hardware(str(device))
         workers = fit_workers_to_shared_memory(choose_workers(hw, embedding=True)[0], held, hw.shared_memory, "")[0]
     loader = DataLoader(
         dataset,
@@ -93,7 +93,7 @@ def iter_embeddings(
         pin_memory=device.type == "cuda",
         prefetch_factor=LOADER_PREFETCH if workers else None,
     )
-    dtype = autocast_dtype(device, precision)
+    dtype = precision_dtype(precision or device_precision(hw)[0])
     use_device(device, "fp32" if dtype is None else str(dtype))
     channels_last = device.type == "cuda" or dtype is not None
     if channels_last:

@@ -272,3 +272,17 @@ def random_encoder_file(path: Path, seed: int = 0, size: int = 32) -> Path:
         source="test",
     )
     return path
+
+
+def embed_on_cpu(folder, out, model, **flags):
+    """`byol embed` through the Python API, quietly, on this process's CPU threads in fp32 unless
+    `flags` say otherwise: (vectors, the names of their rows)."""
+    import numpy as np
+
+    from byolcli import embed as e
+    from byolcli.names import read_names
+    from byolcli.terminal import Reporter
+
+    settings = {"workers": 0, "device": "cpu", "precision": "fp32", **flags}
+    e.embed_command(folder, out, reporter=Reporter(quiet=True), model=model, **settings)
+    return np.load(out), read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))

@@ -4,13 +4,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import noise_image, random_encoder_file, run_byol, shapes_folder
+from helpers import embed_on_cpu, noise_image, random_encoder_file, run_byol, shapes_folder
 
 from byolcli import embed as e
 from byolcli.encoder import load_encoder
 from byolcli.inference import load_for_embedding
 from byolcli.pixels import MEAN, STD, normalize_images
-from byolcli.terminal import Reporter
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +25,16 @@ def folder(tmp_path):
 
 
 def embed(folder, out, model, batch_size=5, workers=0, normalize=False, dtype="float32", precision="fp32"):
-    e.embed_command(
+    return embed_on_cpu(
         folder,
         out,
-        reporter=Reporter(quiet=True),
-        model=model,
-        normalize=normalize,
-        dtype=dtype,
+        model,
         batch_size=batch_size,
         workers=workers,
-        device="cpu",
+        normalize=normalize,
+        dtype=dtype,
         precision=precision,
     )
-    files = e.sidecars(out)
-    return np.load(out), files["paths"].read_text().splitlines()
 
 
 def test_each_row_is_the_embedding_of_its_file_alone(folder, encoder_file, tmp_path):

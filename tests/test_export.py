@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from helpers import SHARED_DATA, cache_imagenet_weights, noise_image, run_byol, shapes_folder
+from helpers import SHARED_DATA, cache_imagenet_weights, embed_on_cpu, noise_image, run_byol, shapes_folder
 from safetensors.torch import save_file
 
 from byolcli import embed as e
@@ -15,7 +15,6 @@ from byolcli.backbones import make_backbone
 from byolcli.encoder import save_encoder
 from byolcli.errors import UserError
 from byolcli.inference import load_for_embedding
-from byolcli.names import read_names
 from byolcli.pixels import MEAN, STD, normalize_images
 from byolcli.terminal import Reporter
 
@@ -48,18 +47,7 @@ def trained_like_encoder(path, size, seed=0):
 
 
 def embed_rows(folder, out, model, **flags):
-    e.embed_command(
-        folder,
-        out,
-        reporter=Reporter(quiet=True),
-        model=model,
-        batch_size=8,
-        workers=0,
-        device="cpu",
-        precision="fp32",
-        **flags,
-    )
-    return np.load(out), read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))
+    return embed_on_cpu(folder, out, model, batch_size=8, **flags)
 
 
 def onnx_rows(model_file, folder, names, size):

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     TRAIN_ARGS,
+    embed_on_cpu,
     noise_image,
     random_encoder_file,
     run_byol,
@@ -47,17 +48,7 @@ def encoder_file(tmp_path_factory):
 
 
 def embed(folder, out, model, batch_size=4):
-    e.embed_command(
-        folder,
-        out,
-        reporter=Reporter(quiet=True),
-        model=model,
-        batch_size=batch_size,
-        workers=0,
-        device="cpu",
-        precision="fp32",
-    )
-    return np.load(out), read_names(e.sidecars(out)["paths"].read_text(encoding="utf-8"))
+    return embed_on_cpu(folder, out, model, batch_size=batch_size)
 
 
 # --- file names -------------------------------------------------------------------------
