@@ -424,6 +424,163 @@ def export(
         export_onnx(model, onnx, batch, fp16, _reporter(), arch=arch, image_size=image_size)
 
 
+SOURCE = typer.Argument(
+    ...,
+    help="A folder of images (embedded with --model, reusing unchanged images' vectors from the cache), "
+    "or a `byol embed` output (.npy, with its .paths.txt beside it).",
+    show_default=False,
+)
+REPORT = flag("Write a self-contained HTML gallery page here (DIR/index.html).")
+DEVICE = flag("cuda, mps or cpu, for embedding. \\[default: the best available]")
+
+
+@app.command()
+def similar(
+    queries: list[Path] = typer.Argument(
+        ..., help="Images to find similar ones for: paths in the folder, or any image files.", show_default=False
+    ),
+    source: Path = typer.Option(
+        ..., "--in", help="The folder or `byol embed` output (.npy) to search.", show_default=False
+    ),
+    k: int = typer.Option(10, "-k", help="How many similar images per query."),
+    json_out: Optional[Path] = flag("Also write the results as JSON here.", "--json"),
+    report: Optional[Path] = REPORT,
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
+    device: Optional[str] = DEVICE,
+) -> None:
+    """The images most like each QUERY, by cosine similarity of their vectors, most similar first."""
+    with user_errors():
+        from byolcli.vector_commands import similar_command
+
+        similar_command(
+            queries,
+            source,
+            reporter=_reporter(),
+            k=k,
+            model=model,
+            arch=arch,
+            image_size=image_size,
+            device=device,
+            json_out=json_out,
+            report_dir=report,
+        )
+
+
+@app.command()
+def duplicates(
+    source: Path = SOURCE,
+    threshold: Optional[float] = flag(
+        "Cosine similarity from which two images' pixels are compared, in (0, 1]. "
+        "\\[default: measured, printed as it runs]"
+    ),
+    vectors_only: bool = typer.Option(
+        False,
+        "--vectors-only",
+        help="Decide by the vectors alone, without comparing pixels: images that show the same thing, "
+        "not only copies of one picture.",
+    ),
+    out: Optional[Path] = flag("Write the groups here as CSV: group,path,similarity (the kept image first)."),
+    report: Optional[Path] = REPORT,
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
+    device: Optional[str] = DEVICE,
+) -> None:
+    """Groups of near-duplicate images: byte-identical files, then pairs whose vectors are at least
+    --threshold similar and whose pixels agree (small grey thumbnails, either way round, whole or a
+    little cropped), joined: a near-duplicate of a near-duplicate is in the same group. The kept image
+    of a group is its largest file."""
+    with user_errors():
+        from byolcli.vector_commands import duplicates_command
+
+        duplicates_command(
+            source,
+            reporter=_reporter(),
+            threshold=threshold,
+            pixel_check=not vectors_only,
+            out=out,
+            report_dir=report,
+            model=model,
+            arch=arch,
+            image_size=image_size,
+            device=device,
+        )
+
+
+@app.command()
+def groups(
+    source: Path = SOURCE,
+    k: Optional[int] = typer.Option(
+        None, "-k", help="How many groups. \\[default: the highest silhouette on a sample]", show_default=False
+    ),
+    out: Optional[Path] = flag("Write each image's group here as CSV: path,group,distance (1 − cosine)."),
+    report: Optional[Path] = REPORT,
+    seed: int = typer.Option(0, help="Random seed of the k-means."),
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
+    device: Optional[str] = DEVICE,
+) -> None:
+    """What kinds of images the folder holds: spherical k-means groups of the vectors, each with its
+    most and least typical members."""
+    with user_errors():
+        from byolcli.vector_commands import groups_command
+
+        groups_command(
+            source,
+            reporter=_reporter(),
+            k=k,
+            out=out,
+            report_dir=report,
+            seed=seed,
+            model=model,
+            arch=arch,
+            image_size=image_size,
+            device=device,
+        )
+
+
+@app.command()
+def select(
+    source: Path = SOURCE,
+    n: int = typer.Option(..., "-n", help="How many images to choose.", show_default=False),
+    out: Path = typer.Option(
+        ..., help="Write the chosen paths here, one per line, first choice first.", show_default=False
+    ),
+    labels: Optional[Path] = flag("A labels CSV (as for byol evaluate): leave out what it already has."),
+    by: str = typer.Option(
+        "typical",
+        "--by",
+        help="typical: the most typical image of each of n k-means groups (TypiClust); spread: each next "
+        "image the farthest from those chosen (k-center greedy).",
+    ),
+    seed: int = typer.Option(0, help="Random seed of the k-means."),
+    model: Optional[Path] = MODEL,
+    arch: Optional[str] = ARCH,
+    image_size: Optional[int] = IMAGE_SIZE,
+    device: Optional[str] = DEVICE,
+) -> None:
+    """Which images to label first: n images that between them teach a classifier the most."""
+    with user_errors():
+        from byolcli.vector_commands import select_command
+
+        select_command(
+            source,
+            n,
+            out,
+            reporter=_reporter(),
+            labels=labels,
+            strategy=by,
+            seed=seed,
+            model=model,
+            arch=arch,
+            image_size=image_size,
+            device=device,
+        )
+
+
 def main() -> None:
     app()
 

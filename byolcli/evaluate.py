@@ -26,8 +26,8 @@ from byolcli.inputs import IMAGENET, RANDOM_INIT, START
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
 from byolcli.model_choice import choose_model
-from byolcli.names import read_names
 from byolcli.start import random_init_network, start_command, start_network
+from byolcli.vectors import model_of, open_vectors
 
 if TYPE_CHECKING:
     from byolcli.terminal import Reporter
@@ -112,37 +112,27 @@ def load_baseline(baseline: Path, metadata: dict[str, Any] | None, device: torch
 
 def embeddings_model(meta: dict[str, Any]) -> dict[str, Any] | None:
     """The metadata of the model that made a `byol embed` output, where it can still be known."""
-    source = meta["encoder"]
-    if source.startswith(f"{IMAGENET}:"):
-        source = IMAGENET
-    elif not Path(source).is_file():
-        return None
-    return choose_model(source, meta.get("architecture"), meta.get("image_size")).metadata
+    choice = model_of(meta)
+    return choice.metadata if choice is not None else None
 
 
 def load_embeddings(vectors_path: Path, data: LabelledImages) -> tuple[torch.Tensor, np.ndarray, dict[str, Any]]:
     """Rows of an earlier `byol embed` output for the CSV's images (via its paths and meta files)."""
     from byolcli.embed import sidecars
 
-    files = sidecars(vectors_path)
-    for required in (vectors_path, files["paths"], files["meta"]):
-        if not required.is_file():
-            raise UserError(
-                f"{required}: not found (--embeddings needs the .npy with the files `byol embed` writes beside it)"
-            )
-    try:
-        vectors = np.load(vectors_path, mmap_mode="r")
-        meta = json.loads(files["meta"].read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise UserError(f"{vectors_path}: not a byol embed output ({exc})") from None
-    root = Path(meta["folder"])
-    names = read_names(files["paths"].read_text(encoding="utf-8"))
-    row_of = {str((root / name).resolve()): i for i, name in enumerate(names)}
+    vectors = open_vectors(vectors_path)
+    if vectors.root is None:
+        raise UserError(
+            f"{sidecars(vectors_path)['meta']}: not found (--embeddings needs the .npy with the files "
+            "`byol embed` writes beside it)"
+        )
+    root = vectors.root
+    row_of = {str((root / name).resolve()): i for i, name in enumerate(vectors.paths)}
     rows = np.array([row_of.get(str(p.resolve()), -1) for p in data.paths])
     good = rows >= 0
-    features = np.zeros((len(rows), vectors.shape[1]), dtype=np.float32)
-    features[good] = vectors[rows[good]]
-    return torch.from_numpy(features), good, meta
+    features = np.zeros((len(rows), vectors.array.shape[1]), dtype=np.float32)
+    features[good] = vectors.array[rows[good]]
+    return torch.from_numpy(features), good, vectors.meta
 
 
 def keep_usable(

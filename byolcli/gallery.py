@@ -10,12 +10,13 @@ import base64
 import html
 import io
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from byolcli.files import atomic_write_text
 from byolcli.images import open_rgb
+
+if TYPE_CHECKING:
+    import torch
 
 THUMB = 96
 QUERIES_PER_CLASS = 3
@@ -75,6 +76,8 @@ def write_gallery(
     classes: list[str],
     confusion: list[list[int]],
 ) -> Path:
+    import torch.nn.functional as F
+
     memory = F.normalize(features[train].float(), dim=1)
     rows_html = []
     for name in classes:

@@ -15,20 +15,13 @@ from typing import Any
 
 import torch
 
+from byolcli.duplicates import find_duplicates
 from byolcli.encoder import metadata_of
 from byolcli.inference import embed_paths
 from byolcli.inputs import RANDOM_INIT, START
-from byolcli.label_free import (
-    NEAR_DUPLICATE,
-    alignment,
-    duplicate_share,
-    near_duplicates,
-    nearest,
-    rankme,
-    uniformity,
-    view_retrieval,
-)
+from byolcli.label_free import alignment, nearest, rankme, uniformity, view_retrieval
 from byolcli.start import random_init_network, start_network
+from byolcli.vectors import Vectors
 
 SAMPLE = 2000  # images the measures and the neighbour search use: the page and the time stay bounded
 # Images whose two augmented views measure alignment and view retrieval: among 256, retrieval was too coarse to
@@ -50,7 +43,7 @@ MEANINGS = {
     "evenly",
     "view_retrieval": f"share of up to {VIEW_PAIRS:,} images whose second augmented view is, of all their second "
     "views, the nearest to the first (chance: 1 in their number); higher is better between runs",
-    "near_duplicate_share": f"share of images whose nearest neighbour has cosine similarity above {NEAR_DUPLICATE}",
+    "near_duplicate_share": "share of images with a near-duplicate in the sample, as byol duplicates finds them",
 }
 VERDICT = (
     "Compare runs or checkpoints with these; whether training beat an untrained network takes labels: "
@@ -122,7 +115,7 @@ def judge(
     neighbours: dict[str, torch.Tensor] = {}
     duplicates: list[tuple[int, int, float]] = []
     for who in networks:
-        found = near_duplicates(features[who])
+        found = duplicate_pairs(features[who], keep)
         duplicates = found if who == ENCODER else duplicates
         first, second = views[who]
         measures[who] = {
@@ -130,10 +123,20 @@ def judge(
             "alignment": round(alignment(first, second), 4),
             "uniformity": round(uniformity(features[who]), 4),
             "view_retrieval": round(view_retrieval(first, second), 4),
-            "near_duplicate_share": round(duplicate_share(found, len(keep)), 4),
+            "near_duplicate_share": round(len({row for pair in found for row in pair[:2]}) / max(len(keep), 1), 4),
         }
         neighbours[who] = nearest(features[who], torch.tensor(queries), NEIGHBOURS)[0]
     return Judgement(reference, keep, queries, neighbours, measures, duplicates)
+
+
+def duplicate_pairs(features: torch.Tensor, paths: list[Path]) -> list[tuple[int, int, float]]:
+    """(kept row, row, cosine) for each image of a near-duplicate group but the group's kept one."""
+    vectors = Vectors(features.numpy(), [str(path) for path in paths], None, {}).centred()
+    return [
+        (group.rows[0], row, similarity)
+        for group in find_duplicates(vectors)
+        for row, similarity in zip(group.rows[1:], group.similarity[1:])
+    ]
 
 
 def view_embeddings(

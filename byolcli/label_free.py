@@ -1,5 +1,5 @@
 """Judging embeddings without labels: how many directions they use, how close two views of an image
-land, how evenly the images spread, which images are near-duplicates, and who is whose neighbour.
+land, how evenly the images spread, and who is whose neighbour.
 
 - RankMe (Garrido et al. 2023): exp of the entropy of the embedding matrix's normalised singular
   values, from 1 (every image on one line) to the dimension (all directions used alike). Higher is
@@ -20,7 +20,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-NEAR_DUPLICATE = 0.98  # cosine similarity above which two images count as near-duplicates
 CHUNK = 4096
 
 
@@ -66,22 +65,3 @@ def nearest(features: torch.Tensor, queries: torch.Tensor, k: int) -> tuple[torc
     similarity[torch.arange(len(queries)), queries] = -math.inf
     top = similarity.topk(min(k, len(z) - 1), dim=1)
     return top.indices, top.values
-
-
-def near_duplicates(features: torch.Tensor, threshold: float = NEAR_DUPLICATE) -> list[tuple[int, int, float]]:
-    """Pairs (i, j, cosine) with i < j whose cosine similarity is above `threshold`, each image's
-    nearest neighbour only, most similar first."""
-    z = F.normalize(features.float(), dim=1)
-    pairs = {}
-    for start in range(0, len(z), CHUNK):
-        rows = torch.arange(start, min(start + CHUNK, len(z)))
-        index, similarity = nearest(z, rows, 1)
-        for i, j, s in zip(rows.tolist(), index[:, 0].tolist(), similarity[:, 0].tolist()):
-            if s > threshold:
-                pairs[min(i, j), max(i, j)] = s
-    return sorted(((i, j, s) for (i, j), s in pairs.items()), key=lambda pair: -pair[2])
-
-
-def duplicate_share(pairs: list[tuple[int, int, float]], images: int) -> float:
-    """The share of images whose nearest neighbour is a near-duplicate."""
-    return len({i for pair in pairs for i in pair[:2]}) / max(images, 1)

@@ -322,3 +322,43 @@ def judgement_report(result: dict[str, Any]) -> None:
     if pairs:
         shown = ", ".join(f"{p['a']} ~ {p['b']}" for p in pairs[:5])
         out.print(f"{len(pairs)} near-duplicate pairs (all in --json): {shown}", highlight=False, soft_wrap=True)
+
+
+def similar_report(results: list[dict[str, Any]]) -> None:
+    for result in results:
+        table = Table(title=escape_name(result["query"]), title_justify="left")
+        table.add_column("#", justify="right")
+        table.add_column("similarity", justify="right")
+        table.add_column("image")
+        for rank, neighbour in enumerate(result["neighbours"], 1):
+            table.add_row(str(rank), f"{neighbour['similarity']:.3f}", escape(escape_name(neighbour["path"])))
+        out.print(table)
+
+
+def duplicates_report(groups: list[tuple[list[str], bool]], threshold: float, csv_path: Path | None) -> None:
+    """How many groups and images, and the largest groups: (paths, kept first; whether the bytes are the same)."""
+    extra = sum(len(paths) - 1 for paths, _ in groups)
+    identical = sum(same for _, same in groups)
+    out.print(
+        f"[bold]{len(groups):,} groups[/] of near-duplicates (cosine ≥ {threshold}), {identical:,} of them "
+        f"byte-identical files: {extra:,} images could go, keeping the largest file of each group",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for number, (paths, _) in enumerate(groups[:5], 1):
+        names = ", ".join(escape(escape_name(path)) for path in paths[:4])
+        out.print(f"  {number}. {names}" + (f" and {len(paths) - 4} more" if len(paths) > 4 else ""), soft_wrap=True)
+    if csv_path is not None:
+        out.print(f"every group in {csv_path}", highlight=False)
+
+
+def groups_report(groups: list[tuple[int, str]], csv_path: Path | None) -> None:
+    """Each group's size and its most typical image, group 1 first."""
+    table = Table()
+    for column in ("group", "images", "most typical"):
+        table.add_column(column, justify="left" if column == "most typical" else "right")
+    for number, (size, typical) in enumerate(groups, 1):
+        table.add_row(str(number), f"{size:,}", escape(escape_name(typical)))
+    out.print(table)
+    if csv_path is not None:
+        out.print(f"every image's group in {csv_path}", highlight=False)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import random_encoder_file, run_byol, shapes_folder
 
-from byolcli.label_free import alignment, duplicate_share, near_duplicates, nearest, rankme, uniformity, view_retrieval
+from byolcli.label_free import alignment, nearest, rankme, uniformity, view_retrieval
 
 
 def test_rankme_counts_the_directions_the_embeddings_use():
@@ -49,15 +49,6 @@ def test_neighbours_are_those_of_a_brute_force_cosine_search():
         expected = [j for _, j in sorted(scores, reverse=True)[:6]]
         assert found[row].tolist() == expected
         assert similarity[row].tolist() == pytest.approx([s for s, _ in sorted(scores, reverse=True)[:6]], abs=1e-5)
-
-
-def test_near_duplicates_are_found_and_counted_once():
-    torch.manual_seed(0)
-    features = torch.randn(100, 32)
-    features[40] = features[7] * 3 + 1e-3 * torch.randn(32)  # the same direction: a near-duplicate
-    pairs = near_duplicates(features)
-    assert [(i, j) for i, j, _ in pairs] == [(7, 40)] and pairs[0][2] > 0.98
-    assert duplicate_share(pairs, 100) == pytest.approx(0.02)
 
 
 def test_evaluate_without_labels_reports_both_networks_and_writes_outside_the_folder(tmp_path):
