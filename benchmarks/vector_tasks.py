@@ -361,6 +361,11 @@ def scale(args: argparse.Namespace) -> None:
 def scale_one(args: argparse.Namespace) -> None:
     from byolcli.vectors import open_vectors
 
+    before = next(
+        int(line.split()[1]) // 1024
+        for line in Path("/proc/self/status").read_text().splitlines()
+        if line.startswith("RssAnon")
+    )
     with MemoryWatch() as memory:
         start = time.perf_counter()
         vectors = open_vectors(Path(args.path)).centred()
@@ -382,6 +387,7 @@ def scale_one(args: argparse.Namespace) -> None:
             "rows": rows,
             "vectors_mib": round(rows * dim * 4 / 2**20),
             "seconds": round(seconds, 1),
+            "anonymous_before_mib": before,
             "peak_anonymous_mib": memory.peak["RssAnon"],
             "peak_file_backed_mib": memory.peak["RssFile"],
             **found,

@@ -9,12 +9,11 @@ import csv
 import io
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from byolcli.errors import UserError
-from byolcli.files import atomic_write_text, file_sha256
+from byolcli.files import file_sha256
 from byolcli.names import escape_name
 from byolcli.pixel_check import SAME_PICTURE, Thumbprints
 from byolcli.search import pairs_above
@@ -119,8 +118,3 @@ def groups_csv(vectors: Vectors, groups: list[DuplicateGroup]) -> str:
         for row, similarity in zip(group.rows, group.similarity):
             writer.writerow([number, escape_name(vectors.paths[row]), f"{similarity:.4f}"])
     return buffer.getvalue()
-
-
-def write_csv(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, text)

@@ -19,6 +19,7 @@ SIDE = 32  # thumbnail side in pixels: fine enough to tell photos apart, coarse 
 CENTRE = 0.95  # the share of each side the centre thumbnail keeps
 # Correlation from which two thumbnails are the same picture (measured: benchmarks/README.md).
 SAME_PICTURE = 0.96
+PAIRS_AT_ONCE = 8192  # pairs compared in one go: memory stays at a few tens of MB
 
 
 def thumbprint(path: Path) -> np.ndarray | None:
@@ -64,13 +65,17 @@ class Thumbprints:
         return self.made[path]
 
     def agreement(self, first: list[Path], second: list[Path]) -> np.ndarray:
-        """agreement() of each pair of files; NaN where either cannot be read."""
+        """agreement() of each pair of files, PAIRS_AT_ONCE pairs at a time; NaN where either cannot be read."""
         unreadable = np.full((2, SIDE, SIDE), np.nan, dtype=np.float16)
 
         def stacked(paths: list[Path]) -> np.ndarray:
             return np.stack([made if (made := self(path)) is not None else unreadable for path in paths])
 
-        return agreement(stacked(first), stacked(second)) if first else np.zeros(0, dtype=np.float32)
+        scores = [
+            agreement(stacked(first[start : start + PAIRS_AT_ONCE]), stacked(second[start : start + PAIRS_AT_ONCE]))
+            for start in range(0, len(first), PAIRS_AT_ONCE)
+        ]
+        return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
     def same_picture(self, a: Path, b: Path, threshold: float = SAME_PICTURE) -> bool | None:
         """Whether a and b hold the same picture; None when either cannot be read."""

@@ -6,14 +6,12 @@ file, which is then embedded with the encoder that made the vectors.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from byolcli.errors import UserError
-from byolcli.files import atomic_write_text
 from byolcli.search import top_k
 from byolcli.vectors import Vectors
 
@@ -79,8 +77,3 @@ def similar(
         }
         for query, row, near, sims in zip(queries, rows, found, similarity)
     ]
-
-
-def write_json(path: Path, results: list[dict[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(results, indent=1))

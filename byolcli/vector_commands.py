@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,9 +24,21 @@ PAGE_GROUPS = 100  # groups on a page
 
 
 def _source(
-    source: Path, reporter: Reporter, model: Path | None, arch: str | None, image_size: int | None, device: str | None
+    source: Path,
+    outputs: tuple[Path | None, ...],
+    reporter: Reporter,
+    model: Path | None,
+    arch: str | None,
+    image_size: int | None,
+    device: str | None,
 ) -> Vectors:
+    """The vectors, centred, once every output is known to be outside the images' folder (a folder
+    is checked before it is embedded)."""
+    if source.is_dir():
+        _check_outputs(source, outputs)
     vectors = load_vectors(source, reporter=reporter, model=model, arch=arch, image_size=image_size, device=device)
+    if vectors.root is not None:
+        _check_outputs(vectors.root, outputs)
     if len(vectors) < 2:
         raise UserError(f"{source}: {len(vectors)} images; these commands need at least two")
     # What every image shares says nothing about any one of them; compared without it, the
@@ -33,10 +46,9 @@ def _source(
     return vectors.centred()
 
 
-def _check_outputs(vectors: Vectors, *outputs: Path | None) -> None:
-    if vectors.root is not None:
-        for output in filter(None, outputs):
-            check_outside_input(output, vectors.root)
+def _check_outputs(folder: Path, outputs: tuple[Path | None, ...]) -> None:
+    for output in filter(None, outputs):
+        check_outside_input(output, folder)
 
 
 def _write(path: Path, text: str) -> None:
@@ -57,16 +69,13 @@ def similar_command(
     json_out: Path | None = None,
     report_dir: Path | None = None,
 ) -> None:
-    import json
-
     from byolcli.model_choice import choose_model
     from byolcli.similar import similar
     from byolcli.terminal import similar_report
 
     if k < 1:
         raise UserError(f"-k {k}: must be at least 1")
-    vectors = _source(source, reporter, model, arch, image_size, device)
-    _check_outputs(vectors, json_out, report_dir)
+    vectors = _source(source, (json_out, report_dir), reporter, model, arch, image_size, device)
     choice = choose_model(model, arch, image_size) if source.is_dir() else model_of(vectors.meta)
     results = similar(vectors, queries, k, choice, device)
     if json_out is not None:
@@ -105,8 +114,7 @@ def duplicates_command(
 
     chosen = THRESHOLD if threshold is None else threshold
     require_threshold(chosen)
-    vectors = _source(source, reporter, model, arch, image_size, device)
-    _check_outputs(vectors, out, report_dir)
+    vectors = _source(source, (out, report_dir), reporter, model, arch, image_size, device)
     reporter.info(
         f"threshold {chosen} (cosine similarity{'' if threshold else ', the default'}), "
         + ("then the pixels of each pair compared" if pixel_check else "vectors alone")
@@ -150,8 +158,7 @@ def groups_command(
 
     if k is not None and k < 2:
         raise UserError(f"-k {k}: must be at least 2")
-    vectors = _source(source, reporter, model, arch, image_size, device)
-    _check_outputs(vectors, out, report_dir)
+    vectors = _source(source, (out, report_dir), reporter, model, arch, image_size, device)
     if k is not None and k > len(vectors):
         raise UserError(f"-k {k}: more groups than the {len(vectors):,} images")
     if k is None:
@@ -213,8 +220,7 @@ def select_command(
     require_choice("--by", strategy, STRATEGIES)
     if n < 1:
         raise UserError(f"-n {n}: must be at least 1")
-    vectors = _source(source, reporter, model, arch, image_size, device)
-    _check_outputs(vectors, out)
+    vectors = _source(source, (out,), reporter, model, arch, image_size, device)
     labelled = np.zeros(0, dtype=np.int64)
     if labels is not None:
         labelled, listed = _labelled_rows(vectors, labels)

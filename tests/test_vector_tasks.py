@@ -227,19 +227,23 @@ def test_select_leaves_out_the_labelled_images(embedded, tmp_path):
         (["groups", "{vecs}", "-k", "40"], "more groups than"),
         (["select", "{vecs}", "-n", "27", "--out", "{tmp}/x.txt"], "more than the 26"),
         (["duplicates", "{folder}/missing.npy"], "not found"),
+        (["groups", "{images}", "--out", "{images}/groups.csv"], "inside the input folder"),
+        (["select", "{vecs}", "-n", "2", "--out", "{images}/sub/x.txt"], "inside the input folder"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(embedded, tmp_path, args, message):
     base, folder, _ = embedded
+    before = sorted(p.name for p in folder.iterdir())
     (tmp_path / "notes.txt").write_text("not a picture")
     short = tmp_path / "short.npy"
     np.save(short, np.load(base / "vecs.npy")[:5])
     (tmp_path / "short.paths.txt").write_text((base / "vecs.paths.txt").read_text())
-    fill = {"folder": tmp_path, "vecs": base / "vecs.npy", "short": short, "tmp": tmp_path}
+    fill = {"folder": tmp_path, "vecs": base / "vecs.npy", "short": short, "tmp": tmp_path, "images": folder}
     result = run_byol(*[a.format(**fill) for a in args])
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert sorted(p.name for p in folder.iterdir()) == before  # nothing written into the images' folder
 
 
 def photo(path, seed):
@@ -257,7 +261,7 @@ def photo(path, seed):
     return path
 
 
-def test_the_pixel_check_knows_copies_from_other_pictures(tmp_path):
+def test_the_pixel_check_knows_copies_from_other_pictures(tmp_path, monkeypatch):
     from PIL import ImageEnhance, ImageOps
 
     from byolcli.pixel_check import Thumbprints
@@ -280,6 +284,14 @@ def test_the_pixel_check_knows_copies_from_other_pictures(tmp_path):
         assert prints.same_picture(original, photo(tmp_path / f"other{seed}.jpg", seed)) is False
     (tmp_path / "broken.jpg").write_bytes(b"not a picture")
     assert prints.same_picture(original, tmp_path / "broken.jpg") is None
+    # Many pairs at once, a few at a time, give what one pair at a time gives.
+    from byolcli import pixel_check
+
+    others = [tmp_path / name for name in copies] + [tmp_path / "broken.jpg"]
+    one_by_one = [prints.agreement([original], [other])[0] for other in others]
+    monkeypatch.setattr(pixel_check, "PAIRS_AT_ONCE", 2)
+    together = prints.agreement([original] * len(others), others)
+    assert np.allclose(together, one_by_one, equal_nan=True) and np.isnan(together[-1])
 
 
 def test_close_vectors_of_different_pictures_are_not_duplicates_unless_by_vectors_alone(tmp_path):
