@@ -2,29 +2,33 @@
 `byol duplicates` gives the pairs their vectors put close.
 
 An encoder's vector says what an image shows, so two different red jackets can be as close as a
-jacket and its re-encoded copy. Copies keep the picture's layout of light and dark; different photos
-do not. The check compares small grey thumbnails by correlation (brightness and contrast changes do not
-matter), each pair both ways round (a mirrored copy is still a copy), of the whole image and of its
-centre (a copy cut a little smaller is the original's centre).
+jacket and its re-encoded copy. Even their pixels are close at a glance: photos of one kind of thing,
+shot the same way, share their layout of light and dark (a white shirt on a red bed). What a copy
+keeps and another photo does not is the detail: the print on the shirt, the folds, the texture. The
+check compares that detail, a grey thumbnail less its blurred self, by correlation (brightness and
+contrast changes do not matter), each pair both ways round (a mirrored copy is still a copy), of the
+whole image and of its centre (a copy cut a little smaller is the original's centre).
 """
 
 from __future__ import annotations
 
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SIDE = 32  # thumbnail side in pixels: fine enough to tell photos apart, coarse enough to forgive re-encoding
+SIDE = 64  # thumbnail side in pixels: fine enough to hold a photo's detail, coarse enough to forgive re-encoding
+COARSE = 16  # side of the blurred thumbnail taken away: what is left is the detail finer than this
 CENTRE = 0.95  # the share of each side the centre thumbnail keeps
 # Correlation from which two thumbnails are the same picture (measured: benchmarks/README.md).
-SAME_PICTURE = 0.96
-PAIRS_AT_ONCE = 8192  # pairs compared in one go: memory stays at a few tens of MB
+SAME_PICTURE = 0.75
+PAIRS_AT_ONCE = 1024  # pairs compared in one go: memory stays at a few tens of MB
 
 
 def thumbprint(path: Path) -> np.ndarray | None:
-    """Grey SIDE × SIDE thumbnails of the whole image and of its centre, each of zero mean and unit
-    length (2 × SIDE × SIDE, float16); None if the image will not open."""
+    """The detail of grey SIDE × SIDE thumbnails of the whole image and of its centre, each of zero
+    mean and unit length (2 × SIDE × SIDE, float16); None if the image will not open."""
     try:
         with Image.open(path) as image:
             image.draft("L", (SIDE * 4, SIDE * 4))  # JPEGs decode at a fraction of their size
@@ -34,22 +38,27 @@ def thumbprint(path: Path) -> np.ndarray | None:
     width, height = grey.size
     margin_x, margin_y = width * (1 - CENTRE) / 2, height * (1 - CENTRE) / 2
     centre = grey.crop((margin_x, margin_y, width - margin_x, height - margin_y))
-    views = np.stack(
-        [np.asarray(view.resize((SIDE, SIDE), Image.Resampling.BOX), dtype=np.float32) for view in (grey, centre)]
-    )
+    views = np.stack([_detail(view.resize((SIDE, SIDE), Image.Resampling.BOX)) for view in (grey, centre)])
     views -= views.mean(axis=(1, 2), keepdims=True)
     views /= np.maximum(np.linalg.norm(views, axis=(1, 2), keepdims=True), 1e-6)
     return views.astype(np.float16)
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Correlations of pairs of thumbprints (n × 2 × SIDE × SIDE each): per pair, the best of whole
-    against whole and whole against centre either way, each with b as it is and mirrored."""
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    mirrored = b[..., ::-1]
-    views = ((0, 0), (0, 1), (1, 0))
-    scores = [np.einsum("nij,nij->n", a[:, x], other[:, y]) for x, y in views for other in (b, mirrored)]
-    best: np.ndarray = np.max(scores, axis=0)
+def _detail(thumbnail: Image.Image) -> np.ndarray:
+    """The thumbnail less its COARSE × COARSE blur."""
+    fine = np.asarray(thumbnail, dtype=np.float32)
+    coarse = Image.fromarray(fine).resize((COARSE, COARSE), Image.Resampling.BOX)
+    return fine - np.asarray(coarse.resize((SIDE, SIDE), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def agreement(a: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Correlations of thumbprint a (2 × SIDE × SIDE) with each of others (n × 2 × SIDE × SIDE): per
+    pair, the best of whole against whole and whole against centre either way, with a as it is and
+    mirrored (which compares others mirrored)."""
+    views = np.concatenate([a, a[..., ::-1]]).reshape(4, -1).astype(np.float32)
+    products = views @ others.reshape(len(others) * 2, -1).astype(np.float32).T
+    scores = products.reshape(2, 2, len(others), 2)  # a mirrored or not, a's view, pair, other's view
+    best: np.ndarray = np.maximum.reduce([scores[:, 0, :, 0], scores[:, 0, :, 1], scores[:, 1, :, 0]]).max(axis=0)
     return best
 
 
@@ -65,17 +74,21 @@ class Thumbprints:
         return self.made[path]
 
     def agreement(self, first: list[Path], second: list[Path]) -> np.ndarray:
-        """agreement() of each pair of files, PAIRS_AT_ONCE pairs at a time; NaN where either cannot be read."""
+        """agreement() of each pair of files, NaN where either cannot be read. The pairs of one first
+        file are compared in one matrix product, PAIRS_AT_ONCE at a time."""
         unreadable = np.full((2, SIDE, SIDE), np.nan, dtype=np.float16)
-
-        def stacked(paths: list[Path]) -> np.ndarray:
-            return np.stack([made if (made := self(path)) is not None else unreadable for path in paths])
-
-        scores = [
-            agreement(stacked(first[start : start + PAIRS_AT_ONCE]), stacked(second[start : start + PAIRS_AT_ONCE]))
-            for start in range(0, len(first), PAIRS_AT_ONCE)
-        ]
-        return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        scores = np.full(len(first), np.nan, dtype=np.float32)
+        pairs_of: dict[Path, list[int]] = defaultdict(list)
+        for pair, path in enumerate(first):
+            pairs_of[path].append(pair)
+        for path, pairs in pairs_of.items():
+            if (made := self(path)) is None:
+                continue
+            for start in range(0, len(pairs), PAIRS_AT_ONCE):
+                chunk = pairs[start : start + PAIRS_AT_ONCE]
+                others = [other if (other := self(second[pair])) is not None else unreadable for pair in chunk]
+                scores[chunk] = agreement(made, np.stack(others))
+        return scores
 
     def same_picture(self, a: Path, b: Path, threshold: float = SAME_PICTURE) -> bool | None:
         """Whether a and b hold the same picture; None when either cannot be read."""

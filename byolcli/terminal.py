@@ -335,13 +335,14 @@ def similar_report(results: list[dict[str, Any]]) -> None:
         out.print(table)
 
 
-def duplicates_report(groups: list[tuple[list[str], bool]], threshold: float, csv_path: Path | None) -> None:
-    """How many groups and images, and the largest groups: (paths, kept first; whether the bytes are the same)."""
+def duplicates_report(groups: list[tuple[list[str], bool]], rule: str, csv_path: Path | None) -> None:
+    """How many groups (found by `rule`) and images, and the largest groups: (paths, kept first;
+    whether the bytes are the same)."""
     extra = sum(len(paths) - 1 for paths, _ in groups)
     identical = sum(same for _, same in groups)
     out.print(
-        f"[bold]{len(groups):,} groups[/] of near-duplicates (cosine ≥ {threshold}), {identical:,} of them "
-        f"byte-identical files: {extra:,} images could go, keeping the largest file of each group",
+        f"[bold]{_count(len(groups), 'group')}[/] of near-duplicates ({rule}), {identical:,} of them "
+        f"byte-identical files: {_count(extra, 'image')} could go, keeping the largest file of each group",
         highlight=False,
         soft_wrap=True,
     )
@@ -350,6 +351,10 @@ def duplicates_report(groups: list[tuple[list[str], bool]], threshold: float, cs
         out.print(f"  {number}. {names}" + (f" and {len(paths) - 4} more" if len(paths) > 4 else ""), soft_wrap=True)
     if csv_path is not None:
         out.print(f"every group in {csv_path}", highlight=False)
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number:,} {thing}" + ("" if number == 1 else "s")
 
 
 def groups_report(groups: list[tuple[int, str]], csv_path: Path | None) -> None:

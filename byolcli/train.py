@@ -284,6 +284,8 @@ def _resume(
             "--restart plans the run anew for this GPU"
         )
     # The image list the run started with: the sampler's order depends on it.
+    if not (out / IMAGES).is_file():
+        raise UserError(f"{out / IMAGES}: missing, so the run cannot resume; use --restart to train again")
     paths = [root / name for name in read_names((out / IMAGES).read_text(encoding="utf-8"))]
     reporter.info(f"resuming the run in {out} from step {state['step']:,} of {plan.total_steps:,}")
     rescaled = fit_to_world(plan, world.size)

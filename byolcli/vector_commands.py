@@ -120,6 +120,7 @@ def duplicates_command(
         + ("then the pixels of each pair compared" if pixel_check else "vectors alone")
     )
     groups = find_duplicates(vectors, chosen, pixel_check)
+    rule = f"cosine ≥ {chosen}" + (", pixels agreeing" if pixel_check else " alone")
     if out is not None:
         _write(out, groups_csv(vectors, groups))
     if report_dir is not None:
@@ -135,9 +136,9 @@ def duplicates_command(
             )
             for number, group in enumerate(groups[:PAGE_GROUPS], 1)
         ]
-        note = f"<p>{len(groups):,} groups at cosine similarity ≥ {chosen}; first tile: the largest file.</p>"
+        note = f"<p>{len(groups):,} groups ({rule}); first tile: the largest file.</p>"
         reporter.info(f"wrote {write_page(report_dir / 'index.html', 'Near-duplicates', note + ''.join(rows))}")
-    duplicates_report([([vectors.paths[r] for r in g.rows], g.identical) for g in groups], chosen, out)
+    duplicates_report([([vectors.paths[r] for r in g.rows], g.identical) for g in groups], rule, out)
 
 
 def groups_command(

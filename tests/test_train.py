@@ -1,6 +1,7 @@
 import copy
 import json
 import math
+import shutil
 import signal
 
 import pytest
@@ -298,6 +299,13 @@ def test_interrupted_run_resumes_with_the_same_command(tmp_path, how):
     interrupted_at = torch.load(run / "checkpoint.pt", weights_only=True)["step"]
     assert 0 < interrupted_at < 40
     assert not (run / "encoder.safetensors").exists()
+    if how == "kill -9":  # a run folder that lost its image list cannot resume, and says so
+        damaged = tmp_path / "damaged"
+        shutil.copytree(run, damaged)
+        (damaged / "images.txt").unlink()
+        result = run_byol("train", folder, "--epochs", "20", *TRAIN_ARGS, "--out", damaged, cwd=tmp_path)
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "images.txt: missing" in result.stderr and "--restart" in result.stderr
 
     changed = ("--lr", "0.9") if how == "ctrl-c" else ()  # the same command, or one flag changed
     result = run_byol("train", folder, "--epochs", "20", *TRAIN_ARGS, *changed, cwd=tmp_path)
