@@ -490,8 +490,8 @@ def duplicates(
 ) -> None:
     """Groups of near-duplicate images: byte-identical files, then pairs whose vectors are at least
     --threshold similar and whose pixels agree (the fine detail of small grey thumbnails, either way
-    round, whole or a little cropped), joined: a near-duplicate of a near-duplicate is in the same group. The kept image
-    of a group is its largest file."""
+    round, whole or a little cropped), joined: a near-duplicate of a near-duplicate is in the same
+    group. The kept image of a group is its largest file."""
     with user_errors():
         from byolcli.vector_commands import duplicates_command
 

@@ -304,7 +304,7 @@ def shirt(path, seed):
     rng = np.random.default_rng(seed)
     image = Image.new("RGB", (240, 320), (170, 30, 50))
     draw = ImageDraw.Draw(image)
-    x, y = rng.integers(-6, 7, 2)
+    x, y = rng.integers(-2, 3, 2)
     outline = [(60, 40), (180, 40), (230, 110), (190, 130), (190, 290), (50, 290), (50, 130), (10, 110)]
     draw.polygon([(a + x, b + y) for a, b in outline], fill=(235, 235, 230))
     for _ in range(12):
