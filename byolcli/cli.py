@@ -178,6 +178,18 @@ def train(
         "random, imagenet (insist), or a file: an exported encoder or a plain torchvision state dict "
         "(with --backbone). \\[default: auto]"
     ),
+    mix: Optional[float] = flag(
+        "For a start from weights: how far the exported encoder moves from the start toward the trained "
+        "weights, 0 to 1. \\[default: chosen in the plan]"
+    ),
+    start_size: Optional[int] = flag(
+        "Pixels the --init file's weights were trained at, where the file does not say (ImageNet's: 224); "
+        "a start's images are upsampled toward it."
+    ),
+    labels: Optional[Path] = flag(
+        "A labels CSV (as for byol evaluate) of some of FOLDER's images: after training, the start, mixes "
+        "and trained weights are scored on them and the best is exported. Also on a finished run."
+    ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(
         False,
@@ -200,7 +212,7 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
-        from byolcli.inputs import AUTO, IMAGENET, RANDOM, require_folder, require_model_file
+        from byolcli.inputs import AUTO, IMAGENET, RANDOM, require_file, require_folder, require_model_file
         from byolcli.plan import Overrides
         from byolcli.train_flags import validate
 
@@ -209,6 +221,8 @@ def train(
         if not launched:
             require_folder(folder)
             require_model_file(init, (AUTO, RANDOM, IMAGENET))
+            if labels is not None:
+                require_file(labels)
         choices = Overrides(
             backbone=backbone,
             image_size=image_size,
@@ -222,6 +236,8 @@ def train(
             augment_on=augment_on,
             init=init,
             stem=stem,
+            mix=mix,
+            start_size=start_size,
             seed=seed,
         )
         checkpoint_seconds = parse_duration(checkpoint_every, "--checkpoint-every")
@@ -236,7 +252,7 @@ def train(
         from byolcli.train import TrainRequest, train_folder
 
         request = TrainRequest(
-            folder=folder, choices=choices, out=out, restart=restart, checkpoint_every=checkpoint_seconds
+            folder=folder, choices=choices, out=out, restart=restart, checkpoint_every=checkpoint_seconds, labels=labels
         )
         train_folder(request, _reporter())
 
@@ -342,6 +358,10 @@ def evaluate(
         "Write a self-contained HTML page here (DIR/index.html): nearest neighbours of a few images "
         "per class, and the confusion matrix."
     ),
+    start_size: Optional[int] = flag(
+        "Pixels the encoder's starting weights were trained at, for a start from a plain weights file "
+        "(ImageNet's and byolcli encoders record theirs); the start is also scored at that size."
+    ),
 ) -> None:
     """How good is the encoder, compared with an untrained one: on your labels, or without any.
 
@@ -351,7 +371,7 @@ def evaluate(
     a random-init encoder of the same architecture.
     """
     with user_errors():
-        from byolcli.inputs import require_file, require_folder, require_model_flags
+        from byolcli.inputs import require_file, require_folder, require_image_size, require_model_flags
 
         if (folder is None) == (labels is None):
             raise UserError("give FOLDER to judge without labels, or --labels CSV, not both or neither")
@@ -361,11 +381,12 @@ def evaluate(
             require_file(labels)
         require_model_flags(model, arch, image_size)
         require_model_flags(baseline, None, None)
+        require_image_size(start_size, "--start-size")
         if folder is not None:
             from byolcli.evaluate import evaluate_folder_command
 
-            if root or embeddings or baseline:
-                raise UserError("--root, --embeddings and --baseline go with --labels")
+            if root or embeddings or baseline or start_size:
+                raise UserError("--root, --embeddings, --baseline and --start-size go with --labels")
             evaluate_folder_command(
                 folder,
                 reporter=_reporter(),
@@ -393,6 +414,7 @@ def evaluate(
             report_dir=report,
             arch=arch,
             image_size=image_size,
+            start_size=start_size,
         )
 
 

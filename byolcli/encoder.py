@@ -29,9 +29,20 @@ FORMAT = "byolcli-encoder"
 FORMAT_VERSION = "1"
 
 
-def save_encoder(
-    encoder: nn.Module,
-    path: Path,
+def save_encoder(encoder: nn.Module, path: Path, **described: Any) -> None:
+    """Write `encoder`'s weights with the metadata that `describe` makes of `described`."""
+    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
+    with atomic_path(path) as tmp:  # Python's write reports a full disk as OSError
+        tmp.write_bytes(serialise(tensors, metadata=describe(tensors, **described)))
+
+
+def with_metadata(encoder: nn.Module, **described: Any) -> nn.Module:
+    """`encoder` carrying the metadata it would be saved with, decoded as load_encoder decodes it."""
+    return attach_metadata(encoder, decode_metadata(describe(encoder.state_dict(), **described), "encoder"))
+
+
+def describe(
+    tensors: dict[str, torch.Tensor],
     *,
     architecture: str,
     image_size: int,
@@ -43,10 +54,13 @@ def save_encoder(
     source: str = "",
     init: str = "random",
     init_path: str = "",
-) -> None:
-    """`init` names the weights training started from (start.start_name), `init_path` their file, if any."""
-    tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in encoder.state_dict().items()}
-    metadata = {
+    start_size: int | None = None,
+    mix: float | None = None,
+) -> dict[str, str]:
+    """The file's metadata, as text. `init` names the weights training started from (start.start_name),
+    `init_path` their file, if any; `start_size` the px those weights were trained at, where known; `mix`
+    how far the weights lie from them toward the trained ones (candidates.py)."""
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": architecture,
@@ -61,12 +75,12 @@ def save_encoder(
         "source": source,
         "init": init,
         "init_path": init_path,
+        "start_size": "" if start_size is None else str(start_size),
+        "mix": "" if mix is None else str(mix),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "byolcli_version": __version__,
         "torch_version": torch.__version__,
     }
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(serialise(tensors, metadata=metadata))  # Python's write reports a full disk as OSError
 
 
 def file_metadata(path: str | Path) -> dict[str, Any]:
@@ -83,7 +97,10 @@ def file_metadata(path: str | Path) -> dict[str, Any]:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The encoder's metadata, decoded; UserError if `path` is not a byolcli encoder."""
-    raw = file_metadata(path)
+    return decode_metadata(file_metadata(path), path)
+
+
+def decode_metadata(raw: dict[str, str], path: str | Path) -> dict[str, Any]:
     if raw.get("format") != FORMAT:
         raise UserError(f"{path}: not a byolcli encoder (no '{FORMAT}' metadata)")
     if raw.get("format_version") != FORMAT_VERSION:
@@ -102,6 +119,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             "std": tuple(json.loads(raw["std"])),
             "feature_dim": int(raw["feature_dim"]),
             "train_images": int(raw["train_images"]),
+            "start_size": int(raw["start_size"]) if raw.get("start_size") else None,  # older encoders have none
         }
     except (KeyError, ValueError) as exc:
         raise UserError(f"{path}: damaged encoder metadata ({exc})") from None

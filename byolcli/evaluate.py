@@ -4,7 +4,8 @@ The labelled images are embedded with the encoder, with the network its training
 started from when that was not random (what the user had without training), and
 with a random-init encoder of the same architecture (the floor any training must
 clear), then scored with weighted kNN and a linear probe, either on the CSV's split column
-(train rows fit, test rows score) or by stratified k-fold cross-validation.
+(train rows fit, test rows score), by stratified k-fold cross-validation, or, past HOLDOUT_ABOVE
+rows, on one stratified hold-out.
 """
 
 from __future__ import annotations
@@ -22,17 +23,21 @@ from byolcli.encoder import metadata_of
 from byolcli.errors import UserError
 from byolcli.files import atomic_write_text
 from byolcli.inference import embed_paths, pick_device
-from byolcli.inputs import IMAGENET, RANDOM_INIT, START
+from byolcli.inputs import IMAGENET, RANDOM, RANDOM_INIT, is_start_column, start_column, start_column_size
 from byolcli.labels import LabelledImages, drop_missing, read_labels, repeated_warning
-from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, summarize
+from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, stratified_holdout, summarize
 from byolcli.model_choice import choose_model
-from byolcli.start import random_init_network, start_command, start_network
+from byolcli.start import random_init_network, start_command, start_network, trained_size
 from byolcli.vectors import model_of, open_vectors
 
 if TYPE_CHECKING:
     from byolcli.terminal import Reporter
 
 MAX_FOLDS = 5
+# Past this many labelled rows without a split column, one stratified hold-out replaces the k folds: its
+# test part alone holds over a thousand images, and k folds would fit every probe k times (benchmarks/README.md).
+HOLDOUT_ABOVE = 5000
+HOLDOUT_SHARE = 0.2
 
 
 @dataclass
@@ -66,6 +71,11 @@ def make_protocol(data: LabelledImages, y: torch.Tensor, csv_path: Path) -> Prot
             + f", {len(test):,} test"
         )
         return Protocol(name, [(train, test, val if len(val) else None)])
+    if len(y) > HOLDOUT_ABOVE:
+        fit, test = stratified_holdout(y, HOLDOUT_SHARE, seed=0)
+        return Protocol(
+            f"stratified hold-out: {len(fit):,} fit, {len(test):,} test (no split column)", [(fit, test, None)]
+        )
     k = min(MAX_FOLDS, min(counts.values()))
     fold = stratified_folds(y, k)
     folds: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = [
@@ -169,6 +179,7 @@ def _embed_all(
     batch_size: int,
     workers: int | None,
     reporter: Reporter,
+    start_size: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], np.ndarray, dict[str, Any] | None, str, dict[str, str | None]]:
     """Every compared encoder's features of the labelled images: the encoder's (or the vectors of
     --embeddings), --baseline's and the random-init network's. Returns (features by name, rows every
@@ -185,7 +196,11 @@ def _embed_all(
         choice = choose_model(model, arch, image_size)
         encoder = choice.load(torch_device)
         metadata = choice.metadata
-    other = None if baseline is None else load_baseline(baseline, metadata, torch_device)  # before any slow work
+    # Every network is loaded, and every flag checked against it, before any slow work.
+    other = None if baseline is None else load_baseline(baseline, metadata, torch_device)
+    if start_size is not None and metadata is None:
+        raise UserError(f"--start-size {start_size}: the embeddings' encoder is unknown, so is its start")
+    starts = start_networks(metadata, start_size, torch_device, reporter) if metadata else {}
     if embeddings is None:
         reporter.info(
             f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(data.classes)} classes"
@@ -195,14 +210,9 @@ def _embed_all(
         encoders["encoder"] = features
         good &= ok
         unmatched, source = "could not be decoded", str(choice.path or choice.description)
-    start = None
-    if metadata and metadata.get("init", "random") != "random":
-        start, missing = start_network(metadata, torch_device)
-        if start is None:
-            reporter.warn(f"no column for the encoder's start: {missing}")
     compared = {
         "baseline": other,
-        START: start,
+        **starts,
         RANDOM_INIT: random_init_network(metadata, torch_device) if metadata else None,
     }
     for name, network in compared.items():
@@ -215,10 +225,34 @@ def _embed_all(
         "embeddings": str(embeddings),
         "encoder": source,
         "baseline": None if other is None else f"{baseline} ({metadata_of(other)['image_size']} px)",
-        START: metadata.get("init") if metadata else None,
+        **{
+            name: f"{metadata_of(network)['init']} ({metadata_of(network)['image_size']} px)"
+            for name, network in starts.items()
+        },
         RANDOM_INIT: f"{metadata['architecture']}, seed 0" if metadata else None,
     }
     return encoders, good, metadata, unmatched, sources
+
+
+def start_networks(
+    metadata: dict[str, Any], start_size: int | None, device: torch.device, reporter: Reporter
+) -> dict[str, torch.nn.Module]:
+    """The encoder's start, frozen, at the encoder's size and at the size its weights were trained at
+    (`start_size`, else what the encoder records), where that differs: a start can score higher at its
+    own size than at the encoder's, and that is what the user could have had without training."""
+    if metadata.get("init", RANDOM) == RANDOM:
+        if start_size is not None:
+            raise UserError(f"--start-size {start_size}: the encoder started from random weights, so there is no start")
+        return {}
+    own = start_size or trained_size(metadata) or metadata["image_size"]
+    networks = {}
+    for size in dict.fromkeys((metadata["image_size"], own)):
+        network, missing = start_network(metadata, device, size)
+        if network is None:
+            reporter.warn(f"no column for the encoder's start: {missing}")
+            return {}
+        networks[start_column(size, metadata["image_size"])] = network
+    return networks
 
 
 def evaluate_command(
@@ -237,6 +271,7 @@ def evaluate_command(
     report_dir: Path | None = None,
     arch: str | None = None,
     image_size: int | None = None,
+    start_size: int | None = None,
 ) -> dict[str, Any]:
     data = read_labels(labels, root)
     if warning := repeated_warning(data, labels):
@@ -246,7 +281,7 @@ def evaluate_command(
     torch_device = pick_device(device)
 
     encoders, good, metadata, unmatched, sources = _embed_all(
-        data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter
+        data, model, arch, image_size, embeddings, baseline, torch_device, batch_size, workers, reporter, start_size
     )
     data, encoders = keep_usable(data, encoders, good, labels, unmatched, skip_missing, reporter)
     classes = data.classes
@@ -263,8 +298,13 @@ def evaluate_command(
         "sources": {name: sources[name] for name in encoders},
         "results": results,
     }
-    if START in results and metadata and _worse_than_start(results[next(iter(results))], results[START]):
-        report["use_start"] = start_command(metadata)
+    starts = [name for name in results if is_start_column(name)]
+    if starts and metadata:
+        best = best_start(results, starts)
+        sizes = {name: start_column_size(name, metadata["image_size"]) for name in starts}
+        report["starts"], report["best_start"] = sizes, best
+        if _worse_than_start(results[next(iter(results))], results[best]):
+            report["use_start"] = start_command(metadata, sizes[best])
     from byolcli.terminal import evaluation_report
 
     evaluation_report(report)
@@ -273,6 +313,11 @@ def evaluate_command(
     if report_dir is not None:
         _write_page(report_dir, labels, data, encoders, protocol, results, reporter)
     return report
+
+
+def best_start(results: dict[str, Any], starts: list[str]) -> str:
+    """The start column with the higher mean of kNN and linear top-1: the reference training must beat."""
+    return max(starts, key=lambda name: results[name]["knn"]["top1"] + results[name]["linear"]["top1"])
 
 
 def _worse_than_start(encoder: dict[str, Any], start: dict[str, Any]) -> bool:

@@ -10,11 +10,17 @@ from typing import Any
 
 from byolcli.gallery import neighbour_row, tile, write_page
 from byolcli.inputs import RANDOM_INIT, START
-from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, VERDICT, Judgement
+from byolcli.judge import ENCODER, MEANINGS, NEIGHBOURS, VERDICTS, Judgement
 
 REFERENCE_WORDS = {
     RANDOM_INIT: "a random-init network of the same architecture",
     START: "the weights training started from",
+}
+
+GALLERY_READING = {
+    RANDOM_INIT: "Training helped where the blue rows look more like their image.",
+    START: "Where the blue rows look more like their image, training moved these neighbours toward it; "
+    "a dozen images do not say whether the encoder is better than its start overall.",
 }
 
 CURVES = (
@@ -79,7 +85,7 @@ def measures_html(judgement: Judgement) -> str:
         f"<h2>Without labels</h2><p>On {len(judgement.paths):,} images (a seeded sample of the folder).</p>"
         f"<table><tr><th></th><th>encoder</th><th>{judgement.reference}</th>"
         '<th class="text">what it means</th></tr>'
-        f"{''.join(rows)}</table><p>{html.escape(VERDICT)}</p>"
+        f"{''.join(rows)}</table><p>{html.escape(VERDICTS[judgement.reference])}</p>"
     )
 
 
@@ -96,7 +102,7 @@ def gallery_html(judgement: Judgement) -> str:
     return (
         f"<h2>Nearest neighbours</h2><p>Each sampled image, then its {NEIGHBOURS} nearest images by cosine "
         f"similarity under the trained encoder (blue) and, beneath, under {REFERENCE_WORDS[judgement.reference]} "
-        f"(grey). Training helped where the blue rows look more like their image.</p>{''.join(groups)}"
+        f"(grey). {GALLERY_READING[judgement.reference]}</p>{''.join(groups)}"
     )
 
 

@@ -21,10 +21,24 @@ IMAGENET = "imagenet"  # --model, --init and --baseline: torchvision's ImageNet 
 IMAGENET_SIZE = 224  # px: what torchvision's ImageNet weights were trained at
 # The networks an encoder is compared with, as evaluate's columns and the reports name them: the
 # weights its run started from, and a random-init network of its architecture (the floor to clear).
-START = "start"
+START = "start"  # at the encoder's size; at another size, start_column names it
 RANDOM_INIT = "random init"
 AUTO, RANDOM = "auto", "random"  # --init: ImageNet's weights where available, else random; random weights
 MIN_IMAGE_SIZE = 16
+
+
+def start_column(size: int, encoder_size: int) -> str:
+    """The name of the start's column at `size` px: plain START at the encoder's own size."""
+    return START if size == encoder_size else f"{START} at {size} px"
+
+
+def is_start_column(name: str) -> bool:
+    return name == START or name.startswith(f"{START} at ")
+
+
+def start_column_size(name: str, encoder_size: int) -> int:
+    """The px of a start column that start_column named."""
+    return encoder_size if name == START else int(name.split()[-2])
 
 
 def require_folder(path: str | Path) -> None:
@@ -51,9 +65,9 @@ def require_choice(flag: str, value: str | None, choices: Sequence[str]) -> None
         raise UserError(f"{flag} {value}: choose {', '.join(choices[:-1])} or {choices[-1]}")
 
 
-def require_image_size(value: int | None) -> None:
+def require_image_size(value: int | None, flag: str = "--image-size") -> None:
     if value is not None and value < MIN_IMAGE_SIZE:
-        raise UserError(f"--image-size {value}: must be at least {MIN_IMAGE_SIZE}")
+        raise UserError(f"{flag} {value}: must be at least {MIN_IMAGE_SIZE}")
 
 
 def require_model_flags(model: str | Path | None, arch: str | None, image_size: int | None) -> None:

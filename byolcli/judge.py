@@ -45,10 +45,15 @@ MEANINGS = {
     "views, the nearest to the first (chance: 1 in their number); higher is better between runs",
     "near_duplicate_share": "share of images with a near-duplicate in the sample, as byol duplicates finds them",
 }
-VERDICT = (
-    "Compare runs or checkpoints with these; whether training beat an untrained network takes labels: "
-    "byol evaluate --labels on a few hundred labelled images."
-)
+VERDICTS = {
+    RANDOM_INIT: "Compare runs or checkpoints with these; whether training beat an untrained network takes labels: "
+    "byol evaluate --labels on a few hundred labelled images.",
+    # Measured on the three labelled sets against kNN and the linear probe (docs/adaptation.md).
+    START: "These measures do not say whether the encoder is better than the weights it started from: measured "
+    "against labels, none of them ever flagged an encoder that scored below its start (RankMe and uniformity "
+    "called every adapted encoder better). Labels can: byol evaluate --labels, or byol train --labels to export "
+    "whichever is better.",
+}
 
 
 @dataclass
@@ -70,7 +75,7 @@ class Judgement:
             "reference": self.reference,
             "measures": self.measures,
             "meanings": MEANINGS,
-            "how_to_read": VERDICT,
+            "how_to_read": VERDICTS[self.reference],
             "near_duplicates": [{"a": name(i), "b": name(j), "cosine": round(s, 4)} for i, j, s in self.duplicates],
             "neighbours": {
                 who: {name(q): [name(int(r)) for r in rows] for q, rows in zip(self.queries, found)}

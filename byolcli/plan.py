@@ -21,6 +21,7 @@ from byolcli.rules import (
     choose_data_path,
     choose_image_size,
     choose_length,
+    choose_mix,
     choose_precision,
     choose_start,
     choose_stem,
@@ -76,6 +77,8 @@ class Plan:
     world_size: int = 1  # processes training together, one per device
     sync_batchnorm: bool = False
     stem: str = "standard"  # the backbone's first layers (model.STEMS)
+    mix: float = 1.0  # how far the exported encoder lies from its start toward the trained weights (candidates.py)
+    start_size: int | None = None  # px the starting weights were trained at, where known
 
     @property
     def effective_batch(self) -> int:
@@ -111,6 +114,7 @@ class Overrides:
     init: str | None = None  # None: ImageNet's weights where available (auto); "random", "imagenet" or a file
     start_size: int | None = None  # px the --init file's weights were trained at, where it records them
     stem: str | None = None
+    mix: float | None = None
     seed: int = 0
 
 
@@ -204,7 +208,12 @@ def make_plan(
         sync_batchnorm=choose_sync_batchnorm(batch, world_size)[0],
         stem=setting.stem,
     )
+    plan.start_size = over.start_size or (IMAGENET_SIZE if init == IMAGENET else None) if init else None
     schedule(plan, over.epochs, over.lr)
+    if over.mix is not None and init is not None:
+        plan.mix, reasons["mix"] = over.mix, "set by flag"
+    else:
+        plan.mix, reasons["mix"] = choose_mix(init is not None)
     return plan
 
 

@@ -38,7 +38,8 @@ SMALL_IMAGES = 64  # px: where the strided stem leaves the last stages a pixel o
 # learning rate, a slower target and fewer epochs keep what the weights know (docs/experiments.md).
 START_BASE_LR = 0.1
 START_TAU = 0.99
-START_EPOCHS = 20
+START_EPOCHS = 5
+START_MIX = 0.5
 
 
 def choose_image_size(short_sides: list[int], hw: Hardware) -> tuple[int, str]:
@@ -88,6 +89,16 @@ def start_image_size(size: int, why: str, trained_at: int | None, stem: str, hw:
         else ""
     )
     return target, f"{why}; upsampled to {target} px: the starting weights were trained at {said}{capped}"
+
+
+def choose_mix(started: bool) -> tuple[float, str]:
+    """How far the exported encoder moves from its start toward the trained weights (candidates.py)."""
+    if not started:
+        return 1.0, "random weights have nothing to keep"
+    return START_MIX, (
+        f"{START_MIX:g} of the way from the start to the trained weights: adapting distorts what the start "
+        "knew, and halfway was the only mix measured at or above the start on every set (--labels chooses)"
+    )
 
 
 def choose_backbone(images: int, size: int, hw: Hardware) -> tuple[str, str]:

@@ -27,7 +27,7 @@ from byolcli.backbones import make_backbone, stem_of
 from byolcli.encoder import attach_metadata
 from byolcli.errors import UserError
 from byolcli.files import file_sha256
-from byolcli.inputs import IMAGENET, RANDOM, START
+from byolcli.inputs import IMAGENET, IMAGENET_SIZE, RANDOM, START
 
 DOWNLOAD_TIMEOUT = 15  # seconds without a byte before a download is given up
 
@@ -139,9 +139,19 @@ def start_name(init: str | None) -> str:
     return f"{Path(init).name} sha256:{file_sha256(init)}"
 
 
-def start_network(metadata: dict[str, Any], device: torch.device) -> tuple[torch.nn.Module | None, str]:
-    """The network an encoder's training started from, frozen, at the encoder's image size and
-    normalisation (read from its metadata), in eval mode on `device`; or None and why there is none."""
+def trained_size(metadata: dict[str, Any]) -> int | None:
+    """The px an encoder's start was trained at: ImageNet's, or what its training recorded (None: unknown)."""
+    if metadata.get("init") == IMAGENET:
+        return IMAGENET_SIZE
+    size: int | None = metadata.get("start_size")
+    return size
+
+
+def start_network(
+    metadata: dict[str, Any], device: torch.device, size: int | None = None
+) -> tuple[torch.nn.Module | None, str]:
+    """The network an encoder's training started from, frozen, at `size` px (default: the encoder's) with
+    the encoder's normalisation (read from its metadata), in eval mode on `device`; or None and why there is none."""
     init, architecture = metadata.get("init", RANDOM), metadata["architecture"]
     if init == RANDOM:
         return None, "the encoder started from random weights"
@@ -156,12 +166,14 @@ def start_network(metadata: dict[str, Any], device: torch.device) -> tuple[torch
             return None, f"its start, {init.rsplit(' sha256:', 1)[0]}, is no longer at {path} as it was"
         state = start_weights(str(path), architecture)
     model = backbone_from(state, architecture, START, "the encoder's architecture")
-    return attach_metadata(model, metadata).to(device).eval(), ""
+    at_size = {**metadata, "image_size": size or metadata["image_size"]}
+    return attach_metadata(model, at_size).to(device).eval(), ""
 
 
-def start_command(metadata: dict[str, Any]) -> str:
-    """The `byol embed` command that uses an encoder's start, frozen, in its place, at the encoder's size."""
-    size, architecture = metadata["image_size"], metadata["architecture"]
+def start_command(metadata: dict[str, Any], size: int | None = None) -> str:
+    """The `byol embed` command that uses an encoder's start, frozen, in its place, at `size` px (default:
+    the encoder's)."""
+    size, architecture = size or metadata["image_size"], metadata["architecture"]
     if metadata["init"] == IMAGENET:
         return f"byol embed FOLDER --model imagenet --arch {architecture} --image-size {size}"
     path = metadata["init_path"]

@@ -27,7 +27,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from byolcli.inputs import RANDOM_INIT, START
+from byolcli.inputs import RANDOM_INIT, START, is_start_column
 from byolcli.names import escape_name
 
 if TYPE_CHECKING:
@@ -175,6 +175,11 @@ def plan_report(plan: Plan, manifest: Manifest, out: Path, reporter: Reporter) -
         "learning rate", f"{plan.lr:.4g} (LARS, warm-up {plan.warmup_steps:,} steps, cosine)", r.get("lr", "")
     )
     table.add_row("EMA τ_base", f"{plan.tau_base:g} → 1", r.get("tau_base", ""))
+    if plan.init is not None:
+        exported = (
+            "chosen with labels" if r.get("mix", "").startswith("--labels") else f"mix {plan.mix:g} from the start"
+        )
+        table.add_row("exported", exported, r.get("mix", ""))
     epoch = plan.step_seconds * plan.steps_per_epoch
     table.add_row(
         "estimated time",
@@ -255,9 +260,10 @@ def evaluation_report(report: dict[str, Any]) -> None:
     table.add_column("metric")
     for name in names:
         table.add_column(name, justify="right")
-    references = [n for n in (START, RANDOM_INIT) if n in results and len(names) > 1]
+    # Against the start that scored higher (at the encoder's size or its own), and the random init.
+    references = [n for n in (report.get("best_start", ""), RANDOM_INIT) if n in results and len(names) > 1]
     for reference in references:
-        table.add_column(f"Δ vs {reference}", justify="right")
+        table.add_column(f"Δ vs {START if is_start_column(reference) else reference}", justify="right")
     rows = [
         ("kNN top-1", "knn", "top1"),
         ("kNN top-5", "knn", "top5"),
@@ -278,8 +284,8 @@ def evaluation_report(report: dict[str, Any]) -> None:
     out.print(table)
     if "use_start" in report:
         out.print(
-            f"{names[0]} scores below the weights it started from on kNN and linear top-1: use the start "
-            f"instead, `{report['use_start']}`",
+            f"{names[0]} scores below the weights it started from ({report['best_start']}) on kNN and linear "
+            f"top-1: use the start instead, `{report['use_start']}`",
             highlight=False,
             soft_wrap=True,
             markup=False,
@@ -305,6 +311,24 @@ def evaluation_report(report: dict[str, Any]) -> None:
             f"{first['linear']['per_class_recall'][i]:.1%}",
         )
     out.print(per_class)
+
+
+def candidates_report(scores: dict[str, dict[str, float]], best: str, images: int) -> None:
+    """`byol train --labels`: every candidate's scores on the choose part and on the check part, and the choice."""
+    table = Table(title=f"candidates, scored on {images:,} labelled images", title_justify="left")
+    table.add_column("candidate")
+    for column in ("kNN", "linear", "kNN check", "linear check"):
+        table.add_column(column, justify="right")
+    for name, got in scores.items():
+        cells = [f"{got[key]:.1%}" for key in ("knn_choose", "linear_choose", "knn_check", "linear_check")]
+        table.add_row(f"[bold]{name}[/]" if name == best else name, *cells)
+    err.print(table)
+    err.print(
+        f"exported: {best}, the best mean of kNN and linear top-1 on a third of the labelled images; the check "
+        "columns score another third, which the choice did not see (the probes fit on the last third)",
+        highlight=False,
+        soft_wrap=True,
+    )
 
 
 def judgement_report(result: dict[str, Any]) -> None:

@@ -16,17 +16,30 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+import numpy as np
 import torch
+from torch import nn
 
 from byolcli import distributed
+from byolcli.backbones import make_backbone
+from byolcli.candidates import (
+    Candidate,
+    best_candidate,
+    candidates,
+    mixed_encoder,
+    read_training_labels,
+    score_candidates,
+)
 from byolcli.data import time_decoding
 from byolcli.distributed import World
-from byolcli.encoder import save_encoder
+from byolcli.encoder import save_encoder, with_metadata
 from byolcli.engine import Trainer, load_checkpoint
 from byolcli.errors import OutOfMemoryAcrossRanks, Stopped, TrainingFailed, UserError
 from byolcli.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
 from byolcli.hardware import detect_hardware, is_out_of_memory, release_cached_memory
+from byolcli.inference import embed_paths
 from byolcli.inputs import IMAGENET
+from byolcli.labels import LabelledImages
 from byolcli.locks import exclusive
 from byolcli.names import read_names, write_names
 from byolcli.pixels import MEAN, STD
@@ -34,7 +47,7 @@ from byolcli.plan import Overrides, Plan, fit_to_world, halve_batch, make_plan, 
 from byolcli.probe import probe_step
 from byolcli.scan import Manifest, scan
 from byolcli.signals import StopRequests
-from byolcli.start import fetch_imagenet, start_name
+from byolcli.start import fetch_imagenet, start_name, start_weights
 from byolcli.train_flags import validate, warn_changed_flags
 
 if TYPE_CHECKING:
@@ -63,6 +76,7 @@ class TrainRequest:
     restart: bool = False
     checkpoint_every: float = 300.0  # seconds between checkpoints
     log_every: float = 10.0  # seconds between metrics lines
+    labels: Path | None = None  # a CSV of some of the folder's images: export the candidate they score best
 
 
 def train_folder(request: TrainRequest, reporter: Reporter) -> Path:
@@ -87,12 +101,14 @@ def train_folder(request: TrainRequest, reporter: Reporter) -> Path:
 
 def _prepare(
     request: TrainRequest, reporter: Reporter, world: World, held: ExitStack
-) -> tuple[Plan, list[Path], dict[str, Any] | None, Path, str, bool]:
-    """Rank 0's part: scan, take the run folder's lock, and plan a new run or load the saved one.
-    Returns (plan, image paths, checkpoint or None, run folder, the folder's root)."""
+) -> tuple[Plan, list[Path], dict[str, Any] | None, Path, str, bool, LabelledImages | None]:
+    """Rank 0's part: scan, read --labels, take the run folder's lock, and plan a new run or load the saved
+    one. Returns (plan, image paths, checkpoint or None, run folder, the folder's root, whether the batch was
+    halved, the labelled images)."""
     overrides = validate(request.choices)  # before anything is scanned, moved or written
     with reporter.progress("checking images") as progress:
         manifest = scan(request.folder, progress=progress, warn=reporter.warn)
+    labelled = read_training_labels(request.labels, manifest.absolute_paths()) if request.labels else None
     out = Path(request.out) if request.out else default_run_dir(request.folder)
     check_outside_input(out, manifest.root)
     held.enter_context(exclusive(out / LOCK, out))
@@ -102,13 +118,13 @@ def _prepare(
     state = load_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else None
     halved = False
     if state is not None:
-        plan, paths = _resume(state, manifest.root, out, overrides, reporter, world)
+        plan, paths = _resume(state, manifest.root, out, overrides, reporter, world, labelled is not None)
         failed_at = _ran_out_of_memory(out)
         if failed_at is not None and plan.batch_size >= failed_at:  # the checkpoint may predate the last halving
             state, halved = _halve_batch(plan, out, reporter, to=failed_at // 2), True
         _truncate_metrics(out / METRICS, state["step"] if state else 0)
     else:
-        plan, paths = _plan_new_run(manifest, out, overrides, reporter, world)
+        plan, paths = _plan_new_run(manifest, out, overrides, reporter, world, labelled is not None)
 
     from byolcli.terminal import plan_report
 
@@ -116,12 +132,14 @@ def _prepare(
     warning = short_run_warning(plan) if state is None else None
     if warning:
         reporter.warn(warning)
-    return plan, paths, state, out, str(manifest.root), halved
+    return plan, paths, state, out, str(manifest.root), halved, labelled
 
 
 def _train_folder(request: TrainRequest, reporter: Reporter, world: World, held: ExitStack) -> Path:
     # Scanned and planned once, on rank 0; every rank gets the same plan, files and checkpoint.
-    plan, paths, state, out, root, halved = distributed.share(world, lambda: _prepare(request, reporter, world, held))
+    plan, paths, state, out, root, halved, labelled = distributed.share(
+        world, lambda: _prepare(request, reporter, world, held)
+    )
     while True:
         decoding = reporter.progress("decoding images into memory", unit="images") if plan.in_memory else nullcontext()
         with decoding as progress:
@@ -142,29 +160,90 @@ def _train_folder(request: TrainRequest, reporter: Reporter, world: World, held:
 
     encoder_path = out / ENCODER
     if world.is_main:
-        save_encoder(
-            trainer.model.online_encoder,
-            encoder_path,
-            architecture=plan.backbone,
-            image_size=plan.image_size,
-            mean=MEAN,
-            std=STD,
-            train_images=plan.images,
-            epochs=plan.epochs,
-            steps=trainer.step,
-            source=root,
-            init=start_name(plan.init),
-            init_path=plan.init if plan.init not in (None, IMAGENET) else "",
-        )
+        _export(trainer, encoder_path, root, labelled, reporter)
         reporter.info(f"encoder written to {encoder_path}")
         _write_report(out, plan, paths, Path(root), reporter)
-        against = "the weights it started from and " if plan.init else ""
-        reporter.info(
-            f"next, to see it against {against}a random-init network on labels you have: "
-            f"byol evaluate --labels LABELS.csv --model {encoder_path}"
-        )
+        if plan.init and labelled is None:
+            reporter.info(
+                "nothing has checked this encoder against the weights it started from: labels can. "
+                f"`byol evaluate --labels LABELS.csv --model {encoder_path}` compares them; rerun this command with "
+                "--labels LABELS.csv to export whichever scores best; `byol select FOLDER -n 200` picks what to label"
+            )
+        elif not plan.init:
+            reporter.info(
+                "next, to see it against a random-init network on labels you have: "
+                f"byol evaluate --labels LABELS.csv --model {encoder_path}"
+            )
     distributed.barrier(world)  # nobody leaves before the encoder is written
     return encoder_path
+
+
+def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | None, reporter: Reporter) -> None:
+    """Write the encoder: the trained weights (from random weights), the plan's mix with the start, or
+    the candidate that the labels score best."""
+    plan = trainer.plan
+    described: dict[str, Any] = dict(
+        architecture=plan.backbone,
+        image_size=plan.image_size,
+        mean=MEAN,
+        std=STD,
+        train_images=plan.images,
+        epochs=plan.epochs,
+        steps=trainer.step,
+        source=root,
+        init=start_name(plan.init),
+        init_path=plan.init if plan.init not in (None, IMAGENET) else "",
+        start_size=plan.start_size,
+    )
+    trained = with_metadata(plain_backbone(trainer.model.online_encoder, plan), **described)
+    if plan.init is None:
+        save_encoder(trained, path, **described)
+        return
+    start = start_weights(plan.init, plan.backbone)
+    if labelled is None:
+        save_encoder(mixed_encoder(trained, start, plan.mix), path, **{**described, "mix": plan.mix})
+        return
+    chosen = choose_with_labels(candidates(trained, start, plan.start_size), labelled, trainer.device, reporter)
+    save_encoder(chosen.network, path, **{**described, "image_size": chosen.image_size, "mix": chosen.mix})
+
+
+def _choose_with_labels_in(plan: Plan) -> None:
+    """--labels: the plan exports the candidate the labels score best (a finished run only chooses again)."""
+    if plan.init is None:
+        raise UserError(
+            "--labels chooses between the weights a run started from and what training made of them, and this run "
+            "starts from random weights; byol evaluate --labels scores its encoder"
+        )
+    plan.reasons["mix"] = (
+        "--labels: the start, mixes of it with the trained weights, and the trained weights, scored on the labels"
+    )
+
+
+def plain_backbone(online: nn.Module, plan: Plan) -> nn.Module:
+    """The online encoder's weights in a stock backbone (plain batch norm), in eval mode, where it trained."""
+    backbone = make_backbone(plan.backbone, stem=plan.stem)
+    backbone.load_state_dict(online.state_dict())
+    return backbone.to(next(online.parameters()).device).eval()
+
+
+def choose_with_labels(
+    found: list[Candidate], labelled: LabelledImages, device: torch.device, reporter: Reporter
+) -> Candidate:
+    """Score every candidate on the labelled images (candidates.py) and return the best, after printing all."""
+    from byolcli.terminal import candidates_report
+
+    index = {label: i for i, label in enumerate(labelled.classes)}
+    y = torch.tensor([index[label] for label in labelled.labels])
+    features, good = {}, np.ones(len(y), dtype=bool)
+    for candidate in found:
+        with reporter.progress(f"scoring candidates: {candidate.name}", unit="images") as progress:
+            features[candidate.name], ok = embed_paths(labelled.paths, candidate.network, device, 256, None, progress)
+        good &= ok
+    keep = torch.from_numpy(np.flatnonzero(good))
+    scores = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
+    best = best_candidate(scores)
+    candidates_report(scores, best, len(keep))
+    return next(candidate for candidate in found if candidate.name == best)
 
 
 def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter: Reporter) -> None:
@@ -186,7 +265,7 @@ def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter
 
 
 def _plan_new_run(
-    manifest: Manifest, out: Path, overrides: Overrides, reporter: Reporter, world: World
+    manifest: Manifest, out: Path, overrides: Overrides, reporter: Reporter, world: World, labelled: bool = False
 ) -> tuple[Plan, list[Path]]:
     hw = detect_hardware(overrides.device)
     if world.local_size > 1:  # the processes on this machine share its cores and memory
@@ -207,6 +286,8 @@ def _plan_new_run(
         world_size=world.size,
         find_imagenet=fetch_imagenet,  # downloads here, once, before any rank needs the file
     )
+    if labelled:
+        _choose_with_labels_in(plan)  # before the run folder is made: a refused --labels leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / IMAGES, write_names(image.path for image in manifest.images))
     _write_plan(out, plan)
@@ -268,10 +349,18 @@ def _halve_batch(plan: Plan, out: Path, reporter: Reporter, to: int | None = Non
 
 
 def _resume(
-    state: dict[str, Any], root: Path, out: Path, overrides: Overrides, reporter: Reporter, world: World
+    state: dict[str, Any],
+    root: Path,
+    out: Path,
+    overrides: Overrides,
+    reporter: Reporter,
+    world: World,
+    labelled: bool = False,
 ) -> tuple[Plan, list[Path]]:
     plan = Plan.from_dict(state["plan"])
-    if state["step"] >= plan.total_steps and (out / ENCODER).exists():
+    if labelled:
+        _choose_with_labels_in(plan)
+    elif state["step"] >= plan.total_steps and (out / ENCODER).exists():
         raise UserError(
             f"{out} already holds a finished run ({out / ENCODER}); "
             "use --restart to train again or --out for a new run folder"

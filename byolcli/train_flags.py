@@ -26,6 +26,7 @@ PLANNED_AS = {
     "augment_on": "augment_on",
     "init": "init",
     "stem": "stem",
+    "mix": "mix",
     "seed": "seed",
 }
 
@@ -65,9 +66,14 @@ def validate(over: Overrides) -> Overrides:
         raise UserError(f"--workers {over.workers}: must be 0 or more")
     if over.lr is not None and not over.lr > 0:
         raise UserError(f"--lr {over.lr}: must be positive")
+    if over.mix is not None and not 0 <= over.mix <= 1:
+        raise UserError(f"--mix {over.mix}: must be between 0 (the start) and 1 (the trained weights)")
     if over.epochs is not None and over.time_budget is not None:
         raise UserError("--epochs and --time both set: give one")
     require_choice("--stem", over.stem, STEMS)
+    require_image_size(over.start_size, "--start-size")
+    if over.start_size is not None and over.init == RANDOM:
+        raise UserError(f"--start-size {over.start_size}: --init random has no start to size")
     if over.init in (AUTO, RANDOM):
         return replace(over, init=None if over.init == AUTO else RANDOM)
     if over.init == IMAGENET:  # torchvision's weights come with its strided stem
@@ -89,6 +95,10 @@ def validate(over: Overrides) -> Overrides:
             raise UserError(f"--init {over.init} has the {stem} stem; --stem {over.stem} does not match it")
         start_weights(over.init, architecture)  # one-line error if the weights are another architecture's
         return replace(
-            over, backbone=architecture, stem=stem, init=str(Path(over.init).resolve()), start_size=found["image_size"]
+            over,
+            backbone=architecture,
+            stem=stem,
+            init=str(Path(over.init).resolve()),
+            start_size=over.start_size or found["image_size"],
         )
     return over

@@ -246,3 +246,24 @@ def test_imagenet_baseline_uses_torchvisions_weights_for_the_same_architecture(t
     )
     assert offline.returncode == 2 and len(offline.stderr.strip().splitlines()) == 1
     assert "none could be downloaded" in offline.stderr and "resnet18-f37072fd.pth" in offline.stderr
+
+
+def test_past_five_thousand_rows_without_a_split_one_stratified_hold_out_replaces_the_folds(tmp_path):
+    from byolcli.evaluate import HOLDOUT_ABOVE, make_protocol
+    from byolcli.labels import LabelledImages
+
+    for rows, folds in ((HOLDOUT_ABOVE, 5), (HOLDOUT_ABOVE + 1, 1)):
+        labels = [f"c{i % 3}" for i in range(rows)]
+        data = LabelledImages([tmp_path / f"{i}.png" for i in range(rows)], labels, None, list(range(rows)), [])
+        y = torch.tensor([int(label[1]) for label in labels])
+        protocol = make_protocol(data, y, tmp_path / "labels.csv")
+        assert len(protocol.folds) == folds, protocol.name
+        tested = torch.cat([test for _, test, _ in protocol.folds])
+        if folds == 1:
+            fit, test, _ = protocol.folds[0]
+            assert set(fit.tolist()).isdisjoint(test.tolist()) and len(fit) + len(test) == rows
+            assert abs(len(test) / rows - 0.2) < 0.01
+            for c in range(3):  # stratified: each class a fifth in the test part
+                assert abs((y[test] == c).sum().item() / (y == c).sum().item() - 0.2) < 0.01
+        else:
+            assert sorted(tested.tolist()) == list(range(rows))

@@ -61,7 +61,12 @@ def test_imagenet_weights_in_torchs_cache_are_the_default_start(photos, tmp_path
     assert metadata["init"] == "imagenet" and metadata["image_size"] == 64
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["reference"] == "start" and set(report["neighbours"]) == {"encoder", "start"}
-    assert "against the weights it started from" in result.stderr and "byol evaluate --labels" in result.stderr
+    # Label-free measures do not order an encoder and its start as labels do: the report claims nothing.
+    assert "do not say whether the encoder is better than the weights it started from" in report["how_to_read"]
+    page = (tmp_path / "run" / "report.html").read_text()
+    assert report["how_to_read"] in page and "Training helped" not in page
+    assert "nothing has checked this encoder against the weights it started from" in result.stderr
+    assert "byol evaluate --labels" in result.stderr and "--labels LABELS.csv" in result.stderr
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -186,3 +191,46 @@ def test_evaluate_compares_an_encoder_with_its_start_and_says_when_the_start_is_
     gone = run_byol("evaluate", "--labels", labels, "--model", encoder, "--json", tmp_path / "r.json")
     assert gone.returncode == 0 and "no column for the encoder's start" in gone.stderr
     assert list(json.loads((tmp_path / "r.json").read_text())["results"]) == ["encoder", "random init"]
+
+
+def test_evaluate_scores_the_start_at_its_own_size_too_and_measures_against_the_better(tmp_path):
+    labels = labelled_colours(tmp_path / "colours")
+    start = tmp_path / "start.safetensors"
+    encoder = encoder_started_from(tmp_path / "zeroed.safetensors", start, zeroed=True)
+    result = run_byol(
+        "evaluate", "--labels", labels, "--model", encoder, "--start-size", "48", "--json", tmp_path / "r.json"
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert list(report["results"]) == ["encoder", "start", "start at 48 px", "random init"]
+    assert report["starts"] == {"start": 32, "start at 48 px": 48}
+    assert report["sources"]["start at 48 px"].endswith("(48 px)")
+    results = report["results"]
+    best = report["best_start"]
+    assert best in report["starts"]
+    mean = {name: results[name]["knn"]["top1"] + results[name]["linear"]["top1"] for name in report["starts"]}
+    assert mean[best] == max(mean.values())
+    # The command that recommends the start names the size it scored best at.
+    assert report["use_start"].endswith(f"--image-size {report['starts'][best]}")
+    assert f"({best})" in result.stdout
+
+    random_start = tmp_path / "random.safetensors"
+    from byolcli.backbones import make_backbone
+    from byolcli.encoder import save_encoder
+    from byolcli.pixels import MEAN, STD
+
+    save_encoder(
+        make_backbone("resnet18"),
+        random_start,
+        architecture="resnet18",
+        image_size=32,
+        mean=MEAN,
+        std=STD,
+        train_images=24,
+        epochs=1,
+        steps=1,
+    )
+    refused = run_byol("evaluate", "--labels", labels, "--model", random_start, "--start-size", "64")
+    assert refused.returncode == 2
+    last = refused.stderr.strip().splitlines()[-1]
+    assert "--start-size 64: the encoder started from random weights, so there is no start" in last

@@ -1,0 +1,177 @@
+"""How far to move from the starting weights: one run of `byol train --init WEIGHTS` as it plans, scored
+at several points and at several mixes between the start and the adapted encoder.
+
+    python benchmarks/adaptation.py SET --init WEIGHTS --backbone resnet18 [--epochs 20] [--at 1,5,10,20] \
+        [--mix 0.5,1] [--final-mix 0.25,0.75] [--record benchmarks/adaptation.jsonl]
+
+SET is a shared set's folder (SET/train is trained on, SET/labels.csv scores with its split column). At each
+epoch of --at the online encoder is mixed with the start, θ = start + m·(adapted − start), for each m of
+--mix (and --final-mix at the last point), every weight and batch-norm statistic alike; each mix is scored as
+`byol evaluate --labels` scores an encoder (weighted kNN and the linear probe, train rows fit, test rows
+score), as `byol train --labels` scores a candidate on the train rows alone (its choose part: *_choose), and,
+for --mix, with the label-free measures of `byol train`'s report on a seeded sample of SET/train. The
+start itself (m = 0) is scored at the run's size and at 32 px, and a random-init network (network: random
+init). One JSON line per scored encoder goes to --record as it is measured, with the host and the training
+seconds so far (scoring excluded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from common import host_cpu
+
+from byolcli.candidates import mixed_encoder, score_candidates
+from byolcli.encoder import load_encoder, save_encoder
+from byolcli.engine import Trainer
+from byolcli.evaluate import make_protocol, score
+from byolcli.hardware import detect_hardware
+from byolcli.inference import embed_paths, pick_device
+from byolcli.judge import sample_paths, view_embeddings
+from byolcli.label_free import alignment, rankme, uniformity, view_retrieval
+from byolcli.labels import read_labels
+from byolcli.pixels import MEAN, STD
+from byolcli.plan import Overrides, make_plan
+from byolcli.probe import probe_step
+from byolcli.scan import scan
+from byolcli.start import random_init_network, start_name
+from byolcli.train_flags import validate
+
+RECORD = Path(__file__).resolve().parent / "adaptation.jsonl"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("set", type=Path)
+    parser.add_argument("--init", required=True)
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--epochs", type=int, default=None, help="[default: the plan's]")
+    parser.add_argument("--at", default=None, help="epochs to score at [default: the last]")
+    parser.add_argument("--mix", default="0.5,1")
+    parser.add_argument("--final-mix", default="0.25,0.75", help="more mixes at the last point, labels only")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--record", type=Path, default=RECORD)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+
+    folder, labels = args.set / "train", args.set / "labels.csv"
+    manifest = scan(folder)
+    hw = detect_hardware(None)
+    over = validate(Overrides(epochs=args.epochs, init=args.init, backbone=args.backbone, lr=args.lr))
+    plan = make_plan(
+        [min(i.width, i.height) for i in manifest.images],
+        len(manifest.skipped),
+        hw,
+        over,
+        probe=lambda setting: probe_step(hw, setting),
+    )
+    epochs = round(plan.epochs)
+    points = sorted({int(e) for e in args.at.split(",")}) if args.at else [epochs]
+    device = pick_device(None)
+    data = read_labels(labels, None)
+    index = {label: i for i, label in enumerate(data.classes)}
+    y = torch.tensor([index[label] for label in data.labels])
+    protocol = make_protocol(data, y, labels)
+    train_paths = manifest.absolute_paths()
+    sample = sample_paths(train_paths)
+    common = {
+        "host": host_cpu(),
+        "set": args.set.name,
+        "tag": args.tag,
+        "plan": {k: getattr(plan, k) for k in ("image_size", "batch_size", "precision", "total_steps", "base_lr")}
+        | {"tau": plan.tau_base, "epochs": plan.epochs},
+    }
+    print(json.dumps(common), flush=True)
+
+    train_rows = torch.from_numpy(np.flatnonzero(np.array(data.splits) == "train"))
+
+    def measure(encoder: torch.nn.Module, label_free: bool = True, **where: object) -> None:
+        t0 = time.perf_counter()
+        features, _ = embed_paths(data.paths, encoder, device, 256, None)
+        scores = score(features, y, len(data.classes), protocol)
+        # What `byol train --labels` sees with the train split's labels only: its choose part's scores.
+        chosen = score_candidates({"e": features[train_rows]}, y[train_rows], len(data.classes))["e"]
+        line = {
+            **common,
+            **where,
+            "knn": round(scores["knn"]["top1"], 4),
+            "linear": round(scores["linear"]["top1"], 4),
+            **chosen,
+        }
+        if label_free:
+            sample_features, _ = embed_paths(sample, encoder, device, 256, None)
+            size = encoder.byol_metadata["image_size"]
+            first, second = view_embeddings(sample, {"e": encoder}, size, device, 0)["e"]
+            line |= {
+                "rankme": round(rankme(sample_features), 2),
+                "uniformity": round(uniformity(sample_features), 4),
+                "alignment": round(alignment(first, second), 4),
+                "view_retrieval": round(view_retrieval(first, second), 4),
+            }
+        line["score_seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps(line), flush=True)
+        with open(args.record, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    trainer = Trainer(plan, train_paths)
+    trained = 0.0
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "encoder.safetensors"
+
+        def export(size: int) -> torch.nn.Module:
+            save_encoder(
+                trainer.model.online_encoder,
+                path,
+                architecture=plan.backbone,
+                image_size=size,
+                mean=MEAN,
+                std=STD,
+                train_images=plan.images,
+                epochs=trainer.step / plan.steps_per_epoch,
+                steps=trainer.step,
+                init=start_name(plan.init),
+                init_path=plan.init,
+            )
+            return load_encoder(path, device)
+
+        start = export(plan.image_size)
+        start_state = {k: v.clone() for k, v in start.state_dict().items()}
+        measure(start, epoch=0, mix=0.0, size=plan.image_size, train_seconds=0.0)
+        if plan.image_size != 32:
+            measure(export(32), epoch=0, mix=0.0, size=32, train_seconds=0.0)
+        measure(
+            random_init_network(start.byol_metadata, device),
+            label_free=False,
+            epoch=0,
+            mix=None,
+            size=plan.image_size,
+            train_seconds=0.0,
+            network="random init",
+        )
+        for epoch in points:
+            t0 = time.perf_counter()
+            trainer.run(min(plan.total_steps, epoch * plan.steps_per_epoch))
+            trained += time.perf_counter() - t0
+            adapted = export(plan.image_size)
+            mixes = [float(x) for x in args.mix.split(",")]
+            if epoch == points[-1]:
+                mixes += [float(x) for x in args.final_mix.split(",") if float(x) not in mixes]
+            for m in mixes:
+                measure(
+                    mixed_encoder(adapted, start_state, m),
+                    label_free=m in [float(x) for x in args.mix.split(",")],
+                    epoch=epoch,
+                    mix=m,
+                    size=plan.image_size,
+                    train_seconds=round(trained, 1),
+                )
+
+
+if __name__ == "__main__":
+    main()
