@@ -24,9 +24,12 @@ from torch import nn
 from byolcli.encoder import attach_metadata, metadata_of
 from byolcli.errors import UserError
 from byolcli.labels import LabelledImages, drop_missing, read_labels
-from byolcli.metrics import knn_scores, linear_probe_scores
+from byolcli.metrics import knn_scores, linear_probe_scores, stratified_holdout
 
 MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself
+# Labelled images the candidates are scored on, at most: each candidate embeds them all, and past this many
+# scoring would cost more than a tenth of a default run on a CPU (benchmarks/README.md).
+MAX_SCORED = 2000
 PARTS = 3  # fit, choose, check
 MIN_PER_CLASS = PARTS
 
@@ -77,6 +80,16 @@ def read_training_labels(csv_path: Path, images: list[Path]) -> LabelledImages:
             f"{MIN_PER_CLASS} or more per class (to fit the probes, to choose, and to check the choice)"
         )
     return data
+
+
+def scored_sample(labelled: LabelledImages, limit: int = MAX_SCORED, seed: int = 0) -> LabelledImages:
+    """At most `limit` of the labelled images, the same share of every class (seeded)."""
+    if len(labelled.paths) <= limit:
+        return labelled
+    index = {label: i for i, label in enumerate(labelled.classes)}
+    y = torch.tensor([index[label] for label in labelled.labels])
+    _, kept = stratified_holdout(y, limit / len(y), seed)
+    return labelled.subset(sorted(kept.tolist()))
 
 
 def three_parts(y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -313,9 +313,10 @@ def evaluation_report(report: dict[str, Any]) -> None:
     out.print(per_class)
 
 
-def candidates_report(scores: dict[str, dict[str, float]], best: str, images: int) -> None:
+def candidates_report(scores: dict[str, dict[str, float]], best: str, images: int, given: int) -> None:
     """`byol train --labels`: every candidate's scores on the choose part and on the check part, and the choice."""
-    table = Table(title=f"candidates, scored on {images:,} labelled images", title_justify="left")
+    of = f" of the {given:,} given" if given > images else ""
+    table = Table(title=f"candidates, scored on {images:,} labelled images{of}", title_justify="left")
     table.add_column("candidate")
     for column in ("kNN", "linear", "kNN check", "linear check"):
         table.add_column(column, justify="right")

@@ -29,6 +29,7 @@ from byolcli.candidates import (
     mixed_encoder,
     read_training_labels,
     score_candidates,
+    scored_sample,
 )
 from byolcli.data import time_decoding
 from byolcli.distributed import World
@@ -232,6 +233,8 @@ def choose_with_labels(
     """Score every candidate on the labelled images (candidates.py) and return the best, after printing all."""
     from byolcli.terminal import candidates_report
 
+    given = len(labelled.paths)
+    labelled = scored_sample(labelled)
     index = {label: i for i, label in enumerate(labelled.classes)}
     y = torch.tensor([index[label] for label in labelled.labels])
     features, good = {}, np.ones(len(y), dtype=bool)
@@ -242,7 +245,7 @@ def choose_with_labels(
     keep = torch.from_numpy(np.flatnonzero(good))
     scores = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
     best = best_candidate(scores)
-    candidates_report(scores, best, len(keep))
+    candidates_report(scores, best, len(keep), given)
     return next(candidate for candidate in found if candidate.name == best)
 
 

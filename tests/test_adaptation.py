@@ -156,3 +156,16 @@ def test_training_labels_must_name_the_folders_own_images(tmp_path):
     assert len(read_training_labels(csv_path, images).paths) == 24
     with pytest.raises(UserError, match="2 listed images are not among the folder's images"):
         read_training_labels(csv_path, images[2:])
+
+
+def test_past_the_limit_candidates_are_scored_on_a_stratified_sample_of_the_labels(tmp_path):
+    from byolcli.candidates import scored_sample
+    from byolcli.labels import LabelledImages
+
+    labels = ["a"] * 3000 + ["b"] * 1500 + ["c"] * 500
+    data = LabelledImages([tmp_path / f"{i}.png" for i in range(5000)], labels, None, list(range(5000)), [])
+    sample = scored_sample(data, limit=2000)
+    assert len(sample.paths) == 2000 and len(set(sample.paths)) == 2000
+    assert set(sample.paths) <= set(data.paths)
+    assert {c: sample.labels.count(c) for c in "abc"} == {"a": 1200, "b": 600, "c": 200}
+    assert scored_sample(data, limit=5000) is data

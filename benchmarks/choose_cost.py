@@ -1,0 +1,37 @@
+"""Seconds `byol train --labels` spends scoring its candidates: cifar10-5k's train labels (5,000), the
+stand-in as the start and a slightly moved copy of it as the trained weights.
+
+    python benchmarks/choose_cost.py
+"""
+
+import time
+
+import torch
+from common import SHARED_DATA as S
+
+from byolcli.backbones import make_backbone
+from byolcli.candidates import candidates, read_training_labels
+from byolcli.encoder import with_metadata
+from byolcli.pixels import MEAN, STD
+from byolcli.start import start_weights
+from byolcli.terminal import Reporter
+from byolcli.train import choose_with_labels
+
+init = str(S / "pretrained/resnet18-tinyimagenet64.safetensors")
+start = start_weights(init, "resnet18")
+torch.manual_seed(1)
+trained = make_backbone("resnet18")
+trained.load_state_dict(start)
+with torch.no_grad():
+    for p in trained.parameters():
+        p.add_(0.01 * torch.randn_like(p))
+trained = with_metadata(
+    trained.eval(), architecture="resnet18", image_size=64, mean=MEAN, std=STD, train_images=5000, epochs=5, steps=390
+)
+images = sorted((S / "cifar10-5k/train").rglob("*.jpg"))
+labelled = read_training_labels(S / "cifar10-5k/train.csv", images)
+found = candidates(trained, start, None)
+began = time.perf_counter()
+chosen = choose_with_labels(found, labelled, torch.device("cpu"), Reporter(quiet=True))
+seconds = time.perf_counter() - began
+print(f"{seconds:.1f} s to score {len(found)} candidates on {len(labelled.paths)} labels; chose {chosen.name}")
