@@ -2,7 +2,7 @@
 at several points and at several mixes between the start and the adapted encoder.
 
     python benchmarks/adaptation.py SET --init WEIGHTS --backbone resnet18 [--epochs 20] [--at 1,5,10,20] \
-        [--mix 0.5,1] [--final-mix 0.25,0.75] [--record benchmarks/adaptation.jsonl]
+        [--mix 0.5,1] [--final-mix 0.25,0.75] [--record benchmarks/adaptation.jsonl] [--baselines-only]
 
 SET is a shared set's folder (SET/train is trained on, SET/labels.csv scores with its split column). At each
 epoch of --at the online encoder is mixed with the start, θ = start + m·(adapted − start), for each m of
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--record", type=Path, default=RECORD)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--baselines-only", action="store_true", help="score the start and random init, no training")
     args = parser.parse_args()
 
     folder, labels = args.set / "train", args.set / "labels.csv"
@@ -154,6 +155,8 @@ def main() -> None:
             train_seconds=0.0,
             network="random init",
         )
+        if args.baselines_only:
+            return
         for epoch in points:
             t0 = time.perf_counter()
             trainer.run(min(plan.total_steps, epoch * plan.steps_per_epoch))
