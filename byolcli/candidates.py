@@ -24,7 +24,7 @@ from torch import nn
 from byolcli.encoder import attach_metadata, metadata_of
 from byolcli.errors import UserError
 from byolcli.labels import LabelledImages, drop_missing, read_labels
-from byolcli.metrics import knn_scores, linear_probe_scores, stratified_holdout
+from byolcli.metrics import knn_scores, linear_probe_scores, stratified_folds, stratified_holdout
 
 MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself
 # Labelled images the candidates are scored on, at most: each candidate embeds them all, and past this many
@@ -93,12 +93,8 @@ def scored_sample(labelled: LabelledImages, limit: int = MAX_SCORED, seed: int =
 
 
 def three_parts(y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Row indices of the fit, choose and check parts, each class dealt round-robin after a seeded shuffle."""
-    generator = torch.Generator().manual_seed(seed)
-    part = torch.empty(len(y), dtype=torch.long)
-    for label in torch.unique(y):
-        rows = (y == label).nonzero().flatten()
-        part[rows[torch.randperm(len(rows), generator=generator)]] = torch.arange(len(rows)) % PARTS
+    """Row indices of the fit, choose and check parts: three stratified folds."""
+    part = stratified_folds(y, PARTS, seed)
     fit, choose, check = (torch.nonzero(part == p).flatten() for p in range(PARTS))
     return fit, choose, check
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import cache_imagenet_weights, run_byol, shapes_folder
+from helpers import cache_imagenet_weights, random_encoder_file, run_byol, shapes_folder
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -214,22 +214,7 @@ def test_evaluate_scores_the_start_at_its_own_size_too_and_measures_against_the_
     assert report["use_start"].endswith(f"--image-size {report['starts'][best]}")
     assert f"({best})" in result.stdout
 
-    random_start = tmp_path / "random.safetensors"
-    from byolcli.backbones import make_backbone
-    from byolcli.encoder import save_encoder
-    from byolcli.pixels import MEAN, STD
-
-    save_encoder(
-        make_backbone("resnet18"),
-        random_start,
-        architecture="resnet18",
-        image_size=32,
-        mean=MEAN,
-        std=STD,
-        train_images=24,
-        epochs=1,
-        steps=1,
-    )
+    random_start = random_encoder_file(tmp_path / "random.safetensors")
     refused = run_byol("evaluate", "--labels", labels, "--model", random_start, "--start-size", "64")
     assert refused.returncode == 2
     last = refused.stderr.strip().splitlines()[-1]
