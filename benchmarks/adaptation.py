@@ -27,21 +27,21 @@ import numpy as np
 import torch
 from common import host_cpu
 
-from byolcli.candidates import mixed_encoder, score_candidates
-from byolcli.encoder import load_encoder, save_encoder
-from byolcli.engine import Trainer
-from byolcli.evaluate import make_protocol, score
-from byolcli.hardware import detect_hardware
-from byolcli.inference import embed_paths, pick_device
-from byolcli.judge import sample_paths, view_embeddings
-from byolcli.label_free import alignment, rankme, uniformity, view_retrieval
-from byolcli.labels import read_labels
-from byolcli.pixels import MEAN, STD
-from byolcli.plan import Overrides, make_plan
-from byolcli.probe import probe_step
-from byolcli.scan import scan
-from byolcli.start import random_init_network, start_name
-from byolcli.train_flags import validate
+from byolcli.core.encoder import load_encoder, save_encoder
+from byolcli.core.hardware import detect_hardware
+from byolcli.core.inference import embed_paths, pick_device
+from byolcli.core.labels import read_labels
+from byolcli.core.pixels import MEAN, STD
+from byolcli.core.scan import scan
+from byolcli.core.start import random_init_network, start_name
+from byolcli.evaluation.evaluate import make_protocol, score
+from byolcli.evaluation.judge import sample_paths, view_embeddings
+from byolcli.evaluation.label_free import alignment, rankme, uniformity, view_retrieval
+from byolcli.training.candidates import mixed_encoder, score_candidates
+from byolcli.training.engine import Trainer
+from byolcli.training.plan import Overrides, make_plan
+from byolcli.training.probe import probe_step
+from byolcli.training.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "adaptation.jsonl"
 

@@ -13,8 +13,8 @@ import argparse
 import torch
 from common import milliseconds
 
-from byolcli.augment import byol_views
-from byolcli.pixels import canvas_side
+from byolcli.core.pixels import canvas_side
+from byolcli.training.augment import byol_views
 
 
 def main() -> None:

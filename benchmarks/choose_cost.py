@@ -9,13 +9,13 @@ import time
 import torch
 from common import SHARED_DATA as S
 
-from byolcli.backbones import make_backbone
-from byolcli.candidates import candidates, read_training_labels
-from byolcli.encoder import with_metadata
-from byolcli.pixels import MEAN, STD
-from byolcli.start import start_weights
-from byolcli.terminal import Reporter
-from byolcli.train import choose_with_labels
+from byolcli.core.backbones import make_backbone
+from byolcli.core.encoder import with_metadata
+from byolcli.core.pixels import MEAN, STD
+from byolcli.core.start import start_weights
+from byolcli.core.terminal import Reporter
+from byolcli.training.candidates import candidates, read_training_labels
+from byolcli.training.train import choose_with_labels
 
 init = str(S / "pretrained/resnet18-tinyimagenet64.safetensors")
 start = start_weights(init, "resnet18")

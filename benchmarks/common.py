@@ -16,7 +16,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def host_cpu() -> str:
     """The CPU this ran on: the project's machine is a virtual one whose host changes between
-    days, and the peers' speed depends on it far more than byolcli's (README, Figures)."""
+    days, and the peers' speed depends on it far more than byolcli's (benchmarks/README.md)."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next(
         (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
@@ -61,9 +61,9 @@ def export_random_encoder(folder: Path, image_size: int) -> Path:
     """A random-init ResNet-18 exported as a byolcli encoder: the same compute as a trained one."""
     import torch
 
-    from byolcli.backbones import make_backbone
-    from byolcli.encoder import save_encoder
-    from byolcli.pixels import MEAN, STD
+    from byolcli.core.backbones import make_backbone
+    from byolcli.core.encoder import save_encoder
+    from byolcli.core.pixels import MEAN, STD
 
     torch.manual_seed(0)
     path = folder / f"encoder-{image_size}px.safetensors"
@@ -86,7 +86,7 @@ CIFAR_TRAIN = SHARED_DATA / "cifar10-5k" / "train"
 
 def cpu_plan(images: int, precision: str, workers: int, in_memory: bool = False):
     """ResNet-18 at 32 px, batch 64, channels-last: what `byol train` plans on a CPU, fixed."""
-    from byolcli.plan import Plan
+    from byolcli.training.plan import Plan
 
     return Plan(
         device="cpu",

@@ -32,17 +32,17 @@ DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "data" / "clothing10"
 TRIAL = r"""
 import json, resource, sys, time, torch
 from pathlib import Path
-from byolcli.hardware import detect_hardware
-from byolcli.inference import iter_embeddings
-from byolcli.rules import choose_workers
-from byolcli.encoder import load_encoder
-from byolcli.scan import scan
+from byolcli.core.hardware import detect_hardware
+from byolcli.core.inference import iter_embeddings
+from byolcli.core.loading import choose_workers
+from byolcli.core.encoder import load_encoder
+from byolcli.core.scan import scan
 
 way, folder, model_path = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 paths = scan(folder).absolute_paths()
 model = load_encoder(model_path)
 meta = model.byol_metadata
-from byolcli.inference import ImageDataset, pick_device
+from byolcli.core.inference import ImageDataset, pick_device
 device = pick_device(None)
 model = model.to(device)
 workers = choose_workers(detect_hardware(str(device)), embedding=True)[0]

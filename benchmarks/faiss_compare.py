@@ -23,9 +23,9 @@ import faiss
 import numpy as np
 from common import host_cpu
 
-from byolcli import search
-from byolcli.duplicates import THRESHOLD
-from byolcli.vectors import Vectors, unit
+from byolcli.vectors import search
+from byolcli.vectors.duplicates import THRESHOLD
+from byolcli.vectors.store import Vectors, unit
 
 
 def generated(rows: int, dim: int) -> np.ndarray:

@@ -200,9 +200,9 @@ def resident(args) -> dict:
 
     import torch
 
-    from byolcli import engine
-    from byolcli.plan import Plan
-    from byolcli.scan import scan
+    from byolcli.core.scan import scan
+    from byolcli.training import engine
+    from byolcli.training.plan import Plan
 
     paths = scan(args.data / "cifar10-5k" / "train").absolute_paths()
     cuda = torch.cuda.is_available()
@@ -257,9 +257,9 @@ def resident(args) -> dict:
 
 def probe(args) -> dict:
     """The probe's choice for ResNet-50 at 224 px against the largest batch that runs."""
-    from byolcli.hardware import detect_hardware
-    from byolcli.probe import OutOfMemory, StepSetting, probe_step
-    from byolcli.rules import MAX_BATCH
+    from byolcli.core.hardware import detect_hardware
+    from byolcli.training.probe import OutOfMemory, StepSetting, probe_step
+    from byolcli.training.rules import MAX_BATCH
 
     chosen_run = args.out / "runs" / "resnet50" / "plan.json"
     if not chosen_run.exists():
@@ -296,10 +296,10 @@ def augment(args) -> dict:
     views made from canvases, the step given ready views, and the views alone."""
     import torch
 
-    from byolcli.augment import byol_views
-    from byolcli.hardware import detect_hardware, synchronize
-    from byolcli.pixels import canvas_side
-    from byolcli.probe import StepSetting, probe_step
+    from byolcli.core.hardware import detect_hardware, synchronize
+    from byolcli.core.pixels import canvas_side
+    from byolcli.training.augment import byol_views
+    from byolcli.training.probe import StepSetting, probe_step
 
     hw = detect_hardware("cpu" if args.smoke else None)
     backbone, size, batch = ("resnet18", 32, 8) if args.smoke else ("resnet50", 224, 128)

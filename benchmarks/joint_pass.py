@@ -15,9 +15,9 @@ import time
 import torch
 from torch import nn
 
-from byolcli.backbones import PerViewBatchNorm1d, PerViewBatchNorm2d
-from byolcli.byol import BYOL, regression_loss
-from byolcli.optim import LARS, lars_groups
+from byolcli.core.backbones import PerViewBatchNorm1d, PerViewBatchNorm2d
+from byolcli.training.byol import BYOL, regression_loss
+from byolcli.training.optim import LARS, lars_groups
 
 
 def with_plain_batchnorm(model: BYOL) -> BYOL:

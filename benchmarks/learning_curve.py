@@ -29,21 +29,21 @@ from pathlib import Path
 
 from common import host_cpu
 
-from byolcli.encoder import load_encoder, save_encoder
-from byolcli.engine import Trainer
-from byolcli.evaluate import evaluate_command
-from byolcli.files import atomic_write_text
-from byolcli.hardware import detect_hardware
-from byolcli.inference import pick_device
-from byolcli.inputs import RANDOM_INIT
-from byolcli.judge import ENCODER, judge
-from byolcli.pixels import MEAN, STD
-from byolcli.plan import Overrides, make_plan
-from byolcli.probe import probe_step
-from byolcli.scan import scan
-from byolcli.start import start_name
-from byolcli.terminal import Reporter
-from byolcli.train_flags import validate
+from byolcli.core.encoder import load_encoder, save_encoder
+from byolcli.core.files import atomic_write_text
+from byolcli.core.hardware import detect_hardware
+from byolcli.core.inference import pick_device
+from byolcli.core.inputs import RANDOM_INIT
+from byolcli.core.pixels import MEAN, STD
+from byolcli.core.scan import scan
+from byolcli.core.start import start_name
+from byolcli.core.terminal import Reporter
+from byolcli.evaluation.evaluate import evaluate_command
+from byolcli.evaluation.judge import ENCODER, judge
+from byolcli.training.engine import Trainer
+from byolcli.training.plan import Overrides, make_plan
+from byolcli.training.probe import probe_step
+from byolcli.training.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"
 

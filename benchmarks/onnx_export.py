@@ -25,11 +25,11 @@ import onnxruntime
 import torch
 from common import host_cpu
 
-from byolcli.export import export_onnx
-from byolcli.inference import iter_embeddings, load_for_embedding
-from byolcli.model_choice import choose_model
-from byolcli.scan import scan
-from byolcli.terminal import Reporter
+from byolcli.core.export import export_onnx
+from byolcli.core.inference import iter_embeddings, load_for_embedding
+from byolcli.core.model_choice import choose_model
+from byolcli.core.scan import scan
+from byolcli.core.terminal import Reporter
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-5k" / "test"
 BATCH = 64

@@ -29,10 +29,10 @@ import numpy as np
 import torch
 from common import host_cpu
 
-from byolcli.inference import embed_paths
-from byolcli.labels import read_labels
-from byolcli.metrics import linear_probe_scores, stratified_holdout
-from byolcli.model_choice import choose_model
+from byolcli.core.inference import embed_paths
+from byolcli.core.labels import read_labels
+from byolcli.core.model_choice import choose_model
+from byolcli.evaluation.metrics import linear_probe_scores, stratified_holdout
 
 PEER_PYTHON = Path(__file__).resolve().parent / "peers" / ".venv" / "bin" / "python"
 SKLEARN = """

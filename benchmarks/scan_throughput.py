@@ -3,7 +3,7 @@
     python benchmarks/scan_throughput.py [--files 100000] [--runs 3]
 
 Builds the folder once under /tmp (100 subfolders of 32x32 JPEGs, a few percent
-of them PNG), then times `byolcli.scan.scan` with an empty cache (every file
+of them PNG), then times `byolcli.core.scan.scan` with an empty cache (every file
 opened and decoded) and again with the cache of the previous run (stat only).
 Reports the median over --runs after one warm-up run of each kind.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import build_folder
 
-from byolcli import scan as s
+from byolcli.core import scan as s
 
 
 def timed_scan(folder: Path) -> float:

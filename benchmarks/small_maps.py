@@ -17,7 +17,7 @@ import torch
 from common import milliseconds
 from torch import nn
 
-from byolcli.small_maps import SmallMapConv2d
+from byolcli.core.small_maps import SmallMapConv2d
 
 # (where in ResNet-18 at 32 px, channels in, channels out, map side, kernel, stride)
 SHAPES = [

@@ -14,8 +14,8 @@ import statistics
 
 from common import host_cpu
 
-from byolcli.hardware import detect_hardware
-from byolcli.probe import StepSetting, probe_step
+from byolcli.core.hardware import detect_hardware
+from byolcli.training.probe import StepSetting, probe_step
 
 
 def main() -> None:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from common import CIFAR_TRAIN, cpu_plan
 
-from byolcli.engine import Trainer
-from byolcli.scan import scan
+from byolcli.core.scan import scan
+from byolcli.training.engine import Trainer
 
 PHASES = ("views", "forward", "backward", "optimizer", "EMA")
 

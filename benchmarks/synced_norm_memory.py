@@ -19,8 +19,8 @@ import torch.distributed as dist
 from common import host_cpu
 from torch.autograd.graph import saved_tensors_hooks
 
-from byolcli.byol import BYOL
-from byolcli.distributed import synchronise_batchnorm
+from byolcli.training.byol import BYOL
+from byolcli.training.distributed import synchronise_batchnorm
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": None}
 

@@ -21,10 +21,10 @@ from pathlib import Path
 
 from common import CIFAR_TRAIN, cpu_plan
 
-from byolcli.engine import Trainer
-from byolcli.hardware import detect_hardware
-from byolcli.rules import choose_workers, device_precision
-from byolcli.scan import scan
+from byolcli.core.hardware import detect_hardware
+from byolcli.core.loading import choose_workers, device_precision
+from byolcli.core.scan import scan
+from byolcli.training.engine import Trainer
 
 
 def images_per_second(trainer: Trainer, steps: int, warmup: int = 3) -> float:

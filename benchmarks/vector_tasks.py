@@ -27,13 +27,13 @@ import numpy as np
 from common import SHARED_DATA, host_cpu
 from PIL import Image, ImageEnhance, ImageOps
 
-from byolcli.clustering import choose_k, kmeans
-from byolcli.duplicates import THRESHOLD, find_duplicates
-from byolcli.embed import embed_folder
-from byolcli.pixel_check import SAME_PICTURE, Thumbprints
-from byolcli.search import pairs_above, top_k
-from byolcli.selection import select
-from byolcli.vectors import Vectors, unit
+from byolcli.core.embed import embed_folder
+from byolcli.vectors.clustering import choose_k, kmeans
+from byolcli.vectors.duplicates import THRESHOLD, find_duplicates
+from byolcli.vectors.pixel_check import SAME_PICTURE, Thumbprints
+from byolcli.vectors.search import pairs_above, top_k
+from byolcli.vectors.selection import select
+from byolcli.vectors.store import Vectors, unit
 
 CENTRE = "--raw" not in sys.argv
 RESULTS = Path(__file__).with_name("vector_tasks.jsonl")
@@ -60,9 +60,9 @@ def embedded(folder: Path, model: str) -> Vectors:
     if model.startswith("random:"):
         import torch
 
-        from byolcli.backbones import make_backbone
-        from byolcli.encoder import save_encoder
-        from byolcli.pixels import MEAN, STD
+        from byolcli.core.backbones import make_backbone
+        from byolcli.core.encoder import save_encoder
+        from byolcli.core.pixels import MEAN, STD
 
         size = int(model.split(":")[1])
         path = Path(tempfile.mkdtemp()) / "random.safetensors"
@@ -321,7 +321,7 @@ def select_task(args: argparse.Namespace) -> None:
     """A linear probe trained on n selected images against n random ones, scored on the test split."""
     import torch
 
-    from byolcli.metrics import linear_probe_scores
+    from byolcli.evaluation.metrics import linear_probe_scores
 
     train_folder, train_labels = labelled(args.set, "train")
     test_folder, test_labels = labelled(args.set, "test")
@@ -409,7 +409,7 @@ def scale(args: argparse.Namespace) -> None:
 
 
 def scale_one(args: argparse.Namespace) -> None:
-    from byolcli.vectors import open_vectors
+    from byolcli.vectors.store import open_vectors
 
     before = next(
         int(line.split()[1]) // 1024

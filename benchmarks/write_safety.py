@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from common import host_cpu
 
-from byolcli.byol import BYOL
-from byolcli.embed import allocated_memmap
+from byolcli.core.embed import allocated_memmap
+from byolcli.training.byol import BYOL
 
 
 def checkpoint_state() -> dict:

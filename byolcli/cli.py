@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from byolcli.errors import OutOfMemoryAcrossRanks, PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
+from byolcli.core.errors import OutOfMemoryAcrossRanks, PeerFailed, Stopped, TrainingFailed, UserError, WriteFailed
 
 if TYPE_CHECKING:
-    from byolcli.terminal import Reporter
+    from byolcli.core.terminal import Reporter
 
 app = typer.Typer(
     add_completion=False,
@@ -68,7 +68,7 @@ def user_errors() -> Iterator[None]:
             raise
         from rich.markup import escape
 
-        from byolcli.terminal import err
+        from byolcli.core.terminal import err
 
         prefix, code = next((prefix, code) for kind, prefix, code in ONE_LINE_ERRORS if isinstance(exc, kind))
         err.print(f"[bold red]{prefix}:[/] {escape(who + str(exc))}", highlight=False, soft_wrap=True)
@@ -82,7 +82,7 @@ def user_errors() -> Iterator[None]:
 
 
 def _reporter() -> Reporter:
-    from byolcli.terminal import Reporter
+    from byolcli.core.terminal import Reporter
 
     return Reporter(quiet=state.quiet)
 
@@ -137,8 +137,8 @@ def scan(
     Results are cached per folder outside it, so a rerun only re-checks files that changed.
     """
     with user_errors():
-        from byolcli.scan import scan as run_scan
-        from byolcli.terminal import scan_report
+        from byolcli.core.scan import scan as run_scan
+        from byolcli.core.terminal import scan_report
 
         reporter = _reporter()
         with reporter.progress("checking images") as progress:
@@ -201,7 +201,7 @@ def train(
     ),
     gpus: Optional[str] = flag(
         "Train data-parallel on this machine's GPUs: 'all' or a count, one process each. For several "
-        "machines, launch with torchrun (see README)."
+        "machines, launch with torchrun (see docs/gpus.md)."
     ),
 ) -> None:
     """Train a BYOL encoder on FOLDER and export it as encoder.safetensors.
@@ -212,9 +212,9 @@ def train(
     is exported; projector, predictor and target network are discarded.
     """
     with user_errors():
-        from byolcli.inputs import AUTO, IMAGENET, RANDOM, require_file, require_folder, require_model_file
-        from byolcli.plan import Overrides
-        from byolcli.train_flags import validate
+        from byolcli.core.inputs import AUTO, IMAGENET, RANDOM, require_file, require_folder, require_model_file
+        from byolcli.training.plan import Overrides
+        from byolcli.training.train_flags import validate
 
         # Under a launcher every process runs this command: the run's own checks on rank 0 speak for all.
         launched = "WORLD_SIZE" in os.environ
@@ -244,12 +244,12 @@ def train(
         if not launched and init in (None, AUTO, RANDOM, IMAGENET):
             validate(choices)  # before torch is imported; an --init file is read, with torch, by the run
         if gpus is not None:
-            from byolcli.distributed import gpu_processes, launch_local
+            from byolcli.training.distributed import gpu_processes, launch_local
 
             processes = gpu_processes(gpus, device)
             if processes > 1:  # each process runs this same command, without --gpus
                 raise typer.Exit(launch_local(processes, _without_option(sys.argv[1:], "--gpus")))
-        from byolcli.train import TrainRequest, train_folder
+        from byolcli.training.train import TrainRequest, train_folder
 
         request = TrainRequest(
             folder=folder, choices=choices, out=out, restart=restart, checkpoint_every=checkpoint_seconds, labels=labels
@@ -303,13 +303,19 @@ def embed(
     encoder file.
     """
     with user_errors():
-        from byolcli.inputs import EMBEDDING_DTYPES, PRECISIONS, require_choice, require_folder, require_model_flags
+        from byolcli.core.inputs import (
+            EMBEDDING_DTYPES,
+            PRECISIONS,
+            require_choice,
+            require_folder,
+            require_model_flags,
+        )
 
         require_folder(folder)
         require_model_flags(model, arch, image_size)
         require_choice("--precision", precision, PRECISIONS)
         require_choice("--dtype", dtype, EMBEDDING_DTYPES)
-        from byolcli.embed import embed_command
+        from byolcli.core.embed import embed_command
 
         embed_command(
             folder,
@@ -371,7 +377,7 @@ def evaluate(
     a random-init encoder of the same architecture.
     """
     with user_errors():
-        from byolcli.inputs import require_file, require_folder, require_image_size, require_model_flags
+        from byolcli.core.inputs import require_file, require_folder, require_image_size, require_model_flags
 
         if (folder is None) == (labels is None):
             raise UserError("give FOLDER to judge without labels, or --labels CSV, not both or neither")
@@ -383,7 +389,7 @@ def evaluate(
         require_model_flags(baseline, None, None)
         require_image_size(start_size, "--start-size")
         if folder is not None:
-            from byolcli.evaluate import evaluate_folder_command
+            from byolcli.evaluation.evaluate import evaluate_folder_command
 
             if root or embeddings or baseline or start_size:
                 raise UserError("--root, --embeddings, --baseline and --start-size go with --labels")
@@ -398,7 +404,7 @@ def evaluate(
                 report_dir=report,
             )
             return
-        from byolcli.evaluate import evaluate_command
+        from byolcli.evaluation.evaluate import evaluate_command
 
         assert labels is not None  # one of FOLDER and --labels, checked above
         evaluate_command(
@@ -438,10 +444,10 @@ def export(
     extra: pip install "byolcli\[onnx]".
     """
     with user_errors():
-        from byolcli.inputs import require_model_flags
+        from byolcli.core.inputs import require_model_flags
 
         require_model_flags(model, arch, image_size)
-        from byolcli.export import export_onnx
+        from byolcli.core.export import export_onnx
 
         export_onnx(model, onnx, batch, fp16, _reporter(), arch=arch, image_size=image_size)
 
@@ -474,7 +480,7 @@ def similar(
 ) -> None:
     """The images most like each QUERY, by cosine similarity of their vectors, most similar first."""
     with user_errors():
-        from byolcli.vector_commands import similar_command
+        from byolcli.vectors.commands import similar_command
 
         similar_command(
             queries,
@@ -515,7 +521,7 @@ def duplicates(
     round, whole or a little cropped), joined: a near-duplicate of a near-duplicate is in the same
     group. The kept image of a group is its largest file."""
     with user_errors():
-        from byolcli.vector_commands import duplicates_command
+        from byolcli.vectors.commands import duplicates_command
 
         duplicates_command(
             source,
@@ -548,7 +554,7 @@ def groups(
     """What kinds of images the folder holds: spherical k-means groups of the vectors, each with its
     most and least typical members."""
     with user_errors():
-        from byolcli.vector_commands import groups_command
+        from byolcli.vectors.commands import groups_command
 
         groups_command(
             source,
@@ -586,7 +592,7 @@ def select(
 ) -> None:
     """Which images to label first: n images that between them teach a classifier the most."""
     with user_errors():
-        from byolcli.vector_commands import select_command
+        from byolcli.vectors.commands import select_command
 
         select_command(
             source,

@@ -1,6 +1,17 @@
-"""Fixtures every test gets."""
+"""Fixtures every test gets, and the threads each test process computes with."""
+
+import os
 
 import pytest
+
+# Several test processes (pytest -n) share the cores: each computes on its share of them, and so do
+# the processes its tests start, instead of every process running one thread per core.
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0")):
+    threads = max(1, len(os.sched_getaffinity(0)) // workers) if hasattr(os, "sched_getaffinity") else 1
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

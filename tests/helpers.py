@@ -121,7 +121,7 @@ def good_images(folder: Path) -> dict[str, str]:
 
 def broken_files(folder: Path) -> dict[str, str]:
     """One broken file of each kind; returns relative path -> expected reason key."""
-    from byolcli import scan as s
+    from byolcli.core import scan as s
 
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "empty.jpg").write_bytes(b"")
@@ -159,7 +159,7 @@ def litter(folder: Path) -> None:
 def deny_read(monkeypatch, name: str) -> None:
     """Make opening `name` fail as an unreadable file would (tests run as root in CI,
     where chmod 000 does not stop reads)."""
-    from byolcli import scan as s
+    from byolcli.core import scan as s
 
     real_open = s.Image.open
 
@@ -192,7 +192,7 @@ def shapes_folder(folder: Path, count: int = 32, size: int = 32) -> Path:
 
 def tiny_plan(images: int, **changes):
     """A Plan for a few fast steps on tiny images, as make_plan would write it."""
-    from byolcli.plan import Plan
+    from byolcli.training.plan import Plan
 
     values = dict(
         device="cpu",
@@ -254,9 +254,9 @@ def random_encoder_file(path: Path, seed: int = 0, size: int = 32) -> Path:
     """An encoder file holding an untrained ResNet-18, as `byol train` exports one."""
     import torch
 
-    from byolcli.backbones import make_backbone
-    from byolcli.encoder import save_encoder
-    from byolcli.pixels import MEAN, STD
+    from byolcli.core.backbones import make_backbone
+    from byolcli.core.encoder import save_encoder
+    from byolcli.core.pixels import MEAN, STD
 
     torch.manual_seed(seed)
     save_encoder(
@@ -279,9 +279,9 @@ def embed_on_cpu(folder, out, model, **flags):
     `flags` say otherwise: (vectors, the names of their rows)."""
     import numpy as np
 
-    from byolcli import embed as e
-    from byolcli.names import read_names
-    from byolcli.terminal import Reporter
+    from byolcli.core import embed as e
+    from byolcli.core.names import read_names
+    from byolcli.core.terminal import Reporter
 
     settings = {"workers": 0, "device": "cpu", "precision": "fp32", **flags}
     e.embed_command(folder, out, reporter=Reporter(quiet=True), model=model, **settings)

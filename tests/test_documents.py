@@ -16,7 +16,7 @@ def test_the_benchmark_tables_are_the_ones_the_stored_results_give():
 def test_the_readme_shows_the_small_stem_lines_the_stem_uses():
     import torch
 
-    from byolcli.backbones import make_backbone
+    from byolcli.core.backbones import make_backbone
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     lines = [line for line in readme.splitlines() if line.startswith(("model.conv1 =", "model.maxpool ="))]
@@ -32,3 +32,22 @@ def test_the_readme_shows_the_small_stem_lines_the_stem_uses():
 
     assert len(lines) == 2 and shape(model.conv1) == shape(small.conv1)
     assert type(model.maxpool) is type(small.maxpool) is torch.nn.Identity
+
+
+def test_every_command_the_readme_shows_exists_with_the_flags_it_shows():
+    import re
+
+    from typer.testing import CliRunner
+
+    from byolcli.cli import app
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    commands = [line.split("#")[0].strip().removeprefix("$ ") for line in readme.splitlines()]
+    commands = [line.split()[1:] for line in commands if line.startswith("byol ")]
+    assert len(commands) >= 10
+    for words in commands:
+        words = [word for word in words if word not in ("-q", "--debug")]
+        help_text = CliRunner().invoke(app, [words[0], "--help"], env={"COLUMNS": "200"})
+        assert help_text.exit_code == 0, f"byol {words[0]}: {help_text.output}"
+        for flag in (word.split("=")[0] for word in words if word.startswith("--")):
+            assert re.search(rf"{re.escape(flag)}\b", help_text.output), f"byol {words[0]} has no {flag}"

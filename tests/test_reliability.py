@@ -24,12 +24,12 @@ from helpers import (
     wait_for_file,
 )
 
-from byolcli import embed as e
-from byolcli.byol import BYOL
-from byolcli.errors import Stopped, UserError, WriteFailed
-from byolcli.labels import read_labels, repeated_warning
-from byolcli.names import escape_name, read_names, write_names
-from byolcli.terminal import Reporter
+from byolcli.core import embed as e
+from byolcli.core.errors import Stopped, UserError, WriteFailed
+from byolcli.core.labels import read_labels, repeated_warning
+from byolcli.core.names import escape_name, read_names, write_names
+from byolcli.core.terminal import Reporter
+from byolcli.training.byol import BYOL
 
 HOSTILE_NAMES = [
     "new\nline.png",
@@ -161,7 +161,7 @@ def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
         [
             sys.executable,
             "-c",
-            "import sys; from pathlib import Path; from byolcli.locks import exclusive\n"
+            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
             f"with exclusive(Path({str(e.sidecars(out)['lock'])!r}), 'x'):\n"
             " print('held', flush=True); sys.stdin.read()",
         ],
@@ -179,6 +179,106 @@ def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
         holder.communicate()
     embed(folder, out, encoder_file)  # the lock went with the process
     assert out.exists()
+
+
+def test_a_refused_start_leaves_no_run_folder_behind(tmp_path):
+    folder = shapes_folder(tmp_path / "photos", count=16)
+    run = tmp_path / "runs" / "new"
+    refused = run_byol("-q", "train", folder, "--init", "imagenet", "--out", run, *TRAIN_ARGS)  # offline: no weights
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "--init imagenet" in refused.stderr and not run.exists()
+    mine = tmp_path / "mine"  # a folder the user made is left where it was
+    mine.mkdir()
+    assert run_byol("train", folder, "--init", "imagenet", "--out", mine, *TRAIN_ARGS).returncode == 2
+    assert mine.is_dir()
+
+
+def test_a_lock_whose_holder_removed_it_is_taken_afresh_by_the_process_that_waited(tmp_path):
+    from byolcli.core.locks import exclusive
+
+    lock = tmp_path / "made-by-the-holder" / ".lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
+            f"with exclusive(Path({str(lock)!r}), 'x'):\n"
+            " print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    waited = []
+
+    def release(pid):  # called once, when the lock is found held: let the holder go, then wait for it
+        waited.append(pid)
+        holder.stdin.close()
+
+    with exclusive(lock, tmp_path, waiting=release):
+        assert waited == [str(holder.pid)]
+        assert holder.wait() == 0  # it removed its lock file and folder as it let go
+        assert lock.read_text() == f"{os.getpid()}\n"  # the file at that path is the one held now
+    assert not lock.parent.exists()  # made by the lock, empty again: removed
+
+
+def test_two_vector_commands_on_one_folder_at_once_both_succeed_one_waiting_for_the_others_embedding(tmp_path):
+    from byolcli.core.files import file_sha256
+    from byolcli.vectors.store import cached_embedding
+
+    folder = shapes_folder(tmp_path / "photos", count=12)
+    model = random_encoder_file(tmp_path / "encoder.safetensors")
+    lock = e.sidecars(cached_embedding(folder, file_sha256(model)))["lock"]
+    holder = subprocess.Popen(  # a third command, embedding the folder when the two start
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
+            f"with exclusive(Path({str(lock)!r}), 'x'):\n"
+            " print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline() == "held\n"
+    commands = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "byolcli",
+                "groups",
+                folder,
+                "--model",
+                model,
+                "--device",
+                "cpu",
+                "-k",
+                "2",
+                "--out",
+                tmp_path / f"groups{i}.csv",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in (1, 2)
+    ]
+    try:
+        for command in commands:  # each reaches the lock and says it waits
+            lines = iter(command.stderr.readline, "")
+            assert any("waiting for another byol process" in line for line in lines), command.communicate()
+        holder.stdin.close()
+        results = [command.communicate(timeout=300) for command in commands]
+    finally:
+        holder.kill()
+        for command in commands:
+            command.kill()
+    assert [command.returncode for command in commands] == [0, 0], results
+    assert (tmp_path / "groups1.csv").read_text() == (tmp_path / "groups2.csv").read_text()
+    assert any("embedding 0" in stderr for _, stderr in results)  # the second used what the first embedded
 
 
 # --- SIGTERM --------------------------------------------------------------------------------
@@ -204,7 +304,7 @@ def test_sigterm_ends_training_with_143_and_the_same_command_resumes(tmp_path):
 def test_sigterm_finishes_the_step_in_progress_and_checkpoints_it(tmp_path, monkeypatch):
     from helpers import tiny_plan
 
-    from byolcli import engine, train
+    from byolcli.training import engine, train
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     trainer = engine.Trainer(tiny_plan(16, total_steps=10), sorted(folder.iterdir()))
@@ -324,7 +424,7 @@ def test_disk_full_during_an_embed_keeps_the_previous_vectors(tmp_path, small_di
 def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     from helpers import tiny_plan
 
-    from byolcli.engine import Trainer
+    from byolcli.training.engine import Trainer
 
     folder = shapes_folder(tmp_path / "photos", count=16)
     trainer = Trainer(tiny_plan(16, total_steps=2), sorted(folder.iterdir()))
@@ -379,7 +479,7 @@ def hostile_folder(folder: Path) -> tuple[set[str], dict[str, str]]:
     from helpers import bomb_png, good_images
     from PIL import Image
 
-    from byolcli import scan as s
+    from byolcli.core import scan as s
 
     good = set(good_images(folder))
     rotated = noise_image((48, 32), seed=3)

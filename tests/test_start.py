@@ -9,7 +9,7 @@ from helpers import cache_imagenet_weights, random_encoder_file, run_byol, shape
 from PIL import Image
 from safetensors.torch import save_file
 
-from byolcli.encoder import read_metadata
+from byolcli.core.encoder import read_metadata
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,7 @@ def test_a_plain_torchvision_state_dict_is_a_start_with_its_name_and_digest_reco
     assert name == weights.name and digest == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert metadata["init_path"] == str(weights.resolve())
 
-    from byolcli.start import start_weights
+    from byolcli.core.start import start_weights
 
     loaded = start_weights(str(weights), "resnet18")
     assert all(torch.equal(loaded[k], v) for k, v in expected.items())
@@ -142,10 +142,10 @@ def labelled_colours(folder, per_class=12):
 
 def encoder_started_from(path, start, zeroed):
     """An encoder file whose metadata says it started from `start`; its weights are the start's, or zeros."""
-    from byolcli.backbones import make_backbone
-    from byolcli.encoder import save_encoder
-    from byolcli.pixels import MEAN, STD
-    from byolcli.start import start_name
+    from byolcli.core.backbones import make_backbone
+    from byolcli.core.encoder import save_encoder
+    from byolcli.core.pixels import MEAN, STD
+    from byolcli.core.start import start_name
 
     model = make_backbone("resnet18")
     model.load_state_dict(plain_state_dict(start))
@@ -177,7 +177,7 @@ def test_evaluate_compares_an_encoder_with_its_start_and_says_when_the_start_is_
         assert result.returncode == 0, result.stderr
         report = json.loads((tmp_path / "r.json").read_text())
         assert list(report["results"]) == ["encoder", "start", "random init"]
-        assert "Δ vs start" in result.stdout and "Δ vs random" in result.stdout  # the header wraps at 80 columns
+        assert "Δ start" in result.stdout and "Δ random" in result.stdout
         ours, theirs = report["results"]["encoder"], report["results"]["start"]
         if zeroed:  # every image looks the same to it: chance, against the start's clean split
             assert ours["knn"]["top1"] < theirs["knn"]["top1"] and ours["linear"]["top1"] < theirs["linear"]["top1"]

@@ -47,7 +47,7 @@ PER_IMAGE_NAME = "byolcli (1 loader process decoding and augmenting per image, a
 
 
 def load_split(split: str) -> tuple[list[Path], list[str]]:
-    from byolcli.labels import read_labels
+    from byolcli.core.labels import read_labels
 
     data = read_labels(DATA / "labels.csv")
     rows = [i for i, s in enumerate(data.splits) if s == split]
@@ -55,13 +55,13 @@ def load_split(split: str) -> tuple[list[Path], list[str]]:
 
 
 def pixels(paths: list[Path], size: int) -> torch.Tensor:
-    from byolcli.inference import load_for_embedding
+    from byolcli.core.inference import load_for_embedding
 
     return torch.stack([load_for_embedding(p, size) for p in paths])
 
 
 def knn_top1(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str]) -> float:
-    from byolcli.metrics import knn_scores
+    from byolcli.evaluation.metrics import knn_scores
 
     classes = sorted(set(train_y))
     index = {c: i for i, c in enumerate(classes)}
@@ -73,7 +73,7 @@ def knn_top1(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, te
 
 def features(encoder: torch.nn.Module | None, images: torch.Tensor, mean, std) -> torch.Tensor:
     """Backbone features of uint8 images, or the mean-centred pixels themselves (encoder None)."""
-    from byolcli.pixels import normalize_images
+    from byolcli.core.pixels import normalize_images
 
     if encoder is None:
         flat = images.flatten(1).float()
@@ -95,7 +95,7 @@ def score(encoder: torch.nn.Module | None, mean=None, std=None, size: int = SIZE
 
 
 def backbone_from_state(path: Path) -> torch.nn.Module:
-    from byolcli.backbones import make_backbone
+    from byolcli.core.backbones import make_backbone
 
     model = make_backbone("resnet18")
     model.load_state_dict(torch.load(path, weights_only=True))
@@ -222,7 +222,7 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
             with tempfile.TemporaryDirectory() as tmp:
                 out = Path(tmp)
                 if system == "byolcli":
-                    from byolcli.encoder import load_encoder
+                    from byolcli.core.encoder import load_encoder
 
                     last = train_byolcli(seconds, out / "run", byolcli_args)
                     encoder = load_encoder(out / "run" / "encoder.safetensors")
@@ -245,8 +245,8 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
 
 
 def baselines() -> dict:
-    from byolcli.backbones import make_backbone
-    from byolcli.pixels import MEAN, STD
+    from byolcli.core.backbones import make_backbone
+    from byolcli.core.pixels import MEAN, STD
 
     torch.manual_seed(0)
     network = make_backbone("resnet18")
