@@ -222,6 +222,38 @@ def tiny_plan(images: int, **changes):
     return Plan(**values)
 
 
+class LockHolder:
+    """A process of its own holding byolcli's lock `lock_file`, as another byol command would, from the
+    start of the `with` block until `release()` or the block's end; `pid` names it."""
+
+    def __init__(self, lock_file: Path) -> None:
+        self.lock_file = lock_file
+
+    def __enter__(self) -> "LockHolder":
+        code = (
+            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
+            f"with exclusive(Path({str(self.lock_file)!r}), 'x'):\n"
+            " print('held', flush=True); sys.stdin.read()"
+        )
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.process.stdout.readline() == "held\n"
+        self.pid = self.process.pid
+        return self
+
+    def release(self) -> int:
+        """Let the lock go, as the process ends normally; its exit code."""
+        self.process.stdin.close()
+        return self.process.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.process.kill()
+        self.process.wait()
+        for pipe in (self.process.stdin, self.process.stdout):
+            pipe.close()
+
+
 def wait_for_file(process, path: Path, timeout: float = 120) -> None:
     """Until `path` exists, while `process` is alive (polled every 50 ms; fails after `timeout` s)."""
     wait_until(process, path.exists, f"{path.name} did not appear", timeout)

@@ -14,6 +14,7 @@ import pytest
 import torch
 from helpers import (
     TRAIN_ARGS,
+    LockHolder,
     embed_on_cpu,
     noise_image,
     random_encoder_file,
@@ -157,26 +158,10 @@ def test_a_second_training_process_on_a_run_folder_is_refused_with_the_first_one
 def test_a_second_embed_into_one_output_is_refused(tmp_path, encoder_file):
     folder = shapes_folder(tmp_path / "photos", count=4)
     out = tmp_path / "vecs.npy"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
-            f"with exclusive(Path({str(e.sidecars(out)['lock'])!r}), 'x'):\n"
-            " print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with LockHolder(e.sidecars(out)["lock"]) as holder:
         result = run_byol("embed", folder, "--out", out, "--model", encoder_file)
         assert result.returncode == 2 and f"{out} is in use by another byol process (PID {holder.pid})" in result.stderr
         assert not out.exists()
-    finally:
-        holder.kill()
-        holder.communicate()
     embed(folder, out, encoder_file)  # the lock went with the process
     assert out.exists()
 
@@ -197,29 +182,15 @@ def test_a_lock_whose_holder_removed_it_is_taken_afresh_by_the_process_that_wait
     from byolcli.core.locks import exclusive
 
     lock = tmp_path / "made-by-the-holder" / ".lock"
-    holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
-            f"with exclusive(Path({str(lock)!r}), 'x'):\n"
-            " print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline() == "held\n"
     waited = []
+    with LockHolder(lock) as holder:
 
-    def release(pid):  # called once, when the lock is found held: let the holder go, then wait for it
-        waited.append(pid)
-        holder.stdin.close()
+        def release(pid):  # called once, when the lock is found held: let the holder go
+            waited.append((pid, holder.release()))
 
-    with exclusive(lock, tmp_path, waiting=release):
-        assert waited == [str(holder.pid)]
-        assert holder.wait() == 0  # it removed its lock file and folder as it let go
-        assert lock.read_text() == f"{os.getpid()}\n"  # the file at that path is the one held now
+        with exclusive(lock, tmp_path, waiting=release):
+            assert waited == [(str(holder.pid), 0)]  # it removed its lock file and folder as it let go
+            assert lock.read_text() == f"{os.getpid()}\n"  # the file at that path is the one held now
     assert not lock.parent.exists()  # made by the lock, empty again: removed
 
 
@@ -230,52 +201,26 @@ def test_two_vector_commands_on_one_folder_at_once_both_succeed_one_waiting_for_
     folder = shapes_folder(tmp_path / "photos", count=12)
     model = random_encoder_file(tmp_path / "encoder.safetensors")
     lock = e.sidecars(cached_embedding(folder, file_sha256(model)))["lock"]
-    holder = subprocess.Popen(  # a third command, embedding the folder when the two start
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from byolcli.core.locks import exclusive\n"
-            f"with exclusive(Path({str(lock)!r}), 'x'):\n"
-            " print('held', flush=True); sys.stdin.read()",
-        ],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert holder.stdout.readline() == "held\n"
-    commands = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "byolcli",
-                "groups",
-                folder,
-                "--model",
-                model,
-                "--device",
-                "cpu",
-                "-k",
-                "2",
-                "--out",
-                tmp_path / f"groups{i}.csv",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in (1, 2)
-    ]
-    try:
-        for command in commands:  # each reaches the lock and says it waits
-            lines = iter(command.stderr.readline, "")
-            assert any("waiting for another byol process" in line for line in lines), command.communicate()
-        holder.stdin.close()
-        results = [command.communicate(timeout=300) for command in commands]
-    finally:
-        holder.kill()
-        for command in commands:
-            command.kill()
+    with LockHolder(lock) as holder:  # a third command, embedding the folder when the two start
+        groups = (sys.executable, "-m", "byolcli", "groups", folder, "--model", model, "--device", "cpu", "-k", "2")
+        commands = [
+            subprocess.Popen(
+                [*groups, "--out", tmp_path / f"groups{i}.csv"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for i in (1, 2)
+        ]
+        try:
+            for command in commands:  # each reaches the lock and says it waits
+                lines = iter(command.stderr.readline, "")
+                assert any("waiting for another byol process" in line for line in lines), command.communicate()
+            holder.release()
+            results = [command.communicate(timeout=300) for command in commands]
+        finally:
+            for command in commands:
+                command.kill()
     assert [command.returncode for command in commands] == [0, 0], results
     assert (tmp_path / "groups1.csv").read_text() == (tmp_path / "groups2.csv").read_text()
     assert any("embedding 0" in stderr for _, stderr in results)  # the second used what the first embedded
