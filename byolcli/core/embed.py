@@ -335,13 +335,12 @@ class EmbedJob:
 
     def _append(self, good: np.ndarray, reporter: Reporter) -> None:
         """Append the new images' rows to the output in place, then publish its row order: until that
-        last step a reader sees the output as it was. Where the array's header cannot grow in place,
-        the output is written anew instead."""
+        last step a reader sees the output as it was."""
         files, earlier = self.files, self.earlier
         new = [self.images[i] for i in self.todo[good]]
         broken = [Skipped(self.images[i].path, "undecodable at embedding time") for i in self.todo[~good]]
         skipped = self.manifest.skipped + broken
-        skipped_text = "".join(f"{escape_name(s.path)}\t{s.reason}\n" for s in skipped)
+        skipped_text = _skipped_list(skipped)
         try:
             if new:
                 append_rows(self.out, earlier.count, np.load(files["partial"], mmap_mode="r")[np.flatnonzero(good)])
@@ -381,7 +380,7 @@ class EmbedJob:
     ) -> None:
         images, files = self.images, self.files
         paths.write_text(write_names(images[i].path for i in keep), encoding="utf-8")
-        skipped_list.write_text("".join(f"{escape_name(s.path)}\t{s.reason}\n" for s in skipped), encoding="utf-8")
+        skipped_list.write_text(_skipped_list(skipped), encoding="utf-8")
         meta.write_text(json.dumps(self._meta(len(keep), [self.keys[i] for i in keep])), encoding="utf-8")
         if len(keep) < len(images):  # drop the rows of files that broke since the scan
             array = np.load(files["partial"], mmap_mode="r")
@@ -444,6 +443,10 @@ def allocated_memmap(path: Path, dtype: np.dtype[Any] | type, shape: tuple[int, 
         Path(path).unlink(missing_ok=True)
         raise
     return array
+
+
+def _skipped_list(skipped: list[Skipped]) -> str:
+    return "".join(f"{escape_name(item.path)}\t{item.reason}\n" for item in skipped)
 
 
 def _partial_progress(files: dict[str, Path], record: dict[str, Any]) -> tuple[int, list[int]]:
