@@ -2,9 +2,11 @@
 
     python peer_train.py lightly FOLDER --seconds 300 --out backbone.pt      # a wall-clock budget
     python peer_train.py byol-pytorch FOLDER --steps 60                      # throughput only
+    python peer_train.py lightly FOLDER --seconds 300 --init START.safetensors --out backbone.pt
 
 Both peers train a torchvision ResNet-18 (fc removed) at 32 px, batch 64, one loader
-process, from the JPEG files, so the only differences are each peer's own recipe:
+process, from the JPEG files, from random weights or from --init (a plain torchvision state
+dict, its classifier dropped), so the only differences are each peer's own recipe:
 
 - lightly: its CIFAR-10 benchmark recipe (BYOLTransform without blur, projection and
   prediction heads 4096/256, SGD lr 0.06·batch/128 with momentum 0.9 and weight decay
@@ -49,19 +51,31 @@ class Folder(Dataset):
         return self.transform(Image.open(self.paths[i]).convert("RGB"))
 
 
-def resnet18() -> nn.Module:
-    model = torchvision.models.resnet18()
+def resnet18(init: str | None = None) -> nn.Module:
+    model = start_from(torchvision.models.resnet18(), init)
     model.fc = nn.Identity()
     return model
 
 
-def lightly_system(folder: str):
+def start_from(model: nn.Module, init: str | None) -> nn.Module:
+    """`model` holding the backbone weights of `init` (a safetensors state dict; its classifier is not loaded)."""
+    if init:
+        from safetensors.torch import load_file
+
+        missing, unexpected = model.load_state_dict(
+            {k: v for k, v in load_file(init).items() if not k.startswith("fc.")}, strict=False
+        )
+        assert not unexpected and all(k.startswith("fc.") for k in missing), (missing, unexpected)
+    return model
+
+
+def lightly_system(folder: str, init: str | None):
     from lightly.loss import NegativeCosineSimilarity
     from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
     from lightly.models.utils import deactivate_requires_grad, update_momentum
     from lightly.transforms import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 
-    backbone = resnet18()
+    backbone = resnet18(init)
     projector, predictor = BYOLProjectionHead(512, 4096, 256), BYOLPredictionHead(256, 4096, 256)
     backbone_ema, projector_ema = copy.deepcopy(backbone), copy.deepcopy(projector)
     deactivate_requires_grad(backbone_ema)
@@ -93,10 +107,10 @@ def lightly_system(folder: str):
     return Folder(folder, transform), step, backbone
 
 
-def byol_pytorch_system(folder: str):
+def byol_pytorch_system(folder: str, init: str | None):
     from byol_pytorch import BYOL
 
-    net = torchvision.models.resnet18()
+    net = start_from(torchvision.models.resnet18(), init)
     learner = BYOL(net, image_size=SIZE, hidden_layer="avgpool")
     optimizer = torch.optim.Adam(learner.parameters(), lr=3e-4)
     transform = torchvision.transforms.Compose(
@@ -131,13 +145,14 @@ def main() -> None:
         default=[],
         help="also save the backbone after this many seconds (byol-pytorch only)",
     )
+    parser.add_argument("--init", help="start the backbone from this plain ResNet-18 state dict (safetensors)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     if args.snapshot_at and (args.system != "byol-pytorch" or not args.out):
         parser.error("--snapshot-at needs byol-pytorch (no schedule to depend on the budget) and --out")
     make = lightly_system if args.system == "lightly" else byol_pytorch_system
-    dataset, step, backbone = make(args.folder)  # modules are built in training mode
+    dataset, step, backbone = make(args.folder, args.init)  # modules are built in training mode
     loader = DataLoader(
         dataset, batch_size=BATCH, shuffle=True, num_workers=WORKERS, drop_last=True, persistent_workers=True
     )

@@ -4,6 +4,7 @@
     python benchmarks/peers/run.py throughput            # images/s at identical settings, A B C A B C …
     python benchmarks/peers/run.py quality --budgets 2 5 10 20 [--systems byolcli lightly byol-pytorch]
     python benchmarks/peers/run.py quality --budgets 10 --systems byolcli --byolcli-args "--image-size 64"
+    python benchmarks/peers/run.py quality --budgets 5 --init START.safetensors   # every system from those weights
     python benchmarks/tables.py                          # benchmarks/README.md's tables from results.json
 
 Identical settings: torchvision ResNet-18, 32 px, batch 64, fp32, one loader process,
@@ -175,19 +176,25 @@ def throughput(rounds: int, steps: int) -> dict:
     return {name: {"runs": values, "median": statistics.median(values)} for name, values in runs.items()}
 
 
-def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -> dict:
+def quality(budgets: list[float], systems: list[str], byolcli_args: list[str], init: Path | None = None) -> dict:
     """Train every system for every budget and score it. byol-pytorch has no schedule, so one run
-    as long as the longest budget, with snapshots at the others, gives its whole curve."""
+    as long as the longest budget, with snapshots at the others, gives its whole curve. With `init`,
+    every system starts from those ResNet-18 weights (byolcli: --init, with its own recipe for a start)."""
     results = {}
     imagenet_stats = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # the peers' normalisation
-    label = " ".join(["byolcli", *byolcli_args])
+    start = f" from {init.name}" if init is not None else ""
+    label = " ".join(["byolcli", *byolcli_args]) + start
+    peer_init = ["--init", str(init)] if init is not None else []
+    if init is not None:
+        byolcli_args = [*byolcli_args, "--init", str(init), "--backbone", "resnet18"]
 
     def record(system: str, minutes: float, top1: float, info: dict) -> None:
+        system = system if system.startswith("byolcli") else system + start
         results[f"{system}@{minutes:g}"] = {
+            **info,  # first: a peer's own line names the peer, not the run
             "system": system,
             "minutes": minutes,
             "knn_top1": top1,
-            **info,
             "host": host_cpu(),
         }
         print(f"{system}, {minutes:g} min: kNN top-1 {top1:.1%} ({info})", flush=True)
@@ -204,6 +211,7 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
                     "--out",
                     str(out),
                     *(["--snapshot-at", *map(str, shorter)] if shorter else []),
+                    *peer_init,
                 ],
             )
             steps = info.pop("snapshot_steps")
@@ -237,7 +245,9 @@ def quality(budgets: list[float], systems: list[str], byolcli_args: list[str]) -
                         info["knn_top1_at_own_size"] = score(encoder, meta["mean"], meta["std"], meta["image_size"])
                     system = label
                 else:
-                    info = train_peer(system, ["--seconds", str(seconds), "--out", str(out / "backbone.pt")])
+                    info = train_peer(
+                        system, ["--seconds", str(seconds), "--out", str(out / "backbone.pt"), *peer_init]
+                    )
                     info.pop("snapshot_steps")
                     top1 = score(backbone_from_state(out / "backbone.pt"), *imagenet_stats)
             record(system, minutes, top1, info)
@@ -287,6 +297,7 @@ def main() -> None:
         default="",
         help="flags for byol train, e.g. '--image-size 64' (recorded under 'byolcli --image-size 64')",
     )
+    runs.add_argument("--init", type=Path, help="every system starts from this plain ResNet-18 state dict")
     sub.add_parser("baselines")
     args = parser.parse_args()
     needs_peers = args.command == "throughput" or (args.command == "quality" and set(args.systems) - {"byolcli"})
@@ -299,7 +310,8 @@ def main() -> None:
         }
         save_results({"throughput_by_host": {host_cpu(): measured}})
     elif args.command == "quality":
-        save_results({"quality": quality(args.budgets, args.systems, args.byolcli_args.split())})
+        quality_runs = quality(args.budgets, args.systems, args.byolcli_args.split(), args.init)
+        save_results({"quality_from_weights" if args.init else "quality": quality_runs})
     elif args.command == "baselines":
         save_results({"baselines": baselines()})
     print(peers_tables(load_results()))
