@@ -39,8 +39,8 @@ from byolcli.evaluation.judge import sample_paths, view_embeddings
 from byolcli.evaluation.label_free import alignment, rankme, uniformity, view_retrieval
 from byolcli.training.candidates import mixed_encoder, score_candidates
 from byolcli.training.engine import Trainer
-from byolcli.training.plan import Overrides, make_plan
-from byolcli.training.probe import probe_step
+from byolcli.training.plan import Overrides
+from byolcli.training.train import plan_for
 from byolcli.training.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "adaptation.jsonl"
@@ -65,13 +65,7 @@ def main() -> None:
     manifest = scan(folder)
     hw = detect_hardware(None)
     over = validate(Overrides(epochs=args.epochs, init=args.init, backbone=args.backbone, lr=args.lr))
-    plan = make_plan(
-        [min(i.width, i.height) for i in manifest.images],
-        len(manifest.skipped),
-        hw,
-        over,
-        probe=lambda setting: probe_step(hw, setting),
-    )
+    plan = plan_for(manifest, hw, over)
     epochs = round(plan.epochs)
     points = sorted({int(e) for e in args.at.split(",")}) if args.at else [epochs]
     device = pick_device(None)

@@ -41,8 +41,8 @@ from byolcli.core.terminal import Reporter
 from byolcli.evaluation.evaluate import evaluate_command
 from byolcli.evaluation.judge import ENCODER, judge
 from byolcli.training.engine import Trainer
-from byolcli.training.plan import Overrides, make_plan
-from byolcli.training.probe import probe_step
+from byolcli.training.plan import Overrides
+from byolcli.training.train import plan_for
 from byolcli.training.train_flags import validate
 
 RECORD = Path(__file__).resolve().parent / "learning_curve.json"
@@ -91,14 +91,7 @@ def main() -> None:
             seed=args.seed,
         )
     )
-    plan = make_plan(
-        [min(i.width, i.height) for i in manifest.images],
-        len(manifest.skipped),
-        hw,
-        over,
-        probe=lambda setting: probe_step(hw, setting),
-        world_size=1,
-    )
+    plan = plan_for(manifest, hw, over)
     if args.tau is not None:
         plan.tau_base = args.tau
     print(

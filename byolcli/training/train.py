@@ -24,7 +24,7 @@ from byolcli.core.backbones import make_backbone
 from byolcli.core.encoder import save_encoder, with_metadata
 from byolcli.core.errors import OutOfMemoryAcrossRanks, PeerLost, Stopped, TrainingFailed, UserError
 from byolcli.core.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
-from byolcli.core.hardware import detect_hardware, is_out_of_memory, release_cached_memory
+from byolcli.core.hardware import Hardware, detect_hardware, is_out_of_memory, release_cached_memory
 from byolcli.core.inference import embed_paths
 from byolcli.core.inputs import IMAGENET
 from byolcli.core.labels import LabelledImages
@@ -283,6 +283,20 @@ def _write_report(out: Path, plan: Plan, paths: list[Path], root: Path, reporter
     reporter.info(f"report written to {page}")
 
 
+def plan_for(manifest: Manifest, hw: Hardware, overrides: Overrides, world_size: int = 1) -> Plan:
+    """The plan `byol train` makes for these images on this hardware, timing real steps and decoding."""
+    return make_plan(
+        [min(image.width, image.height) for image in manifest.images],
+        len(manifest.skipped),
+        hw,
+        overrides,
+        probe=lambda setting: probe_step(hw, setting),
+        data_cost=lambda size, augment_on: time_decoding(manifest.absolute_paths(), size, augment_on),
+        world_size=world_size,
+        find_imagenet=fetch_imagenet,  # downloads here, once, before any rank needs the file
+    )
+
+
 def _plan_new_run(
     manifest: Manifest, out: Path, overrides: Overrides, reporter: Reporter, world: World, labelled: bool = False
 ) -> tuple[Plan, list[Path]]:
@@ -295,16 +309,7 @@ def _plan_new_run(
             shared_memory=hw.shared_memory // world.local_size,
         )
     reporter.info(f"planning for {hw.name}: timing a few real training steps …")
-    plan = make_plan(
-        [min(image.width, image.height) for image in manifest.images],
-        len(manifest.skipped),
-        hw,
-        overrides,
-        probe=lambda setting: probe_step(hw, setting),
-        data_cost=lambda size, augment_on: time_decoding(manifest.absolute_paths(), size, augment_on),
-        world_size=world.size,
-        find_imagenet=fetch_imagenet,  # downloads here, once, before any rank needs the file
-    )
+    plan = plan_for(manifest, hw, overrides, world.size)
     if labelled:
         _choose_with_labels_in(plan)  # before the run folder is made: a refused --labels leaves nothing behind
     out.mkdir(parents=True, exist_ok=True)
