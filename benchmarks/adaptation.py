@@ -37,7 +37,7 @@ from byolcli.core.start import random_init_network, start_name
 from byolcli.evaluation.evaluate import make_protocol, score
 from byolcli.evaluation.judge import sample_paths, view_embeddings
 from byolcli.evaluation.label_free import alignment, rankme, uniformity, view_retrieval
-from byolcli.training.candidates import mixed_encoder, score_candidates
+from byolcli.training.candidates import mixed_encoder, recalibrated, score_candidates
 from byolcli.training.engine import Trainer
 from byolcli.training.plan import Overrides
 from byolcli.training.train import plan_for
@@ -56,15 +56,23 @@ def main() -> None:
     parser.add_argument("--mix", default="0.5,1")
     parser.add_argument("--final-mix", default="0.25,0.75", help="more mixes at the last point, labels only")
     parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=0, help="the run's seed (order, views, heads)")
     parser.add_argument("--record", type=Path, default=RECORD)
     parser.add_argument("--tag", default="")
     parser.add_argument("--baselines-only", action="store_true", help="score the start and random init, no training")
+    parser.add_argument("--no-baselines", action="store_true", help="score no start or random init (already recorded)")
+    parser.add_argument("--no-label-free", action="store_true", help="labels only")
+    parser.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="also score each mix with batch-norm statistics measured on SET/train",
+    )
     args = parser.parse_args()
 
     folder, labels = args.set / "train", args.set / "labels.csv"
     manifest = scan(folder)
     hw = detect_hardware(None)
-    over = validate(Overrides(epochs=args.epochs, init=args.init, backbone=args.backbone, lr=args.lr))
+    over = validate(Overrides(epochs=args.epochs, init=args.init, backbone=args.backbone, lr=args.lr, seed=args.seed))
     plan = plan_for(manifest, hw, over)
     epochs = round(plan.epochs)
     points = sorted({int(e) for e in args.at.split(",")}) if args.at else [epochs]
@@ -79,6 +87,7 @@ def main() -> None:
         "host": host_cpu(),
         "set": args.set.name,
         "tag": args.tag,
+        "seed": args.seed,
         "plan": {k: getattr(plan, k) for k in ("image_size", "batch_size", "precision", "total_steps", "base_lr")}
         | {"tau": plan.tau_base, "epochs": plan.epochs},
     }
@@ -99,7 +108,7 @@ def main() -> None:
             "linear": round(scores["linear"]["top1"], 4),
             **chosen,
         }
-        if label_free:
+        if label_free and not args.no_label_free:
             sample_features, _ = embed_paths(sample, encoder, device, 256, None)
             size = encoder.byol_metadata["image_size"]
             first, second = view_embeddings(sample, {"e": encoder}, size, device, 0)["e"]
@@ -137,18 +146,19 @@ def main() -> None:
 
         start = export(plan.image_size)
         start_state = {k: v.clone() for k, v in start.state_dict().items()}
-        measure(start, epoch=0, mix=0.0, size=plan.image_size, train_seconds=0.0)
-        if plan.image_size != 32:
-            measure(export(32), epoch=0, mix=0.0, size=32, train_seconds=0.0)
-        measure(
-            random_init_network(start.byol_metadata, device),
-            label_free=False,
-            epoch=0,
-            mix=None,
-            size=plan.image_size,
-            train_seconds=0.0,
-            network="random init",
-        )
+        if not args.no_baselines:
+            measure(start, epoch=0, mix=0.0, size=plan.image_size, train_seconds=0.0)
+            if plan.image_size != 32:
+                measure(export(32), epoch=0, mix=0.0, size=32, train_seconds=0.0)
+            measure(
+                random_init_network(start.byol_metadata, device),
+                label_free=False,
+                epoch=0,
+                mix=None,
+                size=plan.image_size,
+                train_seconds=0.0,
+                network="random init",
+            )
         if args.baselines_only:
             return
         for epoch in points:
@@ -160,14 +170,14 @@ def main() -> None:
             if epoch == points[-1]:
                 mixes += [float(x) for x in args.final_mix.split(",") if float(x) not in mixes]
             for m in mixes:
-                measure(
-                    mixed_encoder(adapted, start_state, m),
-                    label_free=m in [float(x) for x in args.mix.split(",")],
-                    epoch=epoch,
-                    mix=m,
-                    size=plan.image_size,
-                    train_seconds=round(trained, 1),
-                )
+                mixed = mixed_encoder(adapted, start_state, m)
+                where = dict(epoch=epoch, mix=m, size=plan.image_size, train_seconds=round(trained, 1))
+                measure(mixed, label_free=m in [float(x) for x in args.mix.split(",")], **where)
+                if args.recalibrate:
+                    measure(recalibrated([mixed], train_paths, device)[0], label_free=False, recalibrated=True, **where)
+            if args.recalibrate and epoch == points[-1]:
+                where = dict(epoch=epoch, mix=0.0, size=plan.image_size, train_seconds=round(trained, 1))
+                measure(recalibrated([start], train_paths, device)[0], label_free=False, recalibrated=True, **where)
 
 
 if __name__ == "__main__":

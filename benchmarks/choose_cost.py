@@ -1,5 +1,6 @@
-"""Seconds `byol train --labels` spends scoring its candidates: cifar10-5k's train labels (5,000), the
-stand-in as the start and a slightly moved copy of it as the trained weights.
+"""Seconds `byol train --labels` spends making (the mixes' statistics) and scoring its candidates:
+cifar10-5k's train labels (5,000), the stand-in as the start and a slightly moved copy of it as the
+trained weights.
 
     python benchmarks/choose_cost.py
 """
@@ -30,8 +31,12 @@ trained = with_metadata(
 )
 images = sorted((S / "cifar10-5k/train").rglob("*.jpg"))
 labelled = read_training_labels(S / "cifar10-5k/train.csv", images)
-found = candidates(trained, start, None)
 began = time.perf_counter()
+found = candidates(trained, start, None, images, torch.device("cpu"))
+measured = time.perf_counter() - began
 chosen = choose_with_labels(found, labelled, torch.device("cpu"), Reporter(quiet=True))
-seconds = time.perf_counter() - began
-print(f"{seconds:.1f} s to score {len(found)} candidates on {len(labelled.paths)} labels; chose {chosen.name}")
+scored = time.perf_counter() - began - measured
+print(
+    f"{measured:.1f} s to measure the mixes' batch-norm statistics, {scored:.1f} s to score {len(found)} candidates "
+    f"on {len(labelled.paths)} labels; chose {chosen.name}"
+)

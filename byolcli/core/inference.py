@@ -77,14 +77,34 @@ def iter_embeddings(
     precision: str | None = None,
 ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yield (first row, float32 vectors, ok mask) batch by batch, in `paths` order."""
+    for row, (vectors,), ok in iter_shared_embeddings(
+        paths, [encoder], device, batch_size, workers, normalize, precision
+    ):
+        yield row, vectors, ok
+
+
+def iter_shared_embeddings(
+    paths: list[Path],
+    encoders: list[torch.nn.Module],
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int | None = None,
+    normalize: bool = False,
+    precision: str | None = None,
+) -> Iterator[tuple[int, list[np.ndarray], np.ndarray]]:
+    """Yield (first row, each encoder's float32 vectors, ok mask) batch by batch, in `paths` order: every
+    image is decoded once for all `encoders`, which must share an image size."""
     from byolcli.core.hardware import detect_hardware, mixed_precision, precision_dtype, to_device, use_device
     from byolcli.core.loading import LOADER_PREFETCH, choose_workers, device_precision, fit_workers_to_shared_memory
 
-    meta = metadata_of(encoder)
-    dataset = ImageDataset(paths, meta["image_size"])
+    metas = [metadata_of(encoder) for encoder in encoders]
+    size = metas[0]["image_size"]
+    if any(meta["image_size"] != size for meta in metas):
+        raise ValueError("encoders that share a decoding pass must share an image size")
+    dataset = ImageDataset(paths, size)
     hw = detect_hardware(str(device))  # once, for the default workers and precision
     if workers is None:
-        held = LOADER_PREFETCH * batch_size * 3 * meta["image_size"] ** 2  # uint8 images in /dev/shm
+        held = LOADER_PREFETCH * batch_size * 3 * size**2  # uint8 images in /dev/shm
         workers = fit_workers_to_shared_memory(choose_workers(hw, embedding=True)[0], held, hw.shared_memory, "")[0]
     loader = DataLoader(
         dataset,
@@ -97,25 +117,26 @@ def iter_embeddings(
     use_device(device, "fp32" if dtype is None else str(dtype))
     channels_last = device.type == "cuda" or dtype is not None
     if channels_last:
-        encoder = encoder.to(memory_format=torch.channels_last)
+        encoders = [encoder.to(memory_format=torch.channels_last) for encoder in encoders]
     row, pending = 0, None
     with torch.inference_mode():
         for images, ok in loader:
-            images = normalize_images(to_device(images, device), meta["mean"], meta["std"])
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with mixed_precision(device.type, dtype):
-                vectors = encoder(images)
-            vectors = vectors.float()
-            if normalize:
-                vectors = torch.nn.functional.normalize(vectors, dim=1)
+            images = to_device(images, device)
+            batch = []
+            for encoder, meta in zip(encoders, metas):
+                pixels = normalize_images(images, meta["mean"], meta["std"])
+                if channels_last:
+                    pixels = pixels.contiguous(memory_format=torch.channels_last)
+                with mixed_precision(device.type, dtype):
+                    vectors = encoder(pixels).float()
+                batch.append(torch.nn.functional.normalize(vectors, dim=1) if normalize else vectors)
             # Each batch is read back once the next is queued: a GPU never idles while the host waits.
             if pending is not None:
-                yield pending[0], pending[1].cpu().numpy(), pending[2].numpy()
-            pending = row, vectors, ok
+                yield pending[0], [v.cpu().numpy() for v in pending[1]], pending[2].numpy()
+            pending = row, batch, ok
             row += len(images)
         if pending is not None:
-            yield pending[0], pending[1].cpu().numpy(), pending[2].numpy()
+            yield pending[0], [v.cpu().numpy() for v in pending[1]], pending[2].numpy()
 
 
 def embed_paths(
@@ -128,12 +149,36 @@ def embed_paths(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """Every image's vector as one matrix (rows of images that broke since the scan are zeros) and
     which rows are good."""
-    dim = metadata_of(encoder)["feature_dim"]
-    features = np.zeros((len(paths), dim), dtype=np.float32)
+    features, good = embed_many(paths, {"encoder": encoder}, device, batch_size, workers, progress)
+    return features["encoder"], good
+
+
+def embed_many(
+    paths: list[Path],
+    networks: dict[str, torch.nn.Module],
+    device: torch.device,
+    batch_size: int = 256,
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+    """embed_paths for several networks: each image is decoded once per image size among them, not once
+    per network. Returns every network's matrix by name, and the rows every network could embed."""
+    by_size: dict[int, list[str]] = {}
+    for name, network in networks.items():
+        by_size.setdefault(metadata_of(network)["image_size"], []).append(name)
+    features = {
+        name: np.zeros((len(paths), metadata_of(network)["feature_dim"]), dtype=np.float32)
+        for name, network in networks.items()
+    }
     good = np.ones(len(paths), dtype=bool)
-    for start, batch, ok in iter_embeddings(paths, encoder, device, batch_size, workers):
-        features[start : start + len(batch)] = batch
-        good[start : start + len(batch)] = ok
-        if progress:
-            progress(start + len(batch), len(paths))
-    return torch.from_numpy(features), good
+    total, done = len(paths) * len(by_size), 0
+    for names in by_size.values():
+        encoders = [networks[name] for name in names]
+        for start, batches, ok in iter_shared_embeddings(paths, encoders, device, batch_size, workers):
+            for name, batch in zip(names, batches):
+                features[name][start : start + len(batch)] = batch
+            good[start : start + len(ok)] &= ok
+            if progress:
+                progress(done + start + len(ok), total)
+        done += len(paths)
+    return {name: torch.from_numpy(f) for name, f in features.items()}, good

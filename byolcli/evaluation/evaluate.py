@@ -22,7 +22,7 @@ import torch
 from byolcli.core.encoder import metadata_of
 from byolcli.core.errors import UserError
 from byolcli.core.files import atomic_write_text
-from byolcli.core.inference import embed_paths, pick_device
+from byolcli.core.inference import embed_many, pick_device
 from byolcli.core.inputs import IMAGENET, RANDOM, RANDOM_INIT, is_start_column, start_column, start_column_size
 from byolcli.core.labels import LabelledImages, drop_missing, read_labels, repeated_warning
 from byolcli.core.model_choice import choose_model
@@ -201,25 +201,22 @@ def _embed_all(
     if start_size is not None and metadata is None:
         raise UserError(f"--start-size {start_size}: the embeddings' encoder is unknown, so is its start")
     starts = start_networks(metadata, start_size, torch_device, reporter) if metadata else {}
-    if embeddings is None:
-        reporter.info(
-            f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(data.classes)} classes"
-        )
-        with reporter.progress("embedding (encoder)", unit="images") as progress:
-            features, ok = embed_paths(data.paths, encoder, torch_device, batch_size, workers, progress)
-        encoders["encoder"] = features
-        good &= ok
-        unmatched, source = "could not be decoded", str(choice.path or choice.description)
     compared = {
         "baseline": other,
         **starts,
         RANDOM_INIT: random_init_network(metadata, torch_device) if metadata else None,
     }
-    for name, network in compared.items():
-        if network is not None:
-            with reporter.progress(f"embedding ({name})", unit="images") as progress:
-                encoders[name], ok = embed_paths(data.paths, network, torch_device, batch_size, workers, progress)
-            good &= ok
+    networks = {name: network for name, network in compared.items() if network is not None}
+    if embeddings is None:
+        reporter.info(
+            f"evaluating {choice.description} on {len(data.paths):,} labelled images, {len(data.classes)} classes"
+        )
+        networks = {"encoder": encoder, **networks}
+        unmatched, source = "could not be decoded", str(choice.path or choice.description)
+    with reporter.progress(f"embedding ({', '.join(networks)})", unit="images") as progress:
+        embedded, ok = embed_many(data.paths, networks, torch_device, batch_size, workers, progress)
+    encoders |= embedded
+    good &= ok
 
     sources = {
         "embeddings": str(embeddings),

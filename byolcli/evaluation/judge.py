@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from byolcli.core.encoder import metadata_of
-from byolcli.core.inference import embed_paths
+from byolcli.core.inference import embed_many
 from byolcli.core.inputs import RANDOM_INIT, START
 from byolcli.core.start import random_init_network, start_network
 from byolcli.evaluation.label_free import alignment, nearest, rankme, uniformity, view_retrieval
@@ -109,11 +109,10 @@ def judge(
         ENCODER: encoder,
         reference: random_init_network(metadata_of(encoder), device) if start is None else start,
     }
-    features, measures = {}, {}
-    for who, network in networks.items():
-        with progress(f"embedding a sample ({who})", unit="images") if progress else nullcontext() as step:
-            features[who], ok = embed_paths(sample, network, device, 256, workers, step)
-        features[who] = features[who][torch.from_numpy(ok)]
+    measures: dict[str, Any] = {}
+    with progress(f"embedding a sample ({', '.join(networks)})", unit="images") if progress else nullcontext() as step:
+        features, ok = embed_many(sample, networks, device, 256, workers, step)
+    features = {who: f[torch.from_numpy(ok)] for who, f in features.items()}
     keep = [p for p, good in zip(sample, ok) if good]
     queries = sorted(random.Random(seed).sample(range(len(keep)), min(QUERIES, len(keep))))
     views = view_embeddings(keep, networks, metadata_of(encoder)["image_size"], device, seed, progress)

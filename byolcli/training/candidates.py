@@ -1,8 +1,9 @@
 """What a run from starting weights exports.
 
-Without labels: the trained weights mixed with the start, every weight and batch-norm statistic
-`mix` of the way from the start (weight-space ensembling, WiSE-FT, Wortsman et al. 2022): fine-tuning
-distorts what pretrained features know, and the mix keeps part of it (docs/adaptation.md).
+Without labels: the trained weights mixed with the start, every weight `mix` of the way from the start
+(weight-space ensembling, WiSE-FT, Wortsman et al. 2022): fine-tuning distorts what pretrained features
+know, and the mix keeps part of it. The mix's batch-norm statistics are then measured on the folder's
+images, since a mix of two networks does not compute the mix of their statistics (docs/adaptation.md).
 
 With a few labels: the candidates the run passes through, from the frozen start (at the run's size,
 and at its own where that is known and differs) through mixes to the trained weights, are scored with
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the star
 # Labelled images the candidates are scored on, at most: each candidate embeds them all, and past this many
 # scoring would cost more than a tenth of a default run on a CPU (benchmarks/README.md).
 MAX_SCORED = 2000
+# Images the exported mix's batch-norm statistics are measured on, at most: a statistic's error falls as
+# 1/sqrt(images), and a forward pass over these costs a small share of the shortest default run.
+RECALIBRATION_IMAGES = 2048
 PARTS = 3  # fit, choose, check
 MIN_PER_CLASS = PARTS
 
@@ -55,6 +60,38 @@ def mixed_encoder(trained: nn.Module, start: dict[str, torch.Tensor], mix: float
     encoder = copy.deepcopy(trained)
     encoder.load_state_dict(mix_states(start, trained.state_dict(), mix))
     return encoder
+
+
+def recalibrated(
+    encoders: list[nn.Module],
+    images: list[Path],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+    limit: int = RECALIBRATION_IMAGES,
+) -> list[nn.Module]:
+    """Copies of `encoders` whose batch-norm statistics are measured afresh, as embedding sees the images,
+    on `images` (a seeded sample of `limit` where there are more), each image decoded once for all. A mix of
+    two networks' weights does not compute the mix of their activations' statistics: its activations shrink
+    toward their mean (Jordan et al. 2023, REPAIR), and the start's statistics were never the folder's."""
+    from byolcli.core.inference import iter_shared_embeddings
+
+    if len(images) > limit:
+        picked = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:limit]
+        images = [images[i] for i in picked.sort().values.tolist()]
+    encoders = [copy.deepcopy(encoder) for encoder in encoders]
+    norms = [m for encoder in encoders for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # the plain mean over all batches
+    for row, _, ok in iter_shared_embeddings(
+        images, [encoder.train() for encoder in encoders], device, precision="fp32"
+    ):
+        if progress:
+            progress(row + len(ok), len(images))
+    for norm, momentum in zip(norms, momenta):
+        norm.momentum = momentum
+    return [encoder.eval() for encoder in encoders]
 
 
 def read_training_labels(csv_path: Path, images: list[Path]) -> LabelledImages:
@@ -123,15 +160,23 @@ def best_candidate(scores: dict[str, dict[str, float]]) -> str:
     return max(scores, key=lambda name: scores[name]["knn_choose"] + scores[name]["linear_choose"])
 
 
-def candidates(trained: nn.Module, start: dict[str, torch.Tensor], start_size: int | None) -> list[Candidate]:
-    """The frozen start (also at `start_size` px, where that differs from the run's), then the mixes."""
+def candidates(
+    trained: nn.Module,
+    start: dict[str, torch.Tensor],
+    start_size: int | None,
+    images: list[Path],
+    device: torch.device,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Candidate]:
+    """The frozen start (also at `start_size` px, where that differs from the run's), then the mixes, each
+    with its batch-norm statistics measured on `images` (the folder's) as the plan's export has them."""
     size = metadata_of(trained)["image_size"]
     found = [Candidate("start", 0.0, size, mixed_encoder(trained, start, 0.0))]
     if start_size and start_size != size:
         at_own = attach_metadata(mixed_encoder(trained, start, 0.0), {**metadata_of(trained), "image_size": start_size})
         found.append(Candidate(f"start at {start_size} px", 0.0, start_size, at_own))
+    mixes = recalibrated([mixed_encoder(trained, start, mix) for mix in MIXES], images, device, progress)
     found += [
-        Candidate("trained" if mix == 1 else f"mix {mix:g}", mix, size, mixed_encoder(trained, start, mix))
-        for mix in MIXES
+        Candidate("trained" if mix == 1 else f"mix {mix:g}", mix, size, network) for mix, network in zip(MIXES, mixes)
     ]
     return found

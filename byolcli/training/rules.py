@@ -38,7 +38,7 @@ SMALL_IMAGES = 64  # px: where the strided stem leaves the last stages a pixel o
 # learning rate, a slower target and fewer epochs keep what the weights know (docs/experiments.md).
 START_BASE_LR = 0.1
 START_TAU = 0.99
-START_EPOCHS = 5
+START_EPOCHS = 2
 START_MIX = 0.5
 
 
@@ -96,8 +96,9 @@ def choose_mix(started: bool) -> tuple[float, str]:
     if not started:
         return 1.0, "random weights have nothing to keep"
     return START_MIX, (
-        f"{START_MIX:g} of the way from the start to the trained weights: adapting distorts what the start "
-        "knew, and halfway was the only mix measured at or above the start on every set (--labels chooses)"
+        f"{START_MIX:g} of the way from the start to the trained weights, its batch-norm statistics measured on "
+        "the folder: adapting distorts what the start knew, and a mix does not compute mixed statistics "
+        "(--labels chooses)"
     )
 
 

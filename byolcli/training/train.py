@@ -25,7 +25,7 @@ from byolcli.core.encoder import save_encoder, with_metadata
 from byolcli.core.errors import OutOfMemoryAcrossRanks, PeerLost, Stopped, TrainingFailed, UserError
 from byolcli.core.files import atomic_write_text, check_outside_input, default_run_dir, write_failed
 from byolcli.core.hardware import Hardware, detect_hardware, is_out_of_memory, release_cached_memory
-from byolcli.core.inference import embed_paths
+from byolcli.core.inference import embed_many
 from byolcli.core.inputs import IMAGENET
 from byolcli.core.labels import LabelledImages
 from byolcli.core.locks import exclusive
@@ -41,6 +41,7 @@ from byolcli.training.candidates import (
     candidates,
     mixed_encoder,
     read_training_labels,
+    recalibrated,
     score_candidates,
     scored_sample,
 )
@@ -218,9 +219,15 @@ def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | 
         return
     start = start_weights(plan.init, plan.backbone)
     if labelled is None:
-        save_encoder(mixed_encoder(trained, start, plan.mix), path, **{**described, "mix": plan.mix})
+        with reporter.progress("measuring the mix's batch-norm statistics", unit="images") as progress:
+            [exported] = recalibrated(
+                [mixed_encoder(trained, start, plan.mix)], trainer.paths, trainer.device, progress
+            )
+        save_encoder(exported, path, **{**described, "mix": plan.mix})
         return
-    chosen = choose_with_labels(candidates(trained, start, plan.start_size), labelled, trainer.device, reporter)
+    with reporter.progress("measuring the mixes' batch-norm statistics", unit="images") as progress:
+        found = candidates(trained, start, plan.start_size, trainer.paths, trainer.device, progress)
+    chosen = choose_with_labels(found, labelled, trainer.device, reporter)
     save_encoder(chosen.network, path, **{**described, "image_size": chosen.image_size, "mix": chosen.mix})
 
 
@@ -253,11 +260,9 @@ def choose_with_labels(
     labelled = scored_sample(labelled)
     index = {label: i for i, label in enumerate(labelled.classes)}
     y = torch.tensor([index[label] for label in labelled.labels])
-    features, good = {}, np.ones(len(y), dtype=bool)
-    for candidate in found:
-        with reporter.progress(f"scoring candidates: {candidate.name}", unit="images") as progress:
-            features[candidate.name], ok = embed_paths(labelled.paths, candidate.network, device, 256, None, progress)
-        good &= ok
+    with reporter.progress("scoring candidates", unit="images") as progress:
+        networks = {candidate.name: candidate.network for candidate in found}
+        features, good = embed_many(labelled.paths, networks, device, 256, None, progress)
     keep = torch.from_numpy(np.flatnonzero(good))
     scores = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
     best = best_candidate(scores)

@@ -205,3 +205,24 @@ def test_a_model_file_is_read_once_its_header_to_choose_it_and_its_weights_to_lo
 def _bytes_read() -> int:
     with open("/proc/self/io") as counters:
         return next(int(line.split()[1]) for line in counters if line.startswith("read_bytes"))
+
+
+def test_several_networks_decode_each_image_once_per_size_and_embed_as_alone(folder, tmp_path, monkeypatch):
+    from byolcli.core import inference
+
+    networks = {
+        f"{seed}@{size}": load_encoder(random_encoder_file(tmp_path / f"{seed}-{size}.safetensors", seed, size))
+        for seed, size in ((0, 32), (1, 32), (2, 24))
+    }
+    paths = sorted(folder.iterdir())
+    alone = {
+        name: inference.embed_paths(paths, network, torch.device("cpu"), 5, 0)[0] for name, network in networks.items()
+    }
+    decoded = []
+    load = inference.load_for_embedding
+    monkeypatch.setattr(inference, "load_for_embedding", lambda path, size: decoded.append(size) or load(path, size))
+    together, good = inference.embed_many(paths, networks, torch.device("cpu"), 5, 0)
+    assert good.all() and sorted(decoded) == sorted([24] * len(paths) + [32] * len(paths))
+    for name in networks:
+        torch.testing.assert_close(together[name], alone[name], atol=1e-5, rtol=0)
+    assert not torch.allclose(together["0@32"], together["1@32"])

@@ -15,7 +15,7 @@ from byolcli.core.errors import UserError
 from byolcli.core.labels import read_labels
 from byolcli.core.pixels import MEAN, STD
 from byolcli.core.terminal import Reporter
-from byolcli.training.candidates import Candidate, best_candidate, mix_states, three_parts
+from byolcli.training.candidates import Candidate, best_candidate, mix_states, recalibrated, three_parts
 
 DESCRIBED = dict(architecture="resnet18", image_size=32, mean=MEAN, std=STD, train_images=24, epochs=1, steps=1)
 
@@ -81,18 +81,53 @@ def test_a_run_from_weights_exports_the_plans_mix_of_its_start_and_the_trained_w
     root, _, start, _, result = finished
     run = root / "run"
     plan = json.loads((run / "plan.json").read_text())
-    assert plan["mix"] == 0.5 and "halfway" in plan["reasons"]["mix"]
+    assert plan["mix"] == 0.5 and "batch-norm statistics measured on the folder" in plan["reasons"]["mix"]
     assert "exported" in result.stderr and "mix 0.5 from the start" in result.stderr
     assert "nothing has checked this encoder against the weights it started from" in result.stderr
     assert "byol select FOLDER -n 200" in result.stderr
     exported = load_file(run / "encoder.safetensors")
     trained = torch.load(run / "checkpoint.pt", weights_only=True)["model"]
     begun = plain_state_dict(root / "again.safetensors")  # the same seed: the start's weights
-    for name in ("conv1.weight", "layer4.1.bn2.running_var", "layer2.0.downsample.1.bias"):
+    mixed = {}
+    for name in begun:
         online = trained[f"online_encoder.{name}"]
-        assert not torch.equal(online, begun[name])  # training moved it
-        assert torch.allclose(exported[name], (begun[name] + online) / 2, atol=1e-6)
+        mixed[name] = (begun[name] + online) / 2 if online.is_floating_point() else online
+    for name in ("conv1.weight", "layer4.1.conv2.weight", "layer2.0.downsample.1.bias"):
+        assert not torch.equal(trained[f"online_encoder.{name}"], begun[name])  # training moved it
+        assert torch.allclose(exported[name], mixed[name], atol=1e-6)
+    # The statistics are the folder's as the mix computes them, not the mix of the two networks' statistics.
+    network = with_metadata(make_backbone("resnet18"), **DESCRIBED)
+    network.load_state_dict(mixed)
+    [measured] = recalibrated([network], sorted((root / "colours").glob("*.png")), torch.device("cpu"))
+    for name in ("bn1.running_mean", "layer4.1.bn2.running_var"):
+        assert not torch.allclose(exported[name], mixed[name], rtol=1e-2)
+        assert torch.allclose(exported[name], measured.state_dict()[name], rtol=1e-3, atol=1e-5)
     assert read_metadata(run / "encoder.safetensors")["mix"] == "0.5"
+
+
+def test_recalibrated_statistics_are_the_folders_as_embedding_sees_it(tmp_path):
+    from byolcli.core.inference import load_for_embedding
+    from byolcli.core.pixels import normalize_images
+
+    labelled_colours(tmp_path / "colours")
+    images = sorted((tmp_path / "colours").glob("*.png"))
+    torch.manual_seed(0)
+    network = with_metadata(make_backbone("resnet18").eval(), **DESCRIBED)
+    before = {name: value.clone() for name, value in network.state_dict().items()}
+    other = with_metadata(make_backbone("resnet18").eval(), **DESCRIBED)
+    measured, measured_other = recalibrated([network, other], images, torch.device("cpu"))
+    assert not measured.training and measured.bn1.momentum == network.bn1.momentum
+    assert all(torch.equal(value, network.state_dict()[name]) for name, value in before.items())  # a copy
+    pixels = normalize_images(torch.stack([load_for_embedding(path, 32) for path in images]), MEAN, STD)
+    with torch.no_grad():
+        first = network.conv1(pixels)
+    assert torch.allclose(measured.bn1.running_mean, first.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(measured.bn1.running_var, first.var((0, 2, 3)), rtol=1e-3)
+    assert torch.equal(measured.conv1.weight, network.conv1.weight)
+    with torch.no_grad():
+        assert torch.allclose(measured_other.bn1.running_mean, other.conv1(pixels).mean((0, 2, 3)), atol=1e-4)
+    [few] = recalibrated([network], images, torch.device("cpu"), limit=4)  # a sample: other statistics
+    assert not torch.allclose(few.bn1.running_mean, measured.bn1.running_mean, atol=1e-4)
 
 
 def test_labels_on_a_finished_run_choose_again_and_export_the_choice(finished, tmp_path):
