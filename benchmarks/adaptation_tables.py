@@ -8,7 +8,8 @@
    and at 32 px, the start with the folder's statistics, the trained weights unmixed, and random init (kNN /
    linear top-1 on the test split). Where a tag holds several seeds, each figure is their mean.
 2. With labels: the candidate `byol train --labels` picks from the train split's labels alone (best mean of
-   kNN and linear on its choose part: the frozen start and the plan's kind of mix at each measured mix),
+   kNN and linear on its choose part: the frozen start and the plan's kind of mix at each measured mix, the
+   start with the folder's statistics among them where the plan measures them),
    scored on the test split.
 3. The curves: every scored point, epoch by epoch, at each mix.
 4. Whether a label-free measure orders each scored encoder against its start as kNN and linear top-1 do
@@ -89,13 +90,15 @@ def main() -> None:
         gains.append(gain)
         chosen_rows = []
         for seed in seeds:
-            offered = [start[encoder[0]["size"]]] + [
-                r for m in sorted({r["mix"] for r in final if r["mix"] > 0}) for r in at(m, plan_kind, seed)
-            ]
+            mixes = sorted({r["mix"] for r in final if r["mix"] > 0 or plan_kind})
+            offered = [start[encoder[0]["size"]]] + [r for m in mixes for r in at(m, plan_kind, seed)]
             chosen_rows.append(max(offered, key=lambda r: r["knn_choose"] + r["linear_choose"]))
         chosen_gain = tuple(mean(r[m] for r in chosen_rows) - best_start[m] for m in ("knn", "linear"))
         label_gains.append(chosen_gain)
-        chosen = ", ".join("start" if r["epoch"] == 0 else f"mix {r['mix']:g}" for r in chosen_rows)
+        chosen = ", ".join(
+            "start" if r["epoch"] == 0 else "start + folder stats" if r["mix"] == 0 else f"mix {r['mix']:g}"
+            for r in chosen_rows
+        )
         cells = [
             name,
             last,

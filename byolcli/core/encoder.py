@@ -56,10 +56,12 @@ def describe(
     init_path: str = "",
     start_size: int | None = None,
     mix: float | None = None,
+    statistics: str = "",
 ) -> dict[str, str]:
     """The file's metadata, as text. `init` names the weights training started from (start.start_name),
     `init_path` their file, if any; `start_size` the px those weights were trained at, where known; `mix`
-    how far the weights lie from them toward the trained ones (candidates.py)."""
+    how far the weights lie from them toward the trained ones, and `statistics` "folder" where the batch-norm
+    statistics were measured afterwards on the folder's images (candidates.py)."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -77,6 +79,7 @@ def describe(
         "init_path": init_path,
         "start_size": "" if start_size is None else str(start_size),
         "mix": "" if mix is None else str(mix),
+        "statistics": statistics,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "byolcli_version": __version__,
         "torch_version": torch.__version__,

@@ -6,7 +6,8 @@ know, and the mix keeps part of it. The mix's batch-norm statistics are then mea
 images, since a mix of two networks does not compute the mix of their statistics (docs/adaptation.md).
 
 With a few labels: the candidates the run passes through, from the frozen start (at the run's size,
-and at its own where that is known and differs) through mixes to the trained weights, are scored with
+and at its own where that is known and differs) through the start with the folder's statistics and the
+mixes to the trained weights, are scored with
 `byol evaluate`'s kNN and linear probe. The labelled images are split three ways per class: the probes fit
 on one part, the choice is made on the second, and the third scores the choice on images it did not see.
 """
@@ -29,6 +30,7 @@ from byolcli.core.labels import LabelledImages, drop_missing, read_labels
 from byolcli.evaluation.metrics import knn_scores, linear_probe_scores, stratified_folds, stratified_holdout
 
 MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself
+STATISTICS_ONLY = "start + folder stats"  # the start, untrained, its batch-norm statistics measured on the folder
 # Labelled images the candidates are scored on, at most: each candidate embeds them all, and past this many
 # scoring would cost more than a tenth of a default run on a CPU (benchmarks/README.md).
 MAX_SCORED = 2000
@@ -45,6 +47,7 @@ class Candidate:
     mix: float  # 0: the start; 1: the trained weights
     image_size: int
     network: nn.Module
+    statistics: str = ""  # "folder": its batch-norm statistics measured on the folder's images
 
 
 def mix_states(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], mix: float) -> dict[str, Any]:
@@ -168,15 +171,14 @@ def candidates(
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
-    """The frozen start (also at `start_size` px, where that differs from the run's), then the mixes, each
-    with its batch-norm statistics measured on `images` (the folder's) as the plan's export has them."""
+    """The frozen start (also at `start_size` px, where that differs from the run's), then the start and the
+    mixes each with its batch-norm statistics measured on `images` (the folder's), as the plan's export has them."""
     size = metadata_of(trained)["image_size"]
     found = [Candidate("start", 0.0, size, mixed_encoder(trained, start, 0.0))]
     if start_size and start_size != size:
         at_own = attach_metadata(mixed_encoder(trained, start, 0.0), {**metadata_of(trained), "image_size": start_size})
         found.append(Candidate(f"start at {start_size} px", 0.0, start_size, at_own))
-    mixes = recalibrated([mixed_encoder(trained, start, mix) for mix in MIXES], images, device, progress)
-    found += [
-        Candidate("trained" if mix == 1 else f"mix {mix:g}", mix, size, network) for mix, network in zip(MIXES, mixes)
-    ]
+    mixes = recalibrated([mixed_encoder(trained, start, mix) for mix in (0.0, *MIXES)], images, device, progress)
+    names = [STATISTICS_ONLY] + ["trained" if mix == 1 else f"mix {mix:g}" for mix in MIXES]
+    found += [Candidate(name, mix, size, network, "folder") for name, mix, network in zip(names, (0.0, *MIXES), mixes)]
     return found

@@ -223,12 +223,13 @@ def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | 
             [exported] = recalibrated(
                 [mixed_encoder(trained, start, plan.mix)], trainer.paths, trainer.device, progress
             )
-        save_encoder(exported, path, **{**described, "mix": plan.mix})
+        save_encoder(exported, path, **{**described, "mix": plan.mix, "statistics": "folder"})
         return
     with reporter.progress("measuring the mixes' batch-norm statistics", unit="images") as progress:
         found = candidates(trained, start, plan.start_size, trainer.paths, trainer.device, progress)
     chosen = choose_with_labels(found, labelled, trainer.device, reporter)
-    save_encoder(chosen.network, path, **{**described, "image_size": chosen.image_size, "mix": chosen.mix})
+    chose = {"image_size": chosen.image_size, "mix": chosen.mix, "statistics": chosen.statistics}
+    save_encoder(chosen.network, path, **{**described, **chose})
 
 
 def _choose_with_labels_in(plan: Plan) -> None:

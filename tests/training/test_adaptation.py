@@ -103,6 +103,7 @@ def test_a_run_from_weights_exports_the_plans_mix_of_its_start_and_the_trained_w
         assert not torch.allclose(exported[name], mixed[name], rtol=1e-2)
         assert torch.allclose(exported[name], measured.state_dict()[name], rtol=1e-3, atol=1e-5)
     assert read_metadata(run / "encoder.safetensors")["mix"] == "0.5"
+    assert read_metadata(run / "encoder.safetensors")["statistics"] == "folder"
 
 
 def test_recalibrated_statistics_are_the_folders_as_embedding_sees_it(tmp_path):
@@ -135,11 +136,14 @@ def test_labels_on_a_finished_run_choose_again_and_export_the_choice(finished, t
     result = run_byol(*args, "--init", start, "--backbone", "resnet18", "--labels", labels, cwd=root)
     assert result.returncode == 0, result.stderr
     assert "candidates, scored on 24 labelled images" in result.stderr
-    for name in ("start", "mix 0.25", "mix 0.5", "mix 0.75", "trained"):
+    names = ("start", "start + folder stats", "mix 0.25", "mix 0.5", "mix 0.75", "trained")
+    for name in names:
         assert f"│ {name}" in result.stderr
     chosen = result.stderr.split("exported: ", 1)[1].split(",")[0]
-    mix = {"start": 0.0, "trained": 1.0}[chosen] if chosen in ("start", "trained") else float(chosen.split()[1])
-    assert float(read_metadata(root / "run" / "encoder.safetensors")["mix"]) == mix
+    mixes = dict(zip(names, (0.0, 0.0, 0.25, 0.5, 0.75, 1.0)))
+    metadata = read_metadata(root / "run" / "encoder.safetensors")
+    assert float(metadata["mix"]) == mixes[chosen]
+    assert metadata["statistics"] == ("" if chosen == "start" else "folder")
 
 
 def test_bad_labels_are_one_line_and_leave_the_finished_run_as_it_was(finished, tmp_path):
