@@ -180,15 +180,16 @@ def train(
     ),
     mix: Optional[float] = flag(
         "For a start from weights: how far the exported encoder moves from the start toward the trained "
-        "weights, 0 to 1. \\[default: chosen in the plan]"
+        "weights, 0 to 1; its batch-norm statistics are then measured on FOLDER. \\[default: chosen in the plan]"
     ),
     start_size: Optional[int] = flag(
         "Pixels the --init file's weights were trained at, where the file does not say (ImageNet's: 224); "
         "a start's images are upsampled toward it."
     ),
     labels: Optional[Path] = flag(
-        "A labels CSV (as for byol evaluate) of some of FOLDER's images: after training, the start, mixes "
-        "and trained weights are scored on them and the best is exported. Also on a finished run."
+        "A labels CSV (as for byol evaluate) of some of FOLDER's images: after training, the start (also "
+        "with FOLDER's batch-norm statistics), mixes and trained weights are scored on them and the best is "
+        "exported. Also on a finished run."
     ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(
