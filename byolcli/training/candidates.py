@@ -7,9 +7,11 @@ images, since a mix of two networks does not compute the mix of their statistics
 
 With a few labels: the candidates the run passes through, from the frozen start (at the run's size,
 and at its own where that is known and differs) through the start with the folder's statistics and the
-mixes to the trained weights, are scored with
-`byol evaluate`'s kNN and linear probe. The labelled images are split three ways per class: the probes fit
-on one part, the choice is made on the second, and the third scores the choice on images it did not see.
+mixes (the plan's among them) to the trained weights, are scored with `byol evaluate`'s kNN and linear
+probe. The labelled images are split three ways per class: the probes fit on one part, the choice (and the
+probe's L2 strength) is made on the second, and the third scores the choice on images it did not see.
+Choosing may take a tenth of the run's compute: as many labels are scored as the candidates can embed in
+what measuring their statistics leaves of it.
 """
 
 from __future__ import annotations
@@ -29,14 +31,19 @@ from byolcli.core.errors import UserError
 from byolcli.core.labels import LabelledImages, drop_missing, read_labels
 from byolcli.evaluation.metrics import knn_scores, linear_probe_scores, stratified_folds, stratified_holdout
 
-MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself
+MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself and the plan's
 STATISTICS_ONLY = "start + folder stats"  # the start, untrained, its batch-norm statistics measured on the folder
-# Labelled images the candidates are scored on, at most: each candidate embeds them all, and past this many
-# scoring would cost more than a tenth of a default run on a CPU (benchmarks/README.md).
-MAX_SCORED = 2000
-# Images the exported mix's batch-norm statistics are measured on, at most: a statistic's error falls as
-# 1/sqrt(images), and a forward pass over these costs a small share of the shortest default run.
-RECALIBRATION_IMAGES = 2048
+SCORING_SHARE = 0.1  # of the run's compute, what measuring and scoring the candidates may take
+# The fewest forward passes' compute a trained image costs: two views, each forward and backward (a backward
+# costs about two forwards) through the online network. The target's passes and the decoding are left over
+# for the probes.
+TRAINED_IMAGE_FORWARDS = 6
+# Fewer labelled images of a class than this and its kNN votes and check score say little; scored regardless
+# of the time they take.
+MIN_SCORED_PER_CLASS = 30
+# Images the batch-norm statistics are measured on, at most (a seeded sample): on the three shared sets,
+# statistics from this many scored as those from the whole folder (benchmarks/statistics_sample.py).
+RECALIBRATION_IMAGES = 256
 PARTS = 3  # fit, choose, check
 MIN_PER_CLASS = PARTS
 
@@ -122,7 +129,21 @@ def read_training_labels(csv_path: Path, images: list[Path]) -> LabelledImages:
     return data
 
 
-def scored_sample(labelled: LabelledImages, limit: int = MAX_SCORED, seed: int = 0) -> LabelledImages:
+def labels_to_score(trained_images: int, found: list[Candidate], images: int, labelled: LabelledImages) -> int:
+    """How many labelled images every candidate in `found` can embed in a tenth of the compute of a run that
+    trained on `trained_images` (repeats counted), counted in forward passes: those that measured the
+    statistics of `images` first, then one per candidate and image (more by its pixels at a larger size).
+    Never fewer than MIN_SCORED_PER_CLASS per class, nor more than there are. A count, not a timing, so
+    the same run chooses alike on any machine."""
+    forwards = SCORING_SHARE * TRAINED_IMAGE_FORWARDS * trained_images
+    forwards -= min(images, RECALIBRATION_IMAGES) * sum(candidate.statistics == "folder" for candidate in found)
+    size = found[0].image_size
+    per_image = sum((candidate.image_size / size) ** 2 for candidate in found)
+    fewest = min(len(labelled.paths), MIN_SCORED_PER_CLASS * len(labelled.classes))
+    return min(len(labelled.paths), max(fewest, int(max(0.0, forwards) / per_image)))
+
+
+def scored_sample(labelled: LabelledImages, limit: int, seed: int = 0) -> LabelledImages:
     """At most `limit` of the labelled images, the same share of every class (seeded)."""
     if len(labelled.paths) <= limit:
         return labelled
@@ -141,13 +162,14 @@ def three_parts(y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
 
 def score_candidates(features: dict[str, torch.Tensor], y: torch.Tensor, classes: int) -> dict[str, dict[str, float]]:
     """Per candidate's features: kNN and linear top-1 on the choose part and on the check part, the
-    probes fitted on the fit part."""
+    probes fitted on the fit part (the linear probe's L2 strength chosen on the choose part, as the
+    candidate is)."""
     fit, choose, check = three_parts(y)
     held = torch.cat([choose, check])
     scores = {}
     for name, x in features.items():
         votes = knn_scores(x[fit], y[fit], x[held], classes)
-        logits, _, _ = linear_probe_scores(x[fit], y[fit], x[held], classes)
+        logits, _, _ = linear_probe_scores(x[fit], y[fit], x[held], classes, x[choose], y[choose])
         right = {"knn": votes.argmax(1) == y[held], "linear": logits.argmax(1) == y[held]}
         scores[name] = {
             f"{method}_{part}": round(hits[rows].float().mean().item(), 4)
@@ -167,18 +189,21 @@ def candidates(
     trained: nn.Module,
     start: dict[str, torch.Tensor],
     start_size: int | None,
+    mix: float,
     images: list[Path],
     device: torch.device,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
-    """The frozen start (also at `start_size` px, where that differs from the run's), then the start and the
-    mixes each with its batch-norm statistics measured on `images` (the folder's), as the plan's export has them."""
+    """The frozen start (also at `start_size` px, where that differs from the run's), then the start, the
+    mixes (the plan's `mix` among them) and the trained weights, each with its batch-norm statistics measured
+    on `images` (the folder's), as the plan's export has them."""
     size = metadata_of(trained)["image_size"]
     found = [Candidate("start", 0.0, size, mixed_encoder(trained, start, 0.0))]
     if start_size and start_size != size:
         at_own = attach_metadata(mixed_encoder(trained, start, 0.0), {**metadata_of(trained), "image_size": start_size})
         found.append(Candidate(f"start at {start_size} px", 0.0, start_size, at_own))
-    mixes = recalibrated([mixed_encoder(trained, start, mix) for mix in (0.0, *MIXES)], images, device, progress)
-    names = [STATISTICS_ONLY] + ["trained" if mix == 1 else f"mix {mix:g}" for mix in MIXES]
-    found += [Candidate(name, mix, size, network, "folder") for name, mix, network in zip(names, (0.0, *MIXES), mixes)]
+    mixes = sorted({0.0, mix, *MIXES})
+    measured = recalibrated([mixed_encoder(trained, start, m) for m in mixes], images, device, progress)
+    names = {0.0: STATISTICS_ONLY, 1.0: "trained"}
+    found += [Candidate(names.get(m, f"mix {m:g}"), m, size, net, "folder") for m, net in zip(mixes, measured)]
     return found

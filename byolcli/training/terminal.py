@@ -144,9 +144,13 @@ def training_progress(plan: Plan, start_step: int, reporter: Reporter) -> Iterat
         yield show
 
 
-def candidates_report(scores: dict[str, dict[str, float]], best: str, images: int, given: int) -> None:
+def candidates_report(
+    scores: dict[str, dict[str, float]], best: str, images: int, given: int, reporter: Reporter
+) -> None:
     """`byol train --labels`: every candidate's scores on the choose part and on the check part, and the choice."""
-    of = f" of the {given:,} given" if given > images else ""
+    if reporter.quiet:
+        return
+    of = f" of the {given:,} given (what a tenth of the run's compute allows)" if given > images else ""
     table = Table(title=f"candidates, scored on {images:,} labelled images{of}", title_justify="left")
     table.add_column("candidate")
     for column in ("kNN", "linear", "kNN check", "linear check"):

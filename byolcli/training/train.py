@@ -34,11 +34,13 @@ from byolcli.core.pixels import MEAN, STD
 from byolcli.core.scan import Manifest, scan
 from byolcli.core.signals import StopRequests
 from byolcli.core.start import fetch_imagenet, start_name, start_weights
+from byolcli.core.terminal import format_seconds
 from byolcli.training import distributed
 from byolcli.training.candidates import (
     Candidate,
     best_candidate,
     candidates,
+    labels_to_score,
     mixed_encoder,
     read_training_labels,
     recalibrated,
@@ -225,9 +227,17 @@ def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | 
             )
         save_encoder(exported, path, **{**described, "mix": plan.mix, "statistics": "folder"})
         return
-    with reporter.progress("measuring the mixes' batch-norm statistics", unit="images") as progress:
-        found = candidates(trained, start, plan.start_size, trainer.paths, trainer.device, progress)
-    chosen = choose_with_labels(found, labelled, trainer.device, reporter)
+    began = time.perf_counter()
+    with reporter.progress("measuring the candidates' batch-norm statistics", unit="images") as progress:
+        found = candidates(trained, start, plan.start_size, plan.mix, trainer.paths, trainer.device, progress)
+    limit = labels_to_score(
+        plan.total_steps * plan.effective_batch // plan.world_size, found, len(trainer.paths), labelled
+    )
+    chosen = choose_with_labels(found, labelled, limit, trainer.device, reporter)
+    reporter.info(
+        f"choosing took {format_seconds(time.perf_counter() - began)}; the run's plan "
+        f"{format_seconds(plan.estimated_seconds)}"
+    )
     chose = {"image_size": chosen.image_size, "mix": chosen.mix, "statistics": chosen.statistics}
     save_encoder(chosen.network, path, **{**described, **chose})
 
@@ -252,13 +262,14 @@ def plain_backbone(online: nn.Module, plan: Plan) -> nn.Module:
 
 
 def choose_with_labels(
-    found: list[Candidate], labelled: LabelledImages, device: torch.device, reporter: Reporter
+    found: list[Candidate], labelled: LabelledImages, limit: int, device: torch.device, reporter: Reporter
 ) -> Candidate:
-    """Score every candidate on the labelled images (candidates.py) and return the best, after printing all."""
+    """Score every candidate on (a stratified sample of `limit` of) the labelled images (candidates.py) and
+    return the best, after printing all."""
     from byolcli.training.terminal import candidates_report
 
     given = len(labelled.paths)
-    labelled = scored_sample(labelled)
+    labelled = scored_sample(labelled, limit)
     index = {label: i for i, label in enumerate(labelled.classes)}
     y = torch.tensor([index[label] for label in labelled.labels])
     with reporter.progress("scoring candidates", unit="images") as progress:
@@ -267,7 +278,7 @@ def choose_with_labels(
     keep = torch.from_numpy(np.flatnonzero(good))
     scores = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
     best = best_candidate(scores)
-    candidates_report(scores, best, len(keep), given)
+    candidates_report(scores, best, len(keep), given, reporter)
     return next(candidate for candidate in found if candidate.name == best)
 
 

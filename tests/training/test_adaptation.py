@@ -73,7 +73,7 @@ def test_with_labels_the_candidate_that_tells_the_classes_apart_is_chosen_over_o
         p.data.zero_()  # every image maps to the same vector
     for order in ((blind, good), (good, blind)):
         found = [Candidate(f"c{i}", i / 2, 32, network) for i, network in enumerate(order)]
-        chosen = choose_with_labels(found, labels, torch.device("cpu"), Reporter(quiet=True))
+        chosen = choose_with_labels(found, labels, 24, torch.device("cpu"), Reporter(quiet=True))
         assert chosen.network is good
 
 
@@ -195,6 +195,39 @@ def test_training_labels_must_name_the_folders_own_images(tmp_path):
     assert len(read_training_labels(csv_path, images).paths) == 24
     with pytest.raises(UserError, match="2 listed images are not among the folder's images"):
         read_training_labels(csv_path, images[2:])
+
+
+def test_the_labels_scored_are_what_the_candidates_can_embed_in_a_tenth_of_the_runs_compute(tmp_path):
+    from byolcli.core.labels import LabelledImages
+    from byolcli.training.candidates import (
+        MIN_SCORED_PER_CLASS,
+        RECALIBRATION_IMAGES,
+        SCORING_SHARE,
+        TRAINED_IMAGE_FORWARDS,
+        labels_to_score,
+    )
+
+    data = LabelledImages([tmp_path / f"{i}.png" for i in range(9000)], ["a", "b"] * 4500, None, list(range(9000)), [])
+    start = Candidate("start", 0.0, 64, None)
+    measured = [Candidate(f"mix {m}", m, 64, None, "folder") for m in (0.0, 0.5, 1.0)]
+    at_own = Candidate("start at 128 px", 0.0, 128, None)
+    images = 10 * RECALIBRATION_IMAGES
+
+    def trained_for(forwards: int) -> int:  # the images a run trains on to leave `forwards` for choosing
+        return round(forwards / (SCORING_SHARE * TRAINED_IMAGE_FORWARDS))
+
+    # Measuring three networks' statistics takes 3 · RECALIBRATION_IMAGES passes; four candidates share the rest.
+    run = trained_for(3 * RECALIBRATION_IMAGES + 4000)
+    assert labels_to_score(run, [start, *measured], images, data) == 1000
+    # The start at twice the size costs four passes per image.
+    assert labels_to_score(run, [start, at_own, *measured], images, data) == 500
+    # A small folder: its statistics take fewer passes, which leaves more for the labels.
+    assert labels_to_score(run, [start, *measured], 100, data) == 1000 + 3 * (RECALIBRATION_IMAGES - 100) // 4
+    # Compute for more than there are: all of them.
+    assert labels_to_score(100 * run, [start, *measured], images, data) == 9000
+    # None left: still the fewest that say anything per class, or every label where there are fewer.
+    assert labels_to_score(0, [start, *measured], images, data) == 2 * MIN_SCORED_PER_CLASS
+    assert labels_to_score(0, [start, *measured], images, data.subset(list(range(10)))) == 10
 
 
 def test_past_the_limit_candidates_are_scored_on_a_stratified_sample_of_the_labels(tmp_path):

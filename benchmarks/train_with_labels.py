@@ -1,0 +1,81 @@
+"""`byol train --labels` as a user runs it on each shared set, then `byol evaluate --labels` on what it
+exported: the candidate chosen, the seconds choosing took against the run's, and the chosen encoder's
+test-split kNN / linear top-1 against its start's.
+
+    python benchmarks/train_with_labels.py SET [SET ...] --init WEIGHTS [--record benchmarks/train_with_labels.jsonl]
+
+Per SET: `byol train SET/train --init WEIGHTS --backbone resnet18 --labels SET/train.csv` (the train split's
+labels only), then `byol evaluate --labels SET/labels.csv` (its split column: train rows fit, test rows
+score). One JSON line per set goes to stdout and to --record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import host_cpu
+
+RECORD = Path(__file__).resolve().parent / "train_with_labels.jsonl"
+BYOL = [sys.executable, "-m", "byolcli"]
+
+
+def seconds_of(text: str) -> int:
+    """format_seconds's text (45s, 5m10s, 1h02m) back to seconds."""
+    parts = dict((unit, int(n)) for n, unit in re.findall(r"(\d+)([hms])", text))
+    return 3600 * parts.get("h", 0) + 60 * parts.get("m", 0) + parts.get("s", 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("sets", type=Path, nargs="+")
+    parser.add_argument("--init", required=True, type=Path)
+    parser.add_argument("--record", type=Path, default=RECORD)
+    args = parser.parse_args()
+    for folder in args.sets:
+        with tempfile.TemporaryDirectory() as scratch:
+            run, scores = Path(scratch) / "run", Path(scratch) / "scores.json"
+            began = time.perf_counter()
+            train = subprocess.run(
+                [*BYOL, "train", folder / "train", "--init", args.init.resolve(), "--backbone", "resnet18",
+                 "--labels", folder / "train.csv", "--out", run],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            wall = time.perf_counter() - began
+            took, planned = re.search(
+                r"choosing took (\S+); it may take a tenth of the run's planned (\S+?),", train.stderr
+            ).groups()
+            chosen = re.search(r"exported: (.+?), the best mean", train.stderr).group(1)
+            scored = re.search(r"candidates, scored on ([\d,]+) labelled images", train.stderr).group(1)
+            subprocess.run(
+                [*BYOL, "-q", "evaluate", "--labels", folder / "labels.csv", "--model", run / "encoder.safetensors",
+                 "--json", scores],
+                capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            report = json.loads(scores.read_text())
+        results = report["results"]
+        top1 = {name: [round(results[name][m]["top1"], 4) for m in ("knn", "linear")] for name in results}
+        line = {
+            "host": host_cpu(),
+            "set": folder.name,
+            "chosen": chosen,
+            "labels_scored": int(scored.replace(",", "")),
+            "choosing_seconds": seconds_of(took),
+            "planned_seconds": seconds_of(planned),
+            "train_command_seconds": round(wall, 1),
+            "top1": top1,
+            "best_start": report.get("best_start"),
+        }
+        print(json.dumps(line), flush=True)
+        with open(args.record, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+
+if __name__ == "__main__":
+    main()
