@@ -9,7 +9,8 @@ epoch of --at the online encoder is mixed with the start, θ = start + m·(adapt
 --mix (and --final-mix at the last point), every weight and batch-norm statistic alike; each mix is scored as
 `byol evaluate --labels` scores an encoder (weighted kNN and the linear probe, train rows fit, test rows
 score), as `byol train --labels` scores a candidate on the train rows alone (its choose part: *_choose), and,
-for --mix, with the label-free measures of `byol train`'s report on a seeded sample of SET/train. The
+for --mix, with the label-free measures of `byol train`'s report on a seeded sample of SET/train (with
+--recalibrate, on the mixes with measured statistics only, the kind the plan exports). The
 start itself (m = 0) is scored at the run's size and at 32 px, and a random-init network (network: random
 init). One JSON line per scored encoder goes to --record as it is measured, with the host and the training
 seconds so far (scoring excluded).
@@ -100,7 +101,7 @@ def main() -> None:
         features, _ = embed_paths(data.paths, encoder, device, 256, None)
         scores = score(features, y, len(data.classes), protocol)
         # What `byol train --labels` sees with the train split's labels only: its choose part's scores.
-        chosen = score_candidates({"e": features[train_rows]}, y[train_rows], len(data.classes))["e"]
+        chosen = score_candidates({"e": features[train_rows]}, y[train_rows], len(data.classes))[0]["e"]
         line = {
             **common,
             **where,
@@ -172,9 +173,11 @@ def main() -> None:
             for m in mixes:
                 mixed = mixed_encoder(adapted, start_state, m)
                 where = dict(epoch=epoch, mix=m, size=plan.image_size, train_seconds=round(trained, 1))
-                measure(mixed, label_free=m in [float(x) for x in args.mix.split(",")], **where)
+                label_free = m in [float(x) for x in args.mix.split(",")]
+                measure(mixed, label_free=label_free and not args.recalibrate, **where)
                 if args.recalibrate:
-                    measure(recalibrated([mixed], train_paths, device)[0], label_free=False, recalibrated=True, **where)
+                    [measured] = recalibrated([mixed], train_paths, device)
+                    measure(measured, label_free=label_free, recalibrated=True, **where)
             if args.recalibrate and epoch == points[-1]:
                 where = dict(epoch=epoch, mix=0.0, size=plan.image_size, train_seconds=round(trained, 1))
                 measure(recalibrated([start], train_paths, device)[0], label_free=False, recalibrated=True, **where)

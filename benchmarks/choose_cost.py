@@ -58,7 +58,7 @@ for _ in range(args.rounds + 1):
     found = candidates(trained, start, None, plan.mix, images, cpu)
     measuring = time.perf_counter() - began
     limit = labels_to_score(plan.total_steps * plan.effective_batch, found, len(images), labelled)
-    chosen = choose_with_labels(found, labelled, limit, cpu, Reporter(quiet=True))
+    chosen = choose_with_labels(found, labelled, limit, f"mix {plan.mix:g}", cpu, Reporter(quiet=True))
     rounds.append((measuring, time.perf_counter() - began - measuring))
 measuring, scoring = (statistics.median(r[i] for r in rounds[1:]) for i in (0, 1))
 print(

@@ -1,12 +1,15 @@
 """`byol train --labels` as a user runs it on each shared set, then `byol evaluate --labels` on what it
 exported: the candidate chosen, the seconds choosing took against the run's, and the chosen encoder's
-test-split kNN / linear top-1 against its start's.
+test-split kNN / linear top-1 against its start's; and the same for what the run exports without
+--labels (the plan's mix), from the same training.
 
     python benchmarks/train_with_labels.py SET [SET ...] --init WEIGHTS [--record benchmarks/train_with_labels.jsonl]
 
 Per SET: `byol train SET/train --init WEIGHTS --backbone resnet18 --labels SET/train.csv` (the train split's
 labels only), then `byol evaluate --labels SET/labels.csv` (its split column: train rows fit, test rows
-score). One JSON line per set goes to stdout and to --record.
+score). Then the run folder is copied without its encoder and `byol train` without --labels finishes the
+copy (no step left to train: it exports the plan's mix), which is evaluated alike. One JSON line per set
+goes to stdout and to --record.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,19 +52,28 @@ def main() -> None:
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
             wall = time.perf_counter() - began
-            took, planned = re.search(
-                r"choosing took (\S+); it may take a tenth of the run's planned (\S+?),", train.stderr
-            ).groups()
-            chosen = re.search(r"exported: (.+?), the best mean", train.stderr).group(1)
+            took, planned = re.search(r"choosing took (\S+); the run's plan (\S+)", train.stderr).groups()
+            chosen = re.search(r"exported: (.+?), (no candidate|clearly better)", train.stderr).group(1)
             scored = re.search(r"candidates, scored on ([\d,]+) labelled images", train.stderr).group(1)
+            shutil.copytree(run, Path(scratch) / "plain")
+            (Path(scratch) / "plain" / "encoder.safetensors").unlink()
             subprocess.run(
-                [*BYOL, "-q", "evaluate", "--labels", folder / "labels.csv", "--model", run / "encoder.safetensors",
-                 "--json", scores],
+                [*BYOL, "-q", "train", folder / "train", "--init", args.init.resolve(), "--backbone", "resnet18",
+                 "--out", Path(scratch) / "plain"],
                 capture_output=True, text=True, check=True,
             )  # fmt: skip
-            report = json.loads(scores.read_text())
-        results = report["results"]
-        top1 = {name: [round(results[name][m]["top1"], 4) for m in ("knn", "linear")] for name in results}
+            top1 = {}
+            for name, encoder in (("chosen", run), ("plan's export", Path(scratch) / "plain")):
+                subprocess.run(
+                    [*BYOL, "-q", "evaluate", "--labels", folder / "labels.csv", "--model",
+                     encoder / "encoder.safetensors", "--json", scores],
+                    capture_output=True, text=True, check=True,
+                )  # fmt: skip
+                report = json.loads(scores.read_text())
+                top1 |= {
+                    (name if column == "encoder" else column): [round(results[m]["top1"], 4) for m in ("knn", "linear")]
+                    for column, results in report["results"].items()
+                }
         line = {
             "host": host_cpu(),
             "set": folder.name,

@@ -5,18 +5,21 @@ Without labels: the trained weights mixed with the start, every weight `mix` of 
 know, and the mix keeps part of it. The mix's batch-norm statistics are then measured on the folder's
 images, since a mix of two networks does not compute the mix of their statistics (docs/adaptation.md).
 
-With a few labels: the candidates the run passes through, from the frozen start (at the run's size,
-and at its own where that is known and differs) through the start with the folder's statistics and the
-mixes (the plan's among them) to the trained weights, are scored with `byol evaluate`'s kNN and linear
-probe. The labelled images are split three ways per class: the probes fit on one part, the choice (and the
-probe's L2 strength) is made on the second, and the third scores the choice on images it did not see.
-Choosing may take a tenth of the run's compute: as many labels are scored as the candidates can embed in
-what measuring their statistics leaves of it.
+With a few labels: the candidates the run passes through, the frozen start (at the run's size, and at
+its own where that is known and differs), the start with the folder's statistics, the plan's mix and the
+trained weights (both with the folder's statistics), are scored with `byol evaluate`'s kNN and linear
+probe. The labelled images are split three ways per class: the probes fit on one part, the choice (and
+the probe's L2 strength) is made on the second, and the third scores the choice on images it did not
+see. The plan's export stays unless another candidate is clearly better on the choice's part: among
+near-equal candidates, the best of a few hundred noisy scores is mostly the luckiest. Choosing may take
+a tenth of the run's compute: as many labels are scored as the candidates can embed in what measuring
+their statistics and fitting their probes leave of it.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,13 +34,13 @@ from byolcli.core.errors import UserError
 from byolcli.core.labels import LabelledImages, drop_missing, read_labels
 from byolcli.evaluation.metrics import knn_scores, linear_probe_scores, stratified_folds, stratified_holdout
 
-MIXES = (0.25, 0.5, 0.75, 1.0)  # the mixes scored with labels, besides the start itself and the plan's
 STATISTICS_ONLY = "start + folder stats"  # the start, untrained, its batch-norm statistics measured on the folder
 SCORING_SHARE = 0.1  # of the run's compute, what measuring and scoring the candidates may take
 # The fewest forward passes' compute a trained image costs: two views, each forward and backward (a backward
-# costs about two forwards) through the online network. The target's passes and the decoding are left over
-# for the probes.
+# costs about two forwards) through the online network. The target's passes are left over for the decoding.
 TRAINED_IMAGE_FORWARDS = 6
+PROBE_FORWARDS = 200  # a candidate's probes cost about as much as this many forward passes (docs/adaptation.md)
+CLEAR = 2.0  # how many standard deviations of chance a candidate must beat the plan's export by
 # Fewer labelled images of a class than this and its kNN votes and check score say little; scored regardless
 # of the time they take.
 MIN_SCORED_PER_CLASS = 30
@@ -132,10 +135,10 @@ def read_training_labels(csv_path: Path, images: list[Path]) -> LabelledImages:
 def labels_to_score(trained_images: int, found: list[Candidate], images: int, labelled: LabelledImages) -> int:
     """How many labelled images every candidate in `found` can embed in a tenth of the compute of a run that
     trained on `trained_images` (repeats counted), counted in forward passes: those that measured the
-    statistics of `images` first, then one per candidate and image (more by its pixels at a larger size).
-    Never fewer than MIN_SCORED_PER_CLASS per class, nor more than there are. A count, not a timing, so
-    the same run chooses alike on any machine."""
-    forwards = SCORING_SHARE * TRAINED_IMAGE_FORWARDS * trained_images
+    statistics of `images` and those the probes cost come first, then one per candidate and image (more by
+    its pixels at a larger size). Never fewer than MIN_SCORED_PER_CLASS per class, nor more than there are.
+    A count, not a timing, so the same run chooses alike on any machine."""
+    forwards = SCORING_SHARE * TRAINED_IMAGE_FORWARDS * trained_images - PROBE_FORWARDS * len(found)
     forwards -= min(images, RECALIBRATION_IMAGES) * sum(candidate.statistics == "folder" for candidate in found)
     size = found[0].image_size
     per_image = sum((candidate.image_size / size) ** 2 for candidate in found)
@@ -160,13 +163,15 @@ def three_parts(y: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     return fit, choose, check
 
 
-def score_candidates(features: dict[str, torch.Tensor], y: torch.Tensor, classes: int) -> dict[str, dict[str, float]]:
+def score_candidates(
+    features: dict[str, torch.Tensor], y: torch.Tensor, classes: int
+) -> tuple[dict[str, dict[str, float]], dict[str, torch.Tensor]]:
     """Per candidate's features: kNN and linear top-1 on the choose part and on the check part, the
     probes fitted on the fit part (the linear probe's L2 strength chosen on the choose part, as the
-    candidate is)."""
+    candidate is); and which choose rows each probe got right, (2, rows)."""
     fit, choose, check = three_parts(y)
     held = torch.cat([choose, check])
-    scores = {}
+    scores, hits = {}, {}
     for name, x in features.items():
         votes = knn_scores(x[fit], y[fit], x[held], classes)
         logits, _, _ = linear_probe_scores(x[fit], y[fit], x[held], classes, x[choose], y[choose])
@@ -176,13 +181,23 @@ def score_candidates(features: dict[str, torch.Tensor], y: torch.Tensor, classes
             for method, hits in right.items()
             for part, rows in (("choose", slice(0, len(choose))), ("check", slice(len(choose), None)))
         }
-    return scores
+        hits[name] = torch.stack([right["knn"][: len(choose)], right["linear"][: len(choose)]])
+    return scores, hits
 
 
-def best_candidate(scores: dict[str, dict[str, float]]) -> str:
-    """The candidate with the highest mean of kNN and linear top-1 on the choose part; of equals, the one
-    listed first (the candidates run from the start toward the trained weights: the nearer the start)."""
-    return max(scores, key=lambda name: scores[name]["knn_choose"] + scores[name]["linear_choose"])
+def clearly_better(hits: torch.Tensor, reference: torch.Tensor) -> bool:
+    """Whether the probes right in `hits` beat those in `reference` on the same rows by more than chance:
+    a sign test on the rows where they differ (z above CLEAR)."""
+    wins, losses = int((hits & ~reference).sum()), int((~hits & reference).sum())
+    return wins - losses > CLEAR * math.sqrt(wins + losses)
+
+
+def best_candidate(scores: dict[str, dict[str, float]], hits: dict[str, torch.Tensor], reference: str) -> str:
+    """`reference` (the plan's export), unless candidates are clearly better on the choose part; then, of
+    those, the one with the highest mean of kNN and linear top-1 there (of equals, the one listed first:
+    the nearer the start)."""
+    better = [name for name in scores if name != reference and clearly_better(hits[name], hits[reference])]
+    return max(better, key=lambda name: scores[name]["knn_choose"] + scores[name]["linear_choose"], default=reference)
 
 
 def candidates(
@@ -195,14 +210,14 @@ def candidates(
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Candidate]:
     """The frozen start (also at `start_size` px, where that differs from the run's), then the start, the
-    mixes (the plan's `mix` among them) and the trained weights, each with its batch-norm statistics measured
-    on `images` (the folder's), as the plan's export has them."""
+    plan's `mix` and the trained weights, each with its batch-norm statistics measured on `images` (the
+    folder's), as the plan's export has them."""
     size = metadata_of(trained)["image_size"]
     found = [Candidate("start", 0.0, size, mixed_encoder(trained, start, 0.0))]
     if start_size and start_size != size:
         at_own = attach_metadata(mixed_encoder(trained, start, 0.0), {**metadata_of(trained), "image_size": start_size})
         found.append(Candidate(f"start at {start_size} px", 0.0, start_size, at_own))
-    mixes = sorted({0.0, mix, *MIXES})
+    mixes = sorted({0.0, mix, 1.0})
     measured = recalibrated([mixed_encoder(trained, start, m) for m in mixes], images, device, progress)
     names = {0.0: STATISTICS_ONLY, 1.0: "trained"}
     found += [Candidate(names.get(m, f"mix {m:g}"), m, size, net, "folder") for m, net in zip(mixes, measured)]

@@ -145,7 +145,7 @@ def training_progress(plan: Plan, start_step: int, reporter: Reporter) -> Iterat
 
 
 def candidates_report(
-    scores: dict[str, dict[str, float]], best: str, images: int, given: int, reporter: Reporter
+    scores: dict[str, dict[str, float]], best: str, reference: str, images: int, given: int, reporter: Reporter
 ) -> None:
     """`byol train --labels`: every candidate's scores on the choose part and on the check part, and the choice."""
     if reporter.quiet:
@@ -157,10 +157,16 @@ def candidates_report(
         table.add_column(column, justify="right")
     for name, got in scores.items():
         cells = [f"{got[key]:.1%}" for key in ("knn_choose", "linear_choose", "knn_check", "linear_check")]
-        table.add_row(f"[bold]{name}[/]" if name == best else name, *cells)
+        label = name + (" (the plan's)" if name == reference else "")
+        table.add_row(f"[bold]{label}[/]" if name == best else label, *cells)
     err.print(table)
+    why = (
+        "no candidate scored clearly better than it (beyond what chance gives)"
+        if best == reference
+        else f"clearly better than the plan's {reference} (beyond what chance gives), the best mean of those"
+    )
     err.print(
-        f"exported: {best}, the best mean of kNN and linear top-1 on a third of the labelled images; the check "
+        f"exported: {best}, {why} in kNN and linear top-1 on a third of the labelled images; the check "
         "columns score another third, which the choice did not see (the probes fit on the last third)",
         highlight=False,
         soft_wrap=True,

@@ -233,7 +233,8 @@ def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | 
     limit = labels_to_score(
         plan.total_steps * plan.effective_batch // plan.world_size, found, len(trainer.paths), labelled
     )
-    chosen = choose_with_labels(found, labelled, limit, trainer.device, reporter)
+    plans = next(candidate.name for candidate in found if candidate.statistics and candidate.mix == plan.mix)
+    chosen = choose_with_labels(found, labelled, limit, plans, trainer.device, reporter)
     reporter.info(
         f"choosing took {format_seconds(time.perf_counter() - began)}; the run's plan "
         f"{format_seconds(plan.estimated_seconds)}"
@@ -262,10 +263,15 @@ def plain_backbone(online: nn.Module, plan: Plan) -> nn.Module:
 
 
 def choose_with_labels(
-    found: list[Candidate], labelled: LabelledImages, limit: int, device: torch.device, reporter: Reporter
+    found: list[Candidate],
+    labelled: LabelledImages,
+    limit: int,
+    reference: str,
+    device: torch.device,
+    reporter: Reporter,
 ) -> Candidate:
     """Score every candidate on (a stratified sample of `limit` of) the labelled images (candidates.py) and
-    return the best, after printing all."""
+    return `reference` (the plan's export) or one clearly better, after printing all."""
     from byolcli.training.terminal import candidates_report
 
     given = len(labelled.paths)
@@ -276,9 +282,9 @@ def choose_with_labels(
         networks = {candidate.name: candidate.network for candidate in found}
         features, good = embed_many(labelled.paths, networks, device, 256, None, progress)
     keep = torch.from_numpy(np.flatnonzero(good))
-    scores = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
-    best = best_candidate(scores)
-    candidates_report(scores, best, len(keep), given, reporter)
+    scores, hits = score_candidates({name: x[keep] for name, x in features.items()}, y[keep], len(labelled.classes))
+    best = best_candidate(scores, hits, reference)
+    candidates_report(scores, best, reference, len(keep), given, reporter)
     return next(candidate for candidate in found if candidate.name == best)
 
 

@@ -52,14 +52,27 @@ def test_the_three_parts_cover_every_row_once_and_deal_each_class_evenly():
         assert sum(counts) == size and max(counts) - min(counts) <= 1
 
 
-def test_the_best_candidate_has_the_best_mean_and_ties_go_to_the_one_nearer_the_start():
-    def scores(knn, linear):
-        return {"knn_choose": knn, "linear_choose": linear, "knn_check": 0.0, "linear_check": 0.0}
+def test_the_plans_export_stays_unless_another_candidate_is_clearly_better():
+    def right(first: int, last: int) -> torch.Tensor:  # kNN and linear right on rows first..last-1 of 100
+        hits = torch.zeros(2, 100, dtype=torch.bool)
+        hits[:, first:last] = True
+        return hits
 
-    assert best_candidate({"start": scores(0.5, 0.5), "mix 0.5": scores(0.7, 0.4), "trained": scores(0.6, 0.3)}) == (
-        "mix 0.5"
-    )
-    assert best_candidate({"start": scores(0.6, 0.6), "mix 0.5": scores(0.7, 0.5)}) == "start"
+    hits = {"plan's": right(0, 60), "luckier": right(3, 65), "clearly": right(0, 70), "more": right(0, 75)}
+    scores = {
+        name: {"knn_choose": h[0].float().mean(), "linear_choose": h[1].float().mean()} for name, h in hits.items()
+    }
+
+    def best(*names: str) -> str:
+        return best_candidate({name: scores[name] for name in names}, hits, "plan's")
+
+    # 10 rows won and 6 lost: a higher mean, well within chance.
+    assert best("plan's", "luckier") == "plan's"
+    # 20 won and none lost: clearly better; of several, the best mean.
+    assert best("luckier", "plan's", "clearly") == "clearly"
+    assert best("plan's", "clearly", "more") == "more"
+    hits["again"], scores["again"] = hits["clearly"], scores["clearly"]
+    assert best("plan's", "clearly", "again") == "clearly"  # of equals, the one listed first
 
 
 def test_with_labels_the_candidate_that_tells_the_classes_apart_is_chosen_over_one_that_cannot(tmp_path):
@@ -73,7 +86,7 @@ def test_with_labels_the_candidate_that_tells_the_classes_apart_is_chosen_over_o
         p.data.zero_()  # every image maps to the same vector
     for order in ((blind, good), (good, blind)):
         found = [Candidate(f"c{i}", i / 2, 32, network) for i, network in enumerate(order)]
-        chosen = choose_with_labels(found, labels, 24, torch.device("cpu"), Reporter(quiet=True))
+        chosen = choose_with_labels(found, labels, 24, "c0", torch.device("cpu"), Reporter(quiet=True))
         assert chosen.network is good
 
 
@@ -136,11 +149,11 @@ def test_labels_on_a_finished_run_choose_again_and_export_the_choice(finished, t
     result = run_byol(*args, "--init", start, "--backbone", "resnet18", "--labels", labels, cwd=root)
     assert result.returncode == 0, result.stderr
     assert "candidates, scored on 24 labelled images" in result.stderr
-    names = ("start", "start + folder stats", "mix 0.25", "mix 0.5", "mix 0.75", "trained")
+    names = ("start", "start + folder stats", "mix 0.5 (the plan's)", "trained")
     for name in names:
         assert f"│ {name}" in result.stderr
     chosen = result.stderr.split("exported: ", 1)[1].split(",")[0]
-    mixes = dict(zip(names, (0.0, 0.0, 0.25, 0.5, 0.75, 1.0)))
+    mixes = dict(zip(("start", "start + folder stats", "mix 0.5", "trained"), (0.0, 0.0, 0.5, 1.0)))
     metadata = read_metadata(root / "run" / "encoder.safetensors")
     assert float(metadata["mix"]) == mixes[chosen]
     assert metadata["statistics"] == ("" if chosen == "start" else "folder")
@@ -201,6 +214,7 @@ def test_the_labels_scored_are_what_the_candidates_can_embed_in_a_tenth_of_the_r
     from byolcli.core.labels import LabelledImages
     from byolcli.training.candidates import (
         MIN_SCORED_PER_CLASS,
+        PROBE_FORWARDS,
         RECALIBRATION_IMAGES,
         SCORING_SHARE,
         TRAINED_IMAGE_FORWARDS,
@@ -216,11 +230,12 @@ def test_the_labels_scored_are_what_the_candidates_can_embed_in_a_tenth_of_the_r
     def trained_for(forwards: int) -> int:  # the images a run trains on to leave `forwards` for choosing
         return round(forwards / (SCORING_SHARE * TRAINED_IMAGE_FORWARDS))
 
-    # Measuring three networks' statistics takes 3 · RECALIBRATION_IMAGES passes; four candidates share the rest.
-    run = trained_for(3 * RECALIBRATION_IMAGES + 4000)
+    # Measuring three networks' statistics takes 3 · RECALIBRATION_IMAGES passes, and each candidate's probes
+    # PROBE_FORWARDS; the candidates share the rest.
+    run = trained_for(3 * RECALIBRATION_IMAGES + 4 * PROBE_FORWARDS + 4000)
     assert labels_to_score(run, [start, *measured], images, data) == 1000
     # The start at twice the size costs four passes per image.
-    assert labels_to_score(run, [start, at_own, *measured], images, data) == 500
+    assert labels_to_score(run, [start, at_own, *measured], images, data) == (4000 - PROBE_FORWARDS) // 8
     # A small folder: its statistics take fewer passes, which leaves more for the labels.
     assert labels_to_score(run, [start, *measured], 100, data) == 1000 + 3 * (RECALIBRATION_IMAGES - 100) // 4
     # Compute for more than there are: all of them.
