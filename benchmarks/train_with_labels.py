@@ -4,6 +4,7 @@ test-split kNN / linear top-1 against its start's; and the same for what the run
 --labels (the plan's mix), from the same training.
 
     python benchmarks/train_with_labels.py SET [SET ...] --init WEIGHTS [--record benchmarks/train_with_labels.jsonl]
+        [--chooser "what the record calls the rule measured"]
 
 Per SET: `byol train SET/train --init WEIGHTS --backbone resnet18 --labels SET/train.csv` (the train split's
 labels only), then `byol evaluate --labels SET/labels.csv` (its split column: train rows fit, test rows
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("sets", type=Path, nargs="+")
     parser.add_argument("--init", required=True, type=Path)
     parser.add_argument("--record", type=Path, default=RECORD)
+    parser.add_argument("--chooser", default="the plan's export unless one of four is clearly better")
     args = parser.parse_args()
     for folder in args.sets:
         with tempfile.TemporaryDirectory() as scratch:
@@ -75,6 +77,7 @@ def main() -> None:
                     for column, results in report["results"].items()
                 }
         line = {
+            "chooser": args.chooser,
             "host": host_cpu(),
             "set": folder.name,
             "chosen": chosen,

@@ -188,8 +188,9 @@ def train(
     ),
     labels: Optional[Path] = flag(
         "A labels CSV (as for byol evaluate) of some of FOLDER's images: after training, the start (also "
-        "with FOLDER's batch-norm statistics), mixes and trained weights are scored on as many of them as a "
-        "tenth of the run's compute allows, and the best is exported. Also on a finished run."
+        "with FOLDER's batch-norm statistics), the mix and the trained weights are scored on as many of them as "
+        "a tenth of the run's compute allows; the mix is exported unless another scores clearly better. Also on "
+        "a finished run."
     ),
     seed: int = typer.Option(0, help="Random seed for initialisation, order and augmentation."),
     restart: bool = typer.Option(
