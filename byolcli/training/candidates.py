@@ -177,8 +177,8 @@ def score_candidates(
         logits, _, _ = linear_probe_scores(x[fit], y[fit], x[held], classes, x[choose], y[choose])
         right = {"knn": votes.argmax(1) == y[held], "linear": logits.argmax(1) == y[held]}
         scores[name] = {
-            f"{method}_{part}": round(hits[rows].float().mean().item(), 4)
-            for method, hits in right.items()
+            f"{method}_{part}": round(correct[rows].float().mean().item(), 4)
+            for method, correct in right.items()
             for part, rows in (("choose", slice(0, len(choose))), ("check", slice(len(choose), None)))
         }
         hits[name] = torch.stack([right["knn"][: len(choose)], right["linear"][: len(choose)]])

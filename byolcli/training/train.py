@@ -233,8 +233,8 @@ def _export(trainer: Trainer, path: Path, root: str, labelled: LabelledImages | 
     limit = labels_to_score(
         plan.total_steps * plan.effective_batch // plan.world_size, found, len(trainer.paths), labelled
     )
-    plans = next(candidate.name for candidate in found if candidate.statistics and candidate.mix == plan.mix)
-    chosen = choose_with_labels(found, labelled, limit, plans, trainer.device, reporter)
+    plans_export = next(c.name for c in found if c.statistics and c.mix == plan.mix)
+    chosen = choose_with_labels(found, labelled, limit, plans_export, trainer.device, reporter)
     reporter.info(
         f"choosing took {format_seconds(time.perf_counter() - began)}; the run's plan "
         f"{format_seconds(plan.estimated_seconds)}"
