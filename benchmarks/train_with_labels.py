@@ -27,14 +27,10 @@ from pathlib import Path
 
 from common import host_cpu
 
+from byolcli.cli import parse_duration
+
 RECORD = Path(__file__).resolve().parent / "train_with_labels.jsonl"
 BYOL = [sys.executable, "-m", "byolcli"]
-
-
-def seconds_of(text: str) -> int:
-    """format_seconds's text (45s, 5m10s, 1h02m) back to seconds."""
-    parts = dict((unit, int(n)) for n, unit in re.findall(r"(\d+)([hms])", text))
-    return 3600 * parts.get("h", 0) + 60 * parts.get("m", 0) + parts.get("s", 0)
 
 
 def main() -> None:
@@ -82,8 +78,8 @@ def main() -> None:
             "set": folder.name,
             "chosen": chosen,
             "labels_scored": int(scored.replace(",", "")),
-            "choosing_seconds": seconds_of(took),
-            "planned_seconds": seconds_of(planned),
+            "choosing_seconds": parse_duration(took),
+            "planned_seconds": parse_duration(planned),
             "train_command_seconds": round(wall, 1),
             "top1": top1,
             "best_start": report.get("best_start"),
